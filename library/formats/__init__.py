@@ -1,0 +1,1 @@
+"""File formats as pure functions: metadata, key names, embedding and hypernetwork layouts."""

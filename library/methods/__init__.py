@@ -1,0 +1,1 @@
+"""Training methods: what is trained and exported (network, dreambooth, textual inversion, hypernetwork)."""

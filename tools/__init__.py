@@ -1,0 +1,1 @@
+"""Command-line tools: convert, and (later) merge, resize, extract, inspect, generate."""
