@@ -1,0 +1,195 @@
+"""Load an SD 1.x/2.x model — single file, diffusers folder, hub id or built-in tiny model — into diffusers modules."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from library.errors import UserError
+from library.models import ldm_convert as lc
+from library.models.checkpoint_io import CHECKPOINT_SUFFIXES, read_state_dict
+from library.models.components import Components
+from library.models.detect import foreign_kind, has_openclip_text_encoder
+from library.models.ldm_configs import infer_text_config, infer_unet_config, infer_vae_config
+from library.models.tiny import TINY_MODELS, build_tiny
+from library.models.tokenizer import load_tokenizer
+
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+VAE_TOP_LEVEL = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+
+
+def load_components(
+    source: str,
+    *,
+    v2: bool = False,
+    v_parameterization: bool = False,
+    vae: str | None = None,
+    tokenizer: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Components:
+    """Load a base model. `v2=True` insists on SD 2.x (an SD 1.x file is then an error); otherwise it is detected."""
+    source = str(source)
+    path = Path(source).expanduser()
+    if source in TINY_MODELS:
+        parts = build_tiny(source, tokenizer=load_tokenizer(TINY_MODELS[source], tokenizer))
+    elif path.is_dir():
+        parts = _load_diffusers(str(path), tokenizer, local=True)
+    elif path.exists():
+        parts = _load_single_file(path, tokenizer)
+    elif HUB_ID.match(source) and path.suffix.lower() not in CHECKPOINT_SUFFIXES:
+        parts = _load_diffusers(source, tokenizer, local=False)
+    else:
+        raise UserError(f"{source}: no such file or folder; pass a .safetensors/.ckpt file, a diffusers folder, "
+                        f"a hub id, or {' / '.join(TINY_MODELS)} for a built-in demo model")
+    if v2 and not parts.v2:
+        raise UserError(f"{source}: --v2 was given but this is an SD 1.x model (CLIP ViT-L text encoder); drop --v2")
+    parts.v_parameterization = parts.v_parameterization or v_parameterization
+    if vae:
+        parts.vae = load_vae(vae)
+    for module in (parts.unet, parts.vae, parts.text_encoder):
+        if module.dtype != dtype:
+            module.to(dtype=dtype)
+        module.requires_grad_(False).eval()
+    return parts
+
+
+# ---------------------------------------------------------------- single file
+
+def _load_single_file(path: Path, tokenizer: str | None) -> Components:
+    sd, _ = read_state_dict(path)
+    kind = foreign_kind(sd.keys(), sd)
+    if kind:
+        raise UserError(f"{path}: this file is {kind}")
+    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    src = str(path)
+
+    extras: dict[str, torch.Tensor] = {}
+    if has_openclip_text_encoder(sd):
+        used, extras = lc.split_openclip(lc.strip_prefix(sd, lc.OPENCLIP_PREFIX))
+        te_sd = lc.openclip_to_transformers(used)
+    else:
+        te_sd = lc.clip_to_transformers(lc.strip_prefix(sd, lc.CLIP_PREFIX))
+    unet_ldm = lc.strip_prefix(sd, lc.UNET_PREFIX)
+    # SD 2.x: OpenCLIP text encoder, or 1024-wide cross-attention (some converters store SD 2.x with a HF-layout CLIP).
+    v2 = bool(extras) or has_openclip_text_encoder(sd) or _cross_attention_width(unet_ldm) == 1024
+
+    unet_cfg = infer_unet_config(unet_ldm, v2=v2, source=src)
+    unet = _build(UNet2DConditionModel, unet_cfg, lc.unet_to_diffusers(unet_ldm, unet_cfg), src, "UNet")
+    vae = _vae_from_ldm(lc.strip_prefix(sd, lc.VAE_PREFIX), src)
+    text_cfg = CLIPTextConfig(**infer_text_config(te_sd, v2=v2, source=src))
+    text_encoder = _build(CLIPTextModel, text_cfg, te_sd, src, "text encoder")
+    return Components(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(v2, tokenizer), v2=v2,
+        v_parameterization=False, source=src, source_dtype=_main_dtype(unet_ldm), text_encoder_extras=extras,
+    )
+
+
+def _cross_attention_width(unet_ldm: dict[str, torch.Tensor]) -> int | None:
+    key = next((k for k in unet_ldm if k.endswith("attn2.to_k.weight")), None)
+    return unet_ldm[key].shape[1] if key else None
+
+
+def _main_dtype(sd: dict[str, torch.Tensor]) -> torch.dtype:
+    counts = Counter(v.dtype for v in sd.values() if v.is_floating_point())
+    return counts.most_common(1)[0][0] if counts else torch.float32
+
+
+def _build(cls, config, state_dict: dict[str, torch.Tensor], source: str, what: str):
+    """Instantiate without random init (meta parameters), then take the file's tensors as the parameters."""
+    with init_empty_weights():
+        model = cls(config) if not isinstance(config, dict) else cls(**config)
+    state_dict = {k: v.contiguous() for k, v in state_dict.items()}
+    missing, unexpected = _mismatch(model, state_dict)
+    if missing or unexpected:
+        raise UserError(f"{source}: the {what} tensors do not match an SD 1.x/2.x {what} "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]}); this architecture is not supported")
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model
+
+
+def _mismatch(model: torch.nn.Module, state_dict: dict) -> tuple[list[str], list[str]]:
+    expected = set(model.state_dict().keys())
+    return sorted(expected - state_dict.keys()), sorted(state_dict.keys() - expected)
+
+
+def _vae_from_ldm(ldm_vae: dict[str, torch.Tensor], source: str) -> AutoencoderKL:
+    cfg = infer_vae_config(ldm_vae, source=source)
+    return _build(AutoencoderKL, cfg, lc.vae_to_diffusers(ldm_vae, cfg), source, "VAE")
+
+
+# ---------------------------------------------------------------- diffusers folders and hub ids
+
+def _load_diffusers(source: str, tokenizer: str | None, *, local: bool) -> Components:
+    root = Path(source)
+    if local and not (root / "model_index.json").is_file():
+        hint = " (it looks like one part of a model; pass its parent folder)" if (root / "config.json").is_file() else ""
+        raise UserError(f"{source}: folder is not a diffusers model (no model_index.json){hint}; "
+                        "pass the model folder, or a .safetensors/.ckpt file")
+    kwargs = {"local_files_only": local}
+    try:
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs)
+    except (OSError, ValueError, EnvironmentError) as err:
+        where = "folder" if local else "hub id"
+        raise UserError(f"{source}: cannot load this diffusers {where} ({_first_line(err)}); "
+                        "for offline use pass a local file or folder") from None
+    te_cfg = text_encoder.config
+    v2 = te_cfg.hidden_act == "gelu" or te_cfg.hidden_size == 1024 or unet.config.cross_attention_dim == 1024
+    tok_source = tokenizer or (str(root) if local and (root / "tokenizer").is_dir() else None)
+    return Components(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(v2, tok_source), v2=v2,
+        v_parameterization=_prediction_type(root) == "v_prediction" if local else False,
+        source=source, source_dtype=unet.dtype,
+    )
+
+
+def _prediction_type(root: Path) -> str | None:
+    config = root / "scheduler" / "scheduler_config.json"
+    try:
+        return json.loads(config.read_text()).get("prediction_type") if config.is_file() else None
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{config}: unreadable scheduler config ({_first_line(err)})") from None
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+# ---------------------------------------------------------------- --vae
+
+def load_vae(source: str) -> AutoencoderKL:
+    """A VAE from a file (ldm or diffusers layout, or a full checkpoint's VAE) or a diffusers folder."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        sub = "vae" if (path / "vae" / "config.json").is_file() else None
+        if not sub and not (path / "config.json").is_file():
+            raise UserError(f"{source}: folder holds no diffusers VAE (no config.json or vae/config.json)")
+        try:
+            return AutoencoderKL.from_pretrained(str(path), subfolder=sub, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise UserError(f"{source}: cannot load this VAE folder ({_first_line(err)})") from None
+    sd, _ = read_state_dict(path)
+    sd = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if any(k.startswith(lc.VAE_PREFIX) for k in sd):
+        sd = lc.strip_prefix(sd, lc.VAE_PREFIX)
+    sd = {k: v for k, v in sd.items() if k.startswith(VAE_TOP_LEVEL)}
+    if not sd:
+        raise UserError(f"{source}: not a VAE (no encoder/decoder tensors); pass a VAE .safetensors/.ckpt or folder")
+    if any(".down_blocks." in k for k in sd):
+        sd = lc.vae_to_ldm(sd, _diffusers_vae_layout(sd))
+    return _vae_from_ldm(sd, str(path))
+
+
+def _diffusers_vae_layout(sd: dict[str, torch.Tensor]) -> dict:
+    blocks = {int(k.split(".")[2]) for k in sd if k.startswith("encoder.down_blocks.")}
+    resnets = {int(k.split(".")[4]) for k in sd if k.startswith("encoder.down_blocks.0.resnets.")}
+    return {"block_out_channels": [0] * len(blocks), "layers_per_block": len(resnets)}

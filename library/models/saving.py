@@ -1,0 +1,127 @@
+"""Save SD 1.x/2.x models as AUTOMATIC1111/ComfyUI single files (ldm layout) or diffusers folders, atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from library.errors import UserError
+from library.formats.modelspec import checkpoint_metadata
+from library.models import ldm_convert as lc
+from library.models.checkpoint_io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_safetensors_keys, read_state_dict
+from library.models.components import Components
+from library.models.detect import foreign_kind
+from library.safe_write import atomic_dir, atomic_file
+
+PRECISIONS = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def save_dtype(precision: str | None, default: torch.dtype = torch.float32) -> torch.dtype:
+    if precision is None:
+        return default
+    try:
+        return PRECISIONS[precision]
+    except KeyError:
+        raise UserError(f"--save_precision {precision}: expected one of float, fp16, bf16") from None
+
+
+def to_ldm_state_dict(parts: Components, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The whole model in the single-file layout sd-scripts writes (text encoder with `text_model.`)."""
+    sd = lc.add_prefix(lc.unet_to_ldm(parts.unet.state_dict(), parts.unet.config), lc.UNET_PREFIX)
+    sd |= lc.add_prefix(lc.vae_to_ldm(parts.vae.state_dict(), parts.vae.config), lc.VAE_PREFIX)
+    te = parts.text_encoder.state_dict()
+    if parts.v2:
+        sd |= lc.add_prefix(lc.openclip_to_ldm(te, parts.text_encoder_extras), lc.OPENCLIP_PREFIX)
+    else:
+        sd |= lc.add_prefix(lc.clip_to_ldm(te), lc.CLIP_PREFIX)
+    return {k: _cast(v, dtype) for k, v in sd.items()}
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    t = t.detach()
+    if dtype is not None and t.is_floating_point():
+        t = t.to(dtype)
+    # safetensors refuses shared or non-contiguous storage; a fresh contiguous copy per tensor avoids both.
+    return t.contiguous().clone() if not t.is_contiguous() or t.storage_offset() else t.contiguous()
+
+
+def save_single_file(parts: Components, dst: str | Path, *, precision: str | None = "float", epoch: int = 0,
+                     global_step: int = 0, metadata: dict[str, str] | None = None) -> Path:
+    """Write a `.safetensors` (with modelspec metadata) or `.ckpt` ({"state_dict", "epoch", "global_step"})."""
+    dst = Path(dst)
+    suffix = dst.suffix.lower()
+    if suffix not in SAFETENSORS_SUFFIXES | {".ckpt"}:
+        raise UserError(f"{dst}: a single-file model must end in .safetensors or .ckpt")
+    refuse_foreign_overwrite(dst)
+    sd = to_ldm_state_dict(parts, save_dtype(precision, parts.source_dtype))
+    with atomic_file(dst) as tmp:
+        if suffix in SAFETENSORS_SUFFIXES:
+            meta = checkpoint_metadata(v2=parts.v2, v_parameterization=parts.v_parameterization, title=dst.stem)
+            save_file(sd, str(tmp), metadata=meta | (metadata or {}))
+        else:
+            torch.save({"state_dict": sd, "epoch": epoch, "global_step": global_step}, tmp)
+    return dst
+
+
+def save_diffusers(parts: Components, dst: str | Path, *, precision: str | None = "float") -> Path:
+    """Write a diffusers pipeline folder (safetensors weights) that StableDiffusionPipeline.from_pretrained loads."""
+    dst = Path(dst)
+    if dst.exists() and (not dst.is_dir() or (any(dst.iterdir()) and not (dst / "model_index.json").is_file())):
+        raise UserError(f"{dst}: exists and is not a diffusers model folder; refusing to overwrite it, choose another path")
+    # Imported here: the pipeline module pulls in image processors that only this function needs.
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    dtype = save_dtype(precision, parts.source_dtype)
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
+        prediction_type="v_prediction" if parts.v_parameterization else "epsilon",
+    )
+    pipe = StableDiffusionPipeline(
+        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    original = {m: m.dtype for m in (parts.unet, parts.vae, parts.text_encoder)}
+    try:
+        _set_dtype(original, dtype)
+        with atomic_dir(dst) as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+    finally:
+        for module, was in original.items():
+            _set_dtype({module: module.dtype}, was)
+    return dst
+
+
+def _set_dtype(modules: dict, dtype: torch.dtype) -> None:
+    for module, current in modules.items():
+        if current != dtype:
+            module.to(dtype=dtype)
+
+
+def save_model(parts: Components, dst: str | Path, *, precision: str | None = "float") -> Path:
+    """The form of `dst` decides: a `.safetensors`/`.ckpt` path is a single file, anything else a diffusers folder."""
+    dst = Path(dst)
+    if dst.suffix.lower() in SAFETENSORS_SUFFIXES | {".ckpt"}:
+        return save_single_file(parts, dst, precision=precision)
+    if dst.suffix.lower() in PICKLE_SUFFIXES:
+        raise UserError(f"{dst}: write full models as .safetensors or .ckpt (or a folder for diffusers)")
+    return save_diffusers(parts, dst, precision=precision)
+
+
+def refuse_foreign_overwrite(dst: Path) -> None:
+    """Replacing a model with a newer model is fine; replacing a user's LoRA, VAE or folder with one is not."""
+    if not dst.exists():
+        return
+    if dst.is_dir():
+        raise UserError(f"{dst}: is a folder; refusing to replace it with a single-file model")
+    if dst.suffix.lower() in SAFETENSORS_SUFFIXES:
+        keys, values = read_safetensors_keys(dst), None
+    else:
+        sd, _ = read_state_dict(dst)
+        keys, values = list(sd.keys()), sd
+    kind = foreign_kind(keys, values)
+    if kind:
+        raise UserError(f"{dst}: already exists and is {kind.split(',')[0].split(' (')[0]}; refusing to overwrite it "
+                        "with a full model, choose another output path")

@@ -1,0 +1,50 @@
+"""Built-in tiny random SD 1.x/2.x models (`tiny-sd1`, `tiny-sd2`): demos and tests without any download."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from library.models.components import Components
+from library.models.ldm_configs import make_text_config, make_unet_config, make_vae_config
+
+TINY_MODELS = {"tiny-sd1": False, "tiny-sd2": True}
+TINY_WIDTH = 32
+
+
+def tiny_configs(v2: bool) -> tuple[dict, dict, dict]:
+    """UNet, VAE and CLIP text configs of the tiny models: SD's structure (3 levels, 2 layers each) at width 32/64."""
+    unet = make_unet_config(
+        in_channels=4, out_channels=4, block_out_channels=[32, 64, 64], layers_per_block=2,
+        attention_levels=[True, True, False], transformer_depth=1, cross_attention_dim=TINY_WIDTH,
+        use_linear_projection=v2, v2=v2,
+    )
+    vae = make_vae_config(in_channels=3, out_channels=3, block_out_channels=[32, 64], layers_per_block=1, latent_channels=4)
+    text = make_text_config(vocab_size=49408, hidden_size=TINY_WIDTH, num_layers=2, intermediate_size=64,
+                            max_positions=77, v2=v2)
+    return unet, vae, text
+
+
+def build_tiny(name: str, seed: int = 0, tokenizer=None) -> Components:
+    """A seeded random tiny model; every tensor is perturbed so no two tensors are equal (swaps show in tests)."""
+    from library.models.tokenizer import load_tokenizer
+
+    v2 = TINY_MODELS[name]
+    unet_cfg, vae_cfg, text_cfg = tiny_configs(v2)
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**unet_cfg)
+        vae = AutoencoderKL(**vae_cfg)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
+        with torch.no_grad():
+            for module in (unet, vae, text_encoder):
+                for p in module.parameters():
+                    p.add_(torch.randn_like(p) * 0.02)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return Components(
+        unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer or load_tokenizer(v2=v2), v2=v2, v_parameterization=False, source=name,
+    )

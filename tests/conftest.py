@@ -1,0 +1,48 @@
+"""Shared fixtures: seeded tiny random SD 1.x/2.x models in every format, and small image + caption folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from library.models.saving import save_diffusers, to_ldm_state_dict
+from library.models.tiny import build_tiny
+from tests.helpers import make_image_folder
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN = Path(__file__).resolve().parent / "golden"
+
+
+@pytest.fixture(scope="session")
+def tiny_parts():
+    """name -> Components of the seeded tiny models (built once; tests must not modify them)."""
+    return {name: build_tiny(name, seed=0) for name in ("tiny-sd1", "tiny-sd2")}
+
+
+@pytest.fixture(scope="session")
+def tiny_files(tiny_parts, tmp_path_factory):
+    """name -> {"safetensors", "ckpt", "diffusers"} paths of the tiny models written in every format.
+
+    The single files are written straight from the ldm state dict with safetensors.save_file / torch.save (not
+    through our savers), so loading tests do not lean on the code they check; the folder via save_pretrained.
+    """
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    out = {}
+    for name, parts in tiny_parts.items():
+        sd = to_ldm_state_dict(parts)
+        paths = {"safetensors": root / f"{name}.safetensors", "ckpt": root / f"{name}.ckpt", "diffusers": root / name}
+        save_file(sd, str(paths["safetensors"]))
+        torch.save({"state_dict": sd, "epoch": 0, "global_step": 0}, paths["ckpt"])
+        save_diffusers(parts, paths["diffusers"])
+        out[name] = paths
+    return out
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """Factory: image_folder(**kwargs) -> a fresh `<repeats>_<class>` folder under tmp_path."""
+    return lambda **kwargs: make_image_folder(tmp_path / "train", **kwargs)

@@ -1,0 +1,36 @@
+"""Test helpers: image-folder generator and exact tensor comparison."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+
+def make_image_folder(root: Path, *, repeats: int = 10, class_tokens: str = "sks dog", count: int = 4,
+                      seed: int = 0, caption_extension: str = ".txt", sizes=((64, 64), (96, 64), (64, 80))) -> Path:
+    """A sd-scripts style `<repeats>_<class tokens>` folder of small random PNGs, each with a caption file."""
+    rng = random.Random(seed)
+    folder = Path(root) / f"{repeats}_{class_tokens}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        w, h = sizes[i % len(sizes)]
+        color = tuple(rng.randrange(256) for _ in range(3))
+        image = Image.new("RGB", (w, h), color)
+        for _ in range(20):  # a few random rectangles so images are not flat colour
+            x, y = rng.randrange(w), rng.randrange(h)
+            image.paste(tuple(rng.randrange(256) for _ in range(3)), (x, y, min(w, x + 8), min(h, y + 8)))
+        image.save(folder / f"img{i:03d}.png")
+        (folder / f"img{i:03d}{caption_extension}").write_text(f"{class_tokens}, photo {i}, {rng.choice(['red', 'blue'])}")
+    return folder
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    """Equal key sets, and every tensor equal in dtype, shape and value."""
+    assert sorted(a) == sorted(b), f"keys differ: only left {sorted(a.keys() - b.keys())[:5]}, only right {sorted(b.keys() - a.keys())[:5]}"
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        assert a[key].shape == b[key].shape, key
+        assert torch.equal(a[key], b[key]), key

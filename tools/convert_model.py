@@ -1,0 +1,39 @@
+#!/usr/bin/env python
+"""Convert an SD 1.x/2.x model: the form of DST decides the output — a folder is diffusers, a .safetensors/.ckpt
+path a single file — so single-file <-> diffusers, .ckpt <-> .safetensors and precision changes are one command."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python tools/convert_model.py`: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from library.config.options import MODEL_OPTIONS, SAVE_OPTIONS, build_parser  # noqa: E402
+from library.console import quiet_libraries  # noqa: E402
+from library.errors import exit_on_user_error  # noqa: E402
+
+PASSED_ON = {"v2", "v_parameterization", "vae", "tokenizer", "save_precision"}
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    options = [o for o in (*MODEL_OPTIONS, *SAVE_OPTIONS) if o.name in PASSED_ON]
+    parser = build_parser(__doc__, [options])
+    parser.add_argument("src", help="model to read: .safetensors/.ckpt file, diffusers folder or hub id")
+    parser.add_argument("dst", help="where to write: a folder (diffusers) or a .safetensors/.ckpt path")
+    args = parser.parse_args(argv)
+    quiet_libraries()
+    from library.models.loading import load_components
+    from library.models.saving import save_model
+
+    parts = load_components(args.src, v2=args.v2, v_parameterization=args.v_parameterization,
+                            vae=args.vae, tokenizer=args.tokenizer)
+    print(parts.describe())
+    dst = save_model(parts, args.dst, precision=args.save_precision)
+    print(f"wrote {dst}")
+
+
+if __name__ == "__main__":
+    main()
