@@ -6,7 +6,7 @@
 # Usage: bash scripts/install.sh [test]    ("test" also installs what the test suite needs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-python3}"
+PY="${PYTHON:-$(command -v python || command -v python3)}"
 TORCH_SPEC="${SD_TRAINER_TORCH:-torch==2.13.0}"
 # shellcheck disable=SC2086  # the spec may carry pip options on purpose
 "$PY" -m pip install --quiet --disable-pip-version-check $TORCH_SPEC
