@@ -32,6 +32,15 @@ def test_convert_model_chain_single_to_diffusers_to_ckpt_fp16(tiny_files, tmp_pa
     assert "wrote" in capsys.readouterr().out
 
 
+def test_convert_model_replaces_an_older_diffusers_folder_whole(tiny_files, tmp_path):
+    dst = tmp_path / "model"
+    convert_model.main([str(tiny_files["tiny-sd2"]["safetensors"]), str(dst)])
+    (dst / "stale.txt").write_text("from the old model")
+    convert_model.main([str(tiny_files["tiny-sd1"]["safetensors"]), str(dst)])
+    assert not (dst / "stale.txt").exists() and load_components(str(dst)).v2 is False
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temp or backup folders left
+
+
 def test_convert_model_refuses_to_overwrite_a_non_model_folder(tiny_files, tmp_path, capsys):
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "me.jpg").write_bytes(b"jpeg")

@@ -51,6 +51,8 @@ def load_components(
     if v2 and not parts.v2:
         raise UserError(f"{source}: --v2 was given but this is an SD 1.x model (CLIP ViT-L text encoder); drop --v2")
     parts.v_parameterization = parts.v_parameterization or v_parameterization
+    if parts.v2 and parts.v_parameterization:
+        parts.unet.register_to_config(sample_size=96)  # 768-v models generate at 768 px (96 latent px)
     if vae:
         parts.vae = load_vae(vae)
     for module in (parts.unet, parts.vae, parts.text_encoder):

@@ -31,6 +31,8 @@ def _bad_inputs(tmp: Path, tiny_files) -> dict[str, tuple[Path, str]]:
     save_file({"emb_params": torch.zeros(2, 768)}, str(emb_st))
     truncated = tmp / "truncated.safetensors"
     truncated.write_bytes(tiny_files["tiny-sd1"]["safetensors"].read_bytes()[:100_000])
+    truncated_ckpt = tmp / "truncated.ckpt"
+    truncated_ckpt.write_bytes(tiny_files["tiny-sd1"]["ckpt"].read_bytes()[:100_000])
     unknown = tmp / "unknown.safetensors"
     save_file({"transformer.blocks.0.weight": torch.zeros(2, 2)}, str(unknown))
     sdxl = tmp / "sdxl.safetensors"
@@ -43,12 +45,13 @@ def _bad_inputs(tmp: Path, tiny_files) -> dict[str, tuple[Path, str]]:
         "embedding_pt": (emb_pt, "textual-inversion embedding"),
         "embedding_safetensors": (emb_st, "textual-inversion embedding"),
         "truncated": (truncated, "truncated or corrupt"),
+        "truncated_ckpt": (truncated_ckpt, "truncated or corrupt"),
         "unknown_architecture": (unknown, "unknown architecture"),
         "sdxl": (sdxl, "SDXL is not supported yet"),
     }
 
 
-CASES = ["missing", "no_model_index", "lora", "embedding_pt", "embedding_safetensors", "truncated",
+CASES = ["missing", "no_model_index", "lora", "embedding_pt", "embedding_safetensors", "truncated", "truncated_ckpt",
          "unknown_architecture", "sdxl"]
 
 

@@ -136,3 +136,14 @@ def test_safetensors_carries_modelspec_metadata(tiny_parts, tmp_path):
     assert meta["modelspec.architecture"] == "stable-diffusion-v2-512"
     assert meta["modelspec.title"] == "my model"
     assert meta["modelspec.prediction_type"] == "epsilon"
+
+
+def test_v_parameterization_is_carried_into_saved_files(tiny_files, tmp_path):
+    parts = load_components(str(tiny_files["tiny-sd2"]["safetensors"]), v_parameterization=True)
+    assert parts.base_model_version == "sd_v2_v"
+    save_single_file(parts, tmp_path / "v.safetensors")
+    assert read_state_dict(tmp_path / "v.safetensors")[1]["modelspec.architecture"] == "stable-diffusion-v2-768-v"
+    save_diffusers(parts, tmp_path / "v_folder")
+    # A diffusers folder says it in its scheduler config, so no flag is needed to load it back.
+    assert load_components(str(tmp_path / "v_folder")).v_parameterization is True
+    assert load_components(str(tiny_files["tiny-sd2"]["diffusers"])).v_parameterization is False
