@@ -1,0 +1,1 @@
+"""Datasets: subsets and folders, captions, bucketing, image loading, caches, batches."""
