@@ -1,7 +1,18 @@
 #!/usr/bin/env python
-"""Hypernetwork training for SD 1.x/2.x — not implemented yet (issue #7)."""
+"""Hypernetwork training for SD 1.x/2.x with sd-scripts' options — training not implemented yet (issue #7);
+--dry_run already checks the options and the dataset and prints the plan."""
 
-from library.methods.not_yet import exit_not_yet
+from library.config.options import HYPERNETWORK
+from library.errors import exit_on_user_error
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    from library.methods.entry import start
+    from library.methods.not_yet import not_yet
+
+    start(argv, HYPERNETWORK, __doc__, not_yet("train_hypernetwork.py", "hypernetwork training", 7))
+
 
 if __name__ == "__main__":
-    exit_not_yet("train_hypernetwork.py", "hypernetwork training", 7)
+    main()

@@ -1,19 +1,23 @@
 #!/usr/bin/env python
-"""Train a LoRA/LoCon/LoHa/LoKr network. Training lands with its issue; for now this loads the base model,
-describes it, re-saves it under --output_dir and checks the saved copy."""
+"""Train a LoRA/LoCon/LoHa/LoKr network on SD 1.x/2.x, with sd-scripts' options and configs.
 
-from library.config.options import MODEL_OPTIONS, SAVE_OPTIONS, build_parser
-from library.console import quiet_libraries
+Training lands with its issue; for now this checks the options and the dataset (--dry_run prints the plan),
+then loads the base model, describes it, re-saves it under --output_dir and checks the saved copy."""
+
+from library.config.options import NETWORK
 from library.errors import exit_on_user_error
 
 
 @exit_on_user_error
 def main(argv=None) -> None:
-    args = build_parser(__doc__, [MODEL_OPTIONS, SAVE_OPTIONS]).parse_args(argv)
-    quiet_libraries()
-    from library.methods.model_check import load_resave_and_check
+    from library.methods.entry import start
+    from library.methods.model_check import load_resave_and_check, output_name
 
-    load_resave_and_check(args)
+    def run(config):
+        saved = load_resave_and_check(config)
+        return output_name(config, saved.stem)
+
+    start(argv, NETWORK, __doc__, run)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def test_convert_model_refuses_to_overwrite_a_non_model_folder(tiny_files, tmp_p
 
 
 @pytest.mark.parametrize("script", ["train_db.py", "train_textual_inversion.py", "train_hypernetwork.py"])
-def test_unimplemented_entry_scripts_say_not_yet(script):
+def test_unimplemented_entry_scripts_say_not_yet(script, tmp_path):
     proc = subprocess.run([sys.executable, script], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "not yet" in proc.stderr and "Traceback" not in proc.stderr
 

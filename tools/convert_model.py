@@ -10,20 +10,19 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python tools/convert_model.py`: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from library.config.options import MODEL_OPTIONS, SAVE_OPTIONS, build_parser  # noqa: E402
+from library.config.declarations import OPTIONS  # noqa: E402
+from library.config.resolve import parse_tool_args  # noqa: E402
 from library.console import quiet_libraries  # noqa: E402
 from library.errors import exit_on_user_error  # noqa: E402
 
-PASSED_ON = {"v2", "v_parameterization", "vae", "tokenizer", "save_precision"}
+FLAGS = ("v2", "v_parameterization", "vae", "tokenizer", "save_precision")
+POSITIONALS = (("src", "model to read: .safetensors/.ckpt file, diffusers folder or hub id"),
+               ("dst", "where to write: a folder (diffusers) or a .safetensors/.ckpt path"))
 
 
 @exit_on_user_error
 def main(argv=None) -> None:
-    options = [o for o in (*MODEL_OPTIONS, *SAVE_OPTIONS) if o.name in PASSED_ON]
-    parser = build_parser(__doc__, [options])
-    parser.add_argument("src", help="model to read: .safetensors/.ckpt file, diffusers folder or hub id")
-    parser.add_argument("dst", help="where to write: a folder (diffusers) or a .safetensors/.ckpt path")
-    args = parser.parse_args(argv)
+    args = parse_tool_args(argv, __doc__, OPTIONS, FLAGS, POSITIONALS)
     quiet_libraries()
     from library.models.loading import load_components
     from library.models.saving import save_model

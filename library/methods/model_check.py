@@ -6,29 +6,36 @@ from pathlib import Path
 
 import torch
 
+from library.config.run_config import RunConfig
 from library.errors import UserError
 
+SUFFIXES = {"safetensors": ".safetensors", "ckpt": ".ckpt", "diffusers": "", "diffusers_safetensors": ""}
 
-def load_resave_and_check(args) -> Path:
+
+def load_resave_and_check(config: RunConfig) -> Path:
     from library.models.loading import load_components
     from library.models.saving import save_model, to_ldm_state_dict
 
-    if not args.pretrained_model_name_or_path:
+    if not config.pretrained_model_name_or_path:
         raise UserError("--pretrained_model_name_or_path is required: a .safetensors/.ckpt file, a diffusers folder, "
                         "or tiny-sd1 for the built-in demo model")
-    if not args.output_dir:
+    if not config.output_dir:
         raise UserError("--output_dir is required: the folder where the re-saved model goes")
-    parts = load_components(args.pretrained_model_name_or_path, v2=args.v2, v_parameterization=args.v_parameterization,
-                            vae=args.vae, tokenizer=args.tokenizer)
+    save_as = config.save_model_as or "safetensors"
+    if save_as not in SUFFIXES:
+        raise UserError(f"--save_model_as {save_as}: a full model is saved as one of {', '.join(SUFFIXES)}")
+    parts = load_components(config.pretrained_model_name_or_path, v2=config.v2,
+                            v_parameterization=config.v_parameterization, vae=config.vae, tokenizer=config.tokenizer)
     print(parts.describe())
-    name = args.output_name or Path(parts.source).stem or "model"
-    suffix = "" if args.save_model_as == "diffusers" else f".{args.save_model_as}"
-    dst = Path(args.output_dir) / f"{name}{suffix}"
-    save_model(parts, dst, precision=args.save_precision)
+    dst = Path(config.output_dir) / f"{output_name(config, parts.source)}{SUFFIXES[save_as]}"
+    save_model(parts, dst, precision=config.save_precision)
     again = load_components(str(dst))
-    dtype = torch.float32
-    before, after = to_ldm_state_dict(parts, dtype), to_ldm_state_dict(again, dtype)
+    before, after = to_ldm_state_dict(parts, torch.float32), to_ldm_state_dict(again, torch.float32)
     same = before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    print(f"saved: {dst} ({len(after)} tensors, {'identical to' if same else 'DIFFERENT from'} the loaded model"
-          f"{'' if args.save_precision in (None, 'float') else ' at float precision; saved as ' + args.save_precision})")
+    precision = "" if config.save_precision in (None, "float") else f" at float precision; saved as {config.save_precision}"
+    print(f"saved: {dst} ({len(after)} tensors, {'identical to' if same else 'DIFFERENT from'} the loaded model{precision})")
     return dst
+
+
+def output_name(config: RunConfig, source: str) -> str:
+    return config.output_name or Path(source).stem or "model"

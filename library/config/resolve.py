@@ -1,0 +1,152 @@
+"""Turn a command line (and its --config_file) into a RunConfig: defaults < config file < flags, checked strictly."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from library.config.config_file import (SCRIPT_FILES, config_path, dump_config, parse_number, read_config_file,
+                                        write_config)
+from library.config.options import IntOrFloat, Option
+from library.config.run_config import RunConfig
+from library.config.suggest import did_you_mean
+from library.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + message + exit
+        raise UserError(message)
+
+
+def options_for(script: str, options: Iterable[Option]) -> dict[str, Option]:
+    return {o.name: o.for_script(script) for o in options if script in o.scripts}
+
+
+def build_parser(description: str, options: Mapping[str, Option]) -> argparse.ArgumentParser:
+    """argparse from the declarations, one --help group per section; unset flags stay absent (SUPPRESS)."""
+    parser = _Parser(description=description, argument_default=argparse.SUPPRESS,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups: dict[str, Any] = {}
+    for opt in options.values():
+        group = groups.setdefault(opt.section, parser.add_argument_group(opt.section))
+        help_text = opt.help + ("" if opt.default in (None, False, "") else f" (default: {opt.default})")
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %
+        if opt.later:
+            help_text += f" [not supported yet: issue #{opt.later}]"
+        if opt.type is bool and not opt.nargs:
+            group.add_argument(f"--{opt.name}", action="store_true", help=help_text)
+        else:
+            group.add_argument(f"--{opt.name}", type=_converter(opt), nargs=opt.nargs, choices=opt.choices,
+                               help=help_text, metavar=opt.name.upper() if not opt.choices else None)
+    return parser
+
+
+def _converter(opt: Option):
+    if opt.type in (int, float, IntOrFloat):
+        def convert(text: str):
+            try:
+                return parse_number(text, opt.type)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"--{opt.name} expects a number, got {text!r}") from None
+        convert.__name__ = opt.type.__name__
+        return convert
+    return opt.type
+
+
+def resolve(argv: Sequence[str] | None, script: str, options: Iterable[Option], description: str = "") -> RunConfig:
+    """Resolve the run's options. `--output_config` writes them as TOML and exits here."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    everything = {o.name: o for o in options}
+    declared = options_for(script, everything.values())
+    given = _parse_command_line(argv, declared, description)
+    values = {name: opt.default for name, opt in declared.items()}
+    origins: dict[str, str] = {}
+    # With --output_config, a config file that does not exist yet is the target to write (sd-scripts), not an input.
+    target = given.get("config_file")
+    if target and not (given.get("output_config") and not config_path(target).exists()):
+        file_values, origins = read_config_file(target, everything, script)
+        values |= file_values
+    values |= given
+    origins |= {name: "command line" for name in given}
+    config = RunConfig(values, origins, script)
+    if config.get("output_config"):
+        _output_config(config, declared)
+    return config
+
+
+def _parse_command_line(argv: list[str], declared: Mapping[str, Option], description: str) -> dict[str, Any]:
+    parser = build_parser(description, declared)
+    namespace, unknown = parser.parse_known_args(argv)
+    for token in unknown:
+        if token.startswith("-"):
+            name = token.lstrip("-").split("=", 1)[0]
+            raise UserError(f"unknown option --{name}{_suggest_flag(name, declared)}")
+        raise UserError(f"unexpected argument {token!r}; every option is a --flag (see --help)")
+    seen: set[str] = set()
+    for token in argv:
+        name = token[2:].split("=", 1)[0] if token.startswith("--") else None
+        if name in declared and not declared[name].nargs:
+            if name in seen:
+                raise UserError(f"--{name} is given twice on the command line; keep one")
+            seen.add(name)
+    return vars(namespace)
+
+
+def _suggest_flag(name: str, declared: Mapping[str, Option]) -> str:
+    hint = did_you_mean(name, declared)
+    return hint.replace("(did you mean '", "(did you mean '--") if hint else ""
+
+
+def _output_config(config: RunConfig, declared: Mapping[str, Option]) -> None:
+    """sd-scripts' --output_config: write the non-default options to --config_file (refusing to overwrite) and exit;
+    without a config file to write, print them."""
+    changed = {k: v for k, v in config.items()
+               if k not in ("config_file", "output_config") and v != declared[k].default}
+    text = dump_config(changed, declared)
+    target = config.get("config_file")
+    if target and not config_path(target).exists():
+        write_config(config_path(target), text)
+        print(f"wrote {config_path(target)}")
+    elif target:
+        print(text, end="")
+        print(f"# {config_path(target)} exists and was read; the resolved options are printed, not written",
+              file=sys.stderr)
+    else:
+        print(text, end="")
+    raise SystemExit(0)
+
+
+def write_resolved_config(config: RunConfig, declared: Iterable[Option], output_dir: str | Path, name: str) -> Path:
+    """Every resolved option, next to the run's outputs, as a --config_file that reproduces the run."""
+    by_name = {o.name: o for o in declared}
+    values = {k: v for k, v in config.items() if k not in ("config_file", "output_config", "dry_run")}
+    header = f"# resolved options of {SCRIPT_FILES[config.script]}; rerun with --config_file\n"
+    return write_config(Path(output_dir) / f"{name}.config.toml", header + dump_config(values, by_name))
+
+
+def check_supported(config: RunConfig, declared: Iterable[Option], *, include_later: bool = True) -> None:
+    """Refuse a run that sets an option we accept for compatibility but do not implement yet — naming it.
+
+    `include_later=False` (dry runs) refuses only options that will never work as given (those with a note)."""
+    for opt in declared:
+        refused = opt.note or (include_later and opt.later)
+        if refused and opt.name in config and config.is_set(opt.name) and config[opt.name] != opt.default:
+            why = opt.note or f"is not supported yet (it lands with issue #{opt.later})"
+            raise UserError(f"--{opt.name} (from {config.origin(opt.name)}) {why}; remove it to run now")
+
+
+def parse_tool_args(argv: Sequence[str] | None, description: str, options: Iterable[Option], names: Iterable[str],
+                    positionals: Sequence[tuple[str, str]] = ()) -> argparse.Namespace:
+    """For tools/: the named declared options (same names, types and help as the trainers) plus positionals."""
+    wanted = set(names)
+    declared = {o.name: o for o in options if o.name in wanted}
+    parser = build_parser(description, declared)
+    for name, help_text in positionals:
+        parser.add_argument(name, help=help_text)
+    namespace = parser.parse_args(argv)
+    for name, opt in declared.items():
+        if not hasattr(namespace, name):
+            setattr(namespace, name, opt.default)
+    return namespace

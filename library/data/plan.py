@@ -1,0 +1,174 @@
+"""The plan of a run — datasets, images, buckets, steps and every problem found — built without loading any weights."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from library.config.dataset_config import DatasetSupport, dataset_specs_from_dirs, load_dataset_config
+from library.data.bucketing import BucketAssignment, assign_buckets, make_buckets
+from library.data.cache_rules import check_cache_options
+from library.data.images import CorruptImageError, image_size, verify_image
+from library.data.specs import DatasetSpec
+from library.data.subsets import ImageEntry, balance_regularisation, list_subset_images
+from library.errors import UserError
+
+# What each entry script's datasets may hold (sd-scripts' ConfigSanitizer flags per script).
+SUPPORT = {"network": DatasetSupport(), "db": DatasetSupport(fine_tuning=True),
+           "ti": DatasetSupport(caption_dropout=False), "hypernetwork": DatasetSupport()}
+
+
+@dataclass
+class DatasetPlan:
+    spec: DatasetSpec
+    entries: list[ImageEntry]  # usable images, train then (balanced) reg
+    sizes: dict[Path, tuple[int, int]]
+    assignment: BucketAssignment
+
+    @property
+    def train(self) -> list[ImageEntry]:
+        return [e for e in self.entries if not e.is_reg]
+
+    @property
+    def reg(self) -> list[ImageEntry]:
+        return [e for e in self.entries if e.is_reg]
+
+    @property
+    def batches(self) -> int:
+        return sum(math.ceil(len(keys) / self.spec.batch_size) for keys in self.assignment.entries.values())
+
+
+@dataclass
+class RunPlan:
+    datasets: list[DatasetPlan]
+    problems: list[str] = field(default_factory=list)
+    gradient_accumulation_steps: int = 1
+    max_train_steps: int = 0
+    max_train_epochs: int | None = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return sum(d.batches for d in self.datasets)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch on one process, as sd-scripts counts them."""
+        return math.ceil(self.batches_per_epoch / self.gradient_accumulation_steps)
+
+    @property
+    def total_steps(self) -> int:
+        return self.max_train_epochs * self.steps_per_epoch if self.max_train_epochs else self.max_train_steps
+
+    @property
+    def epochs(self) -> int:
+        return self.max_train_epochs or math.ceil(self.total_steps / max(1, self.steps_per_epoch))
+
+
+def plan_run(options: Mapping, *, script: str = "network", verify: bool = False) -> RunPlan:
+    """Resolve the datasets, list and size every image (headers only, or fully checked with `verify`), bucket them."""
+    script = getattr(options, "script", script)
+    problems: list[str] = []
+    if options.get("dataset_config"):
+        specs = load_dataset_config(options["dataset_config"], options, support=SUPPORT[script], problems=problems)
+    else:
+        specs = dataset_specs_from_dirs(options, problems=problems)
+    check_cache_options({**options, "text_encoder_trained": text_encoder_trained(options, script)},
+                        [subset for spec in specs for subset in spec.subsets])
+    strict = bool(options.get("strict"))
+    datasets = [_plan_dataset(spec, problems, strict, verify) for spec in specs]
+    if not any(d.train for d in datasets):
+        details = "; ".join(problems[:3]) or "no subset holds images"
+        raise UserError(f"no usable training images ({details})")
+    return RunPlan(datasets, problems, options.get("gradient_accumulation_steps") or 1,
+                   options.get("max_train_steps") or 0, options.get("max_train_epochs"))
+
+
+def text_encoder_trained(options: Mapping, script: str) -> bool:
+    """Whether the run trains the text encoder (then its outputs cannot be cached), per sd-scripts' rules."""
+    if script == "network":
+        return not options.get("network_train_unet_only")
+    if script == "db":  # train_db trains it unless stop_text_encoder_training is negative
+        stop = options.get("stop_text_encoder_training")
+        return stop is None or stop >= 0
+    return script == "ti"
+
+
+def _plan_dataset(spec: DatasetSpec, problems: list[str], strict: bool, verify: bool) -> DatasetPlan:
+    train, reg = [], []
+    sizes: dict[Path, tuple[int, int]] = {}
+    for subset in spec.subsets:
+        entries, found = list_subset_images(subset)
+        problems.extend(found)
+        # Unreadable images leave before reg balancing, which counts the training images that will really be used.
+        (reg if subset.is_reg else train).extend(_readable(entries, sizes, problems, strict, verify))
+    if reg and not train:
+        problems.append("regularisation images without training images in one dataset: they are not used")
+    entries = train + balance_regularisation(train, reg)
+    buckets = make_buckets(spec.resolution, enable_bucket=spec.enable_bucket, min_bucket_reso=spec.min_bucket_reso,
+                           max_bucket_reso=spec.max_bucket_reso, bucket_reso_steps=spec.bucket_reso_steps,
+                           bucket_no_upscale=spec.bucket_no_upscale)
+    assignment = assign_buckets(buckets, ((i, sizes[e.path], e.num_repeats) for i, e in enumerate(entries)))
+    return DatasetPlan(spec, entries, sizes, assignment)
+
+
+def _readable(entries: list[ImageEntry], sizes: dict, problems: list[str], strict: bool, verify: bool) -> list[ImageEntry]:
+    usable = []
+    for entry in entries:
+        try:
+            sizes[entry.path] = entry.image_size or image_size(entry.path)
+            if verify:
+                verify_image(entry.path)
+        except CorruptImageError as err:
+            if strict:
+                raise UserError(f"{err} (--strict: a bad image stops the run; drop --strict to skip it)") from None
+            problems.append(f"skipped unreadable image {err}")
+            continue
+        usable.append(entry)
+    return usable
+
+
+def print_plan(plan: RunPlan, *, verbose: bool) -> None:
+    """The dry-run report (verbose), or a few lines before a real run."""
+    for index, dataset in enumerate(plan.datasets):
+        spec = dataset.spec
+        train_total = sum(e.num_repeats for e in dataset.train)
+        reg_total = sum(e.num_repeats for e in dataset.reg)
+        print(f"dataset {index}: {'fine-tuning' if spec.is_fine_tuning else 'DreamBooth'}, resolution "
+              f"{spec.resolution[0]}x{spec.resolution[1]}, batch size {spec.batch_size}, "
+              f"buckets {'on' if spec.enable_bucket else 'off'}")
+        print(f"  {len(dataset.train)} training images ({train_total} with repeats), "
+              f"{len(dataset.reg)} regularisation images ({reg_total} with repeats)")
+        if verbose:
+            _print_subsets(dataset)
+            _print_buckets(dataset)
+    print(f"steps: {plan.batches_per_epoch} batches per epoch, {plan.steps_per_epoch} optimizer steps per epoch "
+          f"(gradient accumulation {plan.gradient_accumulation_steps}, 1 process); "
+          f"{plan.total_steps} steps = {plan.epochs} epochs")
+    if plan.problems:
+        print(f"problems ({len(plan.problems)}):")
+        for problem in plan.problems:
+            print(f"  - {problem}")
+    elif verbose:
+        print("problems: none")
+
+
+def _print_subsets(dataset: DatasetPlan) -> None:
+    for subset in dataset.spec.subsets:
+        rows = [e for e in dataset.entries if e.subset == subset]
+        where = subset.metadata_file or subset.image_dir
+        kind = "reg" if subset.is_reg else "train"
+        empty = sum(1 for e in rows if not e.caption.strip())
+        repeats = sorted({e.num_repeats for e in rows}) or [subset.num_repeats]
+        shown = str(repeats[0]) if len(repeats) == 1 else f"{repeats[0]}-{repeats[-1]} (balanced)"
+        tokens = f", class tokens '{subset.class_tokens}'" if subset.class_tokens else ""
+        print(f"    [{kind}] {where}: {len(rows)} images, repeats {shown}{tokens}, {len(rows) - empty} with captions")
+
+
+def _print_buckets(dataset: DatasetPlan) -> None:
+    info = dataset.assignment.bucket_info()
+    print(f"  buckets ({len(info['buckets'])}, mean aspect-ratio error {info['mean_img_ar_error']:.4f}):")
+    for bucket in info["buckets"].values():
+        width, height = bucket["resolution"]
+        print(f"    {width:>5} x {height:<5} {bucket['count']:>6} images with repeats")

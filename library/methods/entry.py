@@ -1,0 +1,45 @@
+"""The path every entry script takes: resolve options, refuse what is not supported, check the data, then run."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from library.config.declarations import OPTIONS
+from library.config.resolve import check_supported, options_for, resolve, write_resolved_config
+from library.config.run_config import RunConfig
+from library.console import quiet_libraries
+from library.errors import UserError
+
+
+def has_dataset(config: RunConfig) -> bool:
+    return bool(config.get("train_data_dir") or config.get("dataset_config") or config.get("in_json"))
+
+
+def dry_run(config: RunConfig) -> None:
+    """Print the full plan, every image fully checked; options only later issues implement are tolerated."""
+    check_supported(config, OPTIONS, include_later=False)
+    if not has_dataset(config):
+        raise UserError("--dry_run checks a dataset: give --train_data_dir, --in_json or --dataset_config")
+    from library.data.plan import plan_run, print_plan
+
+    print_plan(plan_run(config, verify=True), verbose=True)
+
+
+def start(argv: Sequence[str] | None, script: str, description: str, run: Callable[[RunConfig], str | None]) -> None:
+    """Resolve `argv` for `script`; a dry run prints the plan, a real run checks the data before any weights load.
+
+    `run` does the work and returns the output name the resolved options are saved under (or None)."""
+    config = resolve(argv, script, OPTIONS, description)
+    if config.dry_run:
+        dry_run(config)
+        return
+    check_supported(config, OPTIONS)
+    if has_dataset(config):
+        from library.data.plan import plan_run, print_plan
+
+        print_plan(plan_run(config), verbose=False)
+    quiet_libraries()
+    name = run(config)
+    if config.output_dir and name:
+        path = write_resolved_config(config, options_for(script, OPTIONS).values(), config.output_dir, name)
+        print(f"options: {path}")
