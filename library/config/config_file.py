@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any, Mapping
 
 import toml
 
+from library.config.config_text import parse_toml
 from library.config.options import IntOrFloat, Option
 from library.config.suggest import did_you_mean
 from library.errors import UserError
@@ -29,13 +29,12 @@ def read_config_file(name: str, options: Mapping[str, Option], script: str) -> t
     (`options`), keys of other entry scripts warned about and dropped."""
     path = config_path(name)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise UserError(f"--config_file {path}: no such file") from None
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"--config_file {path}: cannot read it ({err})") from None
-    except tomllib.TOMLDecodeError as err:
-        raise UserError(f"{path}: TOML syntax error: {err}") from None
+    data = parse_toml(text, path)
     values: dict[str, Any] = {}
     origins: dict[str, str] = {}
     sections: dict[str, str] = {}
