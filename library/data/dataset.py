@@ -16,8 +16,8 @@ import torch
 
 from library.data.bucketing import make_batches
 from library.data.captions import process_caption
-from library.data.images import (CorruptImageError, color_aug, flip_horizontal, load_image, resize_and_crop,
-                                 should_flip)
+from library.data.images import (CorruptImageError, color_aug, crop_ltrb, flip_horizontal, load_image,
+                                 resize_and_crop, should_flip)
 from library.data.latent_cache import LatentCache, LatentRequest, pixels_to_tensor
 from library.data.plan import DatasetPlan, RunPlan
 from library.data.subsets import ImageEntry
@@ -92,7 +92,8 @@ class TrainingDataset(torch.utils.data.Dataset):
         example = {"path": str(item.entry.path), "is_reg": item.entry.is_reg,
                    "multiplier": self.plan.datasets[item.dataset].spec.network_multiplier}
         if self.latent_cache is not None:
-            cached = self.latent_cache.get(latent_request(item.entry, item.bucket, item.resized))
+            original = self.plan.datasets[item.dataset].sizes[item.entry.path]
+            cached = self.latent_cache.get(latent_request(item.entry, item.bucket, item.resized, original))
             example["latents"] = cached.flipped if flip else cached.latents
             example["alpha"] = cached.alpha_mask
         else:
@@ -123,10 +124,7 @@ def prepare_pixels(entry: ImageEntry, bucket, resized, rng: random.Random | None
     return pixels
 
 
-def latent_request(entry: ImageEntry, bucket, resized) -> LatentRequest:
-    from library.data.images import crop_ltrb, image_size
-
-    original = image_size(entry.path)
+def latent_request(entry: ImageEntry, bucket, resized, original) -> LatentRequest:
     return LatentRequest(image_path=Path(entry.path), bucket_reso=tuple(bucket), original_size=original,
                          crop_ltrb=crop_ltrb(tuple(bucket), original),
                          load_pixels=lambda: prepare_pixels(entry, bucket, resized),
@@ -139,7 +137,7 @@ def latent_requests(plan: RunPlan) -> list[LatentRequest]:
     for dataset in plan.datasets:
         for key, entry in enumerate(dataset.entries):
             choice = dataset.assignment.choices[key]
-            requests.append(latent_request(entry, choice.reso, choice.resized_size))
+            requests.append(latent_request(entry, choice.reso, choice.resized_size, dataset.sizes[entry.path]))
     return requests
 
 
