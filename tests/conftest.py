@@ -46,3 +46,23 @@ def tiny_files(tiny_parts, tmp_path_factory):
 def image_folder(tmp_path):
     """Factory: image_folder(**kwargs) -> a fresh `<repeats>_<class>` folder under tmp_path."""
     return lambda **kwargs: make_image_folder(tmp_path / "train", **kwargs)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true", default=False,
+                     help="rewrite tests/golden files from the current code (review the diff before committing)")
+
+
+@pytest.fixture
+def golden(request):
+    """golden(name, value): compare `value` with tests/golden/<name>.json, or rewrite it with --update-golden."""
+    import json
+
+    def check(name: str, value):
+        path = GOLDEN / f"{name}.json"
+        if request.config.getoption("--update-golden"):
+            path.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
+        assert path.exists(), f"{path} missing: run pytest --update-golden and review the new file"
+        assert value == json.loads(path.read_text()), f"{path.name} differs (pytest --update-golden to accept)"
+
+    return check

@@ -161,7 +161,7 @@ def test_a_real_run_refuses_an_option_that_lands_later_by_name(tmp_path, capsys)
         train_network.main(["--pretrained_model_name_or_path", "tiny-sd1", "--output_dir", str(tmp_path),
                             "--network_dim", "8"])
     assert exit_info.value.code == 2
-    assert "--network_dim (from command line) is not supported yet (it lands with issue #4)" in capsys.readouterr().err
+    assert "--network_dim (from command line) is not supported yet (it lands with issue #5)" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 
@@ -205,4 +205,4 @@ def test_help_is_grouped_by_section():
     assert proc.returncode == 0
     for section in ("model:", "dataset:", "captions:", "caching:", "network:", "saving:"):
         assert f"\n{section}\n" in proc.stdout, section
-    assert "[not supported yet: issue #4]" in proc.stdout
+    assert "[not supported yet: issue #5]" in proc.stdout

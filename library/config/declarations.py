@@ -25,7 +25,9 @@ HYPERNETWORK_ACTIVATIONS = ("linear", "relu", "leakyrelu", "elu", "swish", "tanh
 HYPERNETWORK_WEIGHT_INITS = ("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal")
 
 # Issues that implement what is declared here but refused for now.
-NETWORKS_ISSUE, TRAINING_ISSUE, DREAMBOOTH_ISSUE, EMBEDDINGS_ISSUE = 4, 5, 6, 7
+# The network modules exist (#4); the options that drive them take effect in train_network's loop (#5).
+TRAINING_ISSUE, DREAMBOOTH_ISSUE, EMBEDDINGS_ISSUE = 5, 6, 7
+NETWORKS_ISSUE = TRAINING_ISSUE
 
 SECRET_IN_FILES = "is a secret; a value here would be copied into the resolved config saved with the outputs"
 

@@ -8,6 +8,9 @@ from library import __version__
 
 IMPL_STABILITY_AI = "https://github.com/Stability-AI/generative-models"
 IMPL_DIFFUSERS = "diffusers"
+TRAINER_VERSION = f"sd-trainer/{__version__}"  # in sd-scripts' "sd-scripts/<commit>" form
+# sai_model_spec.BASE_METADATA of sd-scripts 48d368fa (the release that also writes implementation_version).
+MODELSPEC_VERSION = "1.0.1"
 
 
 def architecture(v2: bool, v_parameterization: bool, suffix: str | None = None) -> str:
@@ -22,10 +25,10 @@ def checkpoint_metadata(*, v2: bool, v_parameterization: bool, title: str, resol
     resolution = resolution or (768 if v2 and v_parameterization else 512)
     now = now or datetime.datetime.now()
     return {
-        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": architecture(v2, v_parameterization),
         "modelspec.implementation": IMPL_STABILITY_AI,
-        "modelspec.implementation_version": f"sd-trainer {__version__}",
+        "modelspec.implementation_version": TRAINER_VERSION,
         "modelspec.title": title,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.prediction_type": "v" if v_parameterization else "epsilon",

@@ -1,0 +1,99 @@
+"""The adapter base: wraps one Linear or Conv2d so its output becomes org(x) + adapter(x) · multiplier · alpha/dim."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class AdapterModule(nn.Module):
+    """One adapted layer. Subclasses define their parameters, `delta_weight()` and (if cheaper) `adapter_forward()`.
+
+    The wrapped layer is not a registered sub-module, so the network's state dict holds only adapter tensors under
+    sd-scripts' names (`<lora_name>.lora_down.weight`, `<lora_name>.alpha`, ...).
+    """
+
+    def __init__(self, lora_name: str, org_module: nn.Module, multiplier: float = 1.0, dim: int = 4,
+                 alpha: float | None = 1.0, dropout: float | None = None, rank_dropout: float | None = None,
+                 module_dropout: float | None = None):
+        super().__init__()
+        if not isinstance(org_module, (nn.Linear, nn.Conv2d)):
+            raise TypeError(f"{lora_name}: adapters wrap Linear or Conv2d, not {type(org_module).__name__}")
+        self.lora_name = lora_name
+        self.multiplier = multiplier
+        self.dim = int(dim)
+        self.is_conv = isinstance(org_module, nn.Conv2d)
+        if self.is_conv:
+            self.in_dim, self.out_dim = org_module.in_channels, org_module.out_channels
+        else:
+            self.in_dim, self.out_dim = org_module.in_features, org_module.out_features
+        # alpha 0 or None means "no scaling": alpha = dim (sd-scripts).
+        alpha = self.dim if alpha is None or alpha == 0 else float(alpha)
+        self.register_buffer("alpha", torch.tensor(float(alpha)))
+        self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
+        self._org = [org_module]  # a list keeps it out of this module's parameters and state dict
+        self._org_forward = None
+
+    @property
+    def org_module(self) -> nn.Module:
+        return self._org[0]
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / self.dim
+
+    # -------------------------------------------------------------- wiring
+    def apply_to(self) -> None:
+        """Route the wrapped layer's forward through this adapter (sd-scripts replaces `forward` the same way)."""
+        if self._org_forward is None:
+            self._org_forward = self.org_module.forward
+            self.org_module.forward = self.forward
+
+    def restore(self) -> None:
+        if self._org_forward is not None:
+            self.org_module.forward = self._org_forward
+            self._org_forward = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        org = self._org_forward(x)
+        if self.module_dropout and self.training and torch.rand(()) < self.module_dropout:
+            return org
+        return org + self.adapter_forward(x) * self.multiplier
+
+    # -------------------------------------------------------------- maths
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's added output at multiplier 1 (scale included). Default: through ΔW."""
+        return self.apply_weight(x, self.delta_weight().to(x.dtype))
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW in the wrapped layer's weight shape, alpha/dim scale included, multiplier excluded."""
+        raise NotImplementedError
+
+    def apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x through the wrapped layer's operation with another weight and no bias."""
+        org = self.org_module
+        if self.is_conv:
+            return F.conv2d(x, weight, None, org.stride, org.padding, org.dilation, org.groups)
+        return F.linear(x, weight)
+
+    @torch.no_grad()
+    def merge_to(self, multiplier: float | None = None) -> None:
+        """Add ΔW · multiplier into the wrapped layer's weight (then the adapter must not be applied as well)."""
+        weight = self.org_module.weight
+        weight += (self.delta_weight() * (self.multiplier if multiplier is None else multiplier)).to(weight)
+
+    @torch.no_grad()
+    def unmerge(self, multiplier: float | None = None) -> None:
+        weight = self.org_module.weight
+        weight -= (self.delta_weight() * (self.multiplier if multiplier is None else multiplier)).to(weight)
+
+    def org_weight_shape(self) -> torch.Size:
+        return self.org_module.weight.shape
+
+
+def kaiming_init_(weight: torch.Tensor) -> None:
+    """The init nn.Linear/Conv2d use and sd-scripts applies to `lora_down`: Kaiming uniform, a = √5."""
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))

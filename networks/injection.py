@@ -1,0 +1,61 @@
+"""Where adapters go, named as sd-scripts names them: `lora_unet_<diffusers path>` and `lora_te_<transformers path>`."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterator
+
+from torch import nn
+
+UNET_PREFIX = "lora_unet"
+TEXT_ENCODER_PREFIX = "lora_te"
+# Modules whose Linear / 1×1 Conv children get adapters; with conv_dim, also ResNet blocks and up/down-samplers.
+UNET_TARGETS = ("Transformer2DModel",)
+UNET_CONV_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+TEXT_ENCODER_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
+NUM_OF_BLOCKS = 12  # sd-scripts' block indexing: 0 (unused), IN01..IN11 = 1..11, MID = 12, OUT00..OUT11 = 13..24
+_UP_DOWN = re.compile(r"(up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|attentions)_(\d+)_")
+
+
+@dataclass(frozen=True)
+class Target:
+    lora_name: str
+    module: nn.Module
+    is_conv_kernel: bool  # a Conv2d wider than 1×1: gets an adapter only with conv_dim (LoCon)
+
+
+def text_encoder_targets(text_encoder: nn.Module, prefix: str = TEXT_ENCODER_PREFIX) -> Iterator[Target]:
+    """self_attn q/k/v/out_proj and mlp fc1/fc2 of every layer, named with transformers 4's `text_model.` path.
+
+    transformers >= 5 dropped the `text_model` wrapper; the ecosystem's files keep the old names, so we add it.
+    """
+    for name, module in text_encoder.named_modules():
+        if type(module).__name__ in TEXT_ENCODER_TARGETS:
+            path = name if name.startswith("text_model.") else f"text_model.{name}"
+            yield from _children(prefix, path, module)
+
+
+def unet_targets(unet: nn.Module, *, include_conv: bool) -> Iterator[Target]:
+    classes = UNET_TARGETS + (UNET_CONV_TARGETS if include_conv else ())
+    for name, module in unet.named_modules():
+        if type(module).__name__ in classes:
+            yield from _children(UNET_PREFIX, name, module)
+
+
+def _children(prefix: str, path: str, module: nn.Module) -> Iterator[Target]:
+    for child_name, child in module.named_modules():
+        if isinstance(child, (nn.Linear, nn.Conv2d)):
+            lora_name = f"{prefix}.{path}.{child_name}".replace(".", "_")
+            is_kernel = isinstance(child, nn.Conv2d) and child.kernel_size != (1, 1)
+            yield Target(lora_name, child, is_kernel)
+
+
+def block_index(lora_name: str) -> int:
+    """sd-scripts' 25-block index of a UNet adapter (-1 for modules outside the blocks, e.g. text encoder)."""
+    match = _UP_DOWN.search(lora_name)
+    if match:
+        direction, block, kind, layer = match.group(1), int(match.group(2)), match.group(3), int(match.group(4))
+        index = 3 * block + (2 if kind in ("upsamplers", "downsamplers") else layer)
+        return 1 + index if direction == "down" else NUM_OF_BLOCKS + 1 + index
+    return NUM_OF_BLOCKS if "mid_block_" in lora_name else -1

@@ -1,0 +1,142 @@
+"""LoHa (LyCORIS `loha`): ΔW = (w1a·w1b) ⊙ (w2a·w2b) · alpha/dim, in LyCORIS' tensor names, shapes and init."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from networks.args import boolean
+from networks.base import AdapterModule
+from networks.lycoris_common import algo_check, drop_output_rows, rebuild_tucker, warn_neuron_dropout
+
+
+
+class HadamardWeight(torch.autograd.Function):
+    """(w1a·w1b) ⊙ (w2a·w2b) · scale. Autograd would keep both products (each as large as the layer's weight) for
+    backward; this keeps only the four factors and recomputes the products there, as LyCORIS' HadaWeight does."""
+
+    @staticmethod
+    def forward(ctx, w1a, w1b, w2a, w2b, scale: float):
+        ctx.save_for_backward(w1a, w1b, w2a, w2b)
+        ctx.scale = scale
+        return (w1a @ w1b) * (w2a @ w2b) * scale
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        w1a, w1b, w2a, w2b = ctx.saved_tensors
+        grad = grad * ctx.scale
+        grad_first = grad * (w2a @ w2b)  # d loss / d (w1a·w1b)
+        grad_second = grad * (w1a @ w1b)
+        return grad_first @ w1b.T, w1a.T @ grad_first, grad_second @ w2b.T, w2a.T @ grad_second, None
+
+
+class TuckerHadamardWeight(torch.autograd.Function):
+    """The same product with each side rebuilt from a Tucker core; backward recomputes both sides from the six
+    saved factors (through autograd, the chain is short) instead of keeping two kernel-sized tensors alive."""
+
+    @staticmethod
+    def forward(ctx, t1, w1a, w1b, t2, w2a, w2b, scale: float):
+        ctx.save_for_backward(t1, w1a, w1b, t2, w2a, w2b)
+        ctx.scale = scale
+        return rebuild_tucker(t1, w1a, w1b) * rebuild_tucker(t2, w2a, w2b) * scale
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        factors = [t.detach().requires_grad_() for t in ctx.saved_tensors]
+        with torch.enable_grad():
+            first, second = rebuild_tucker(*factors[:3]), rebuild_tucker(*factors[3:])
+        grad = grad * ctx.scale
+        grads = torch.autograd.grad((first, second), factors, (grad * second.detach(), grad * first.detach()))
+        return (*grads, None)
+
+
+class LoHaModule(AdapterModule):
+    """Two rank-`dim` products multiplied elementwise; a 3×3 conv optionally factors each side as a Tucker core."""
+
+    ALGORITHM = "loha"
+    MODULE = "networks.loha"
+    WEIGHT_NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+    # LoRA+: the out-side factors (LoRA's `up` analogue). LyCORIS' kohya network matches only "lora_up", so
+    # loraplus ratios have no effect on a LoHa trained by LyCORIS itself.
+    PLUS_PARAMS = ("hada_w1_a", "hada_w2_a")
+    EXTRA_ARGS = {"algo": algo_check("loha"), "use_tucker": boolean}
+
+    def __init__(self, lora_name, org_module, multiplier=1.0, dim=4, alpha=1.0, dropout=None, rank_dropout=None,
+                 module_dropout=None, use_tucker=False, **_unused):
+        super().__init__(lora_name, org_module, multiplier, dim, alpha, dropout, rank_dropout, module_dropout)
+        shape = org_module.weight.shape  # (out, in) or (out, in / groups, kh, kw)
+        kernel = tuple(shape[2:])
+        self.tucker = bool(use_tucker) and any(k != 1 for k in kernel)
+        if self.tucker:
+            self.hada_t1 = nn.Parameter(torch.empty(self.dim, self.dim, *kernel))
+            self.hada_t2 = nn.Parameter(torch.empty(self.dim, self.dim, *kernel))
+            out_shape, in_shape = (self.dim, shape[0]), (self.dim, shape[1])
+        else:
+            out_shape, in_shape = (shape[0], self.dim), (self.dim, math.prod(shape[1:]))
+        self.hada_w1_a = nn.Parameter(torch.empty(out_shape))
+        self.hada_w1_b = nn.Parameter(torch.empty(in_shape))
+        self.hada_w2_a = nn.Parameter(torch.empty(out_shape))
+        self.hada_w2_b = nn.Parameter(torch.empty(in_shape))
+        self._init_like_lycoris()
+
+    @torch.no_grad()
+    def _init_like_lycoris(self) -> None:
+        # LyCORIS' LohaModule init, in its order (so one seed gives the same tensors): w2a = 0 makes ΔW = 0.
+        if self.tucker:
+            nn.init.normal_(self.hada_t1, std=0.1)
+            nn.init.normal_(self.hada_t2, std=0.1)
+        nn.init.normal_(self.hada_w1_b, std=1.0)
+        nn.init.normal_(self.hada_w1_a, std=0.1)
+        nn.init.normal_(self.hada_w2_b, std=1.0)
+        nn.init.zeros_(self.hada_w2_a)
+
+    def delta_weight(self) -> torch.Tensor:
+        if self.tucker:
+            delta = TuckerHadamardWeight.apply(self.hada_t1, self.hada_w1_a, self.hada_w1_b, self.hada_t2,
+                                               self.hada_w2_a, self.hada_w2_b, self.scale)
+        else:
+            delta = HadamardWeight.apply(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, self.scale)
+        return delta.reshape(self.org_weight_shape())
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # LyCORIS rebuilds ΔW and applies it (no neuron dropout in that mode); rank dropout masks ΔW's rows.
+        delta = self.delta_weight()
+        if self.training and self.rank_dropout:
+            delta = drop_output_rows(delta, self.rank_dropout)
+        return self.apply_weight(x, delta.to(x.dtype))
+
+    @classmethod
+    def dim_from_weights(cls, weights: dict[str, torch.Tensor]) -> int:
+        return weights["hada_w1_b"].shape[0]  # (dim, in·k·k), or (dim, in) with Tucker
+
+    @classmethod
+    def is_conv_kernel(cls, weights: dict[str, torch.Tensor]) -> bool:
+        # Without Tucker a 3×3 conv's factors are 2-D like a Linear's; only the layer itself tells them apart.
+        return "hada_t1" in weights
+
+    @classmethod
+    def module_args_from_weights(cls, modules: dict) -> dict:
+        return {"use_tucker": True} if any("hada_t1" in weights for weights in modules.values()) else {}
+
+
+def create_network(multiplier, network_dim, network_alpha, vae, text_encoder, unet, neuron_dropout=None, **kwargs):
+    """sd-scripts' plug-in entry: a LoHa network (3×3 convs too with conv_dim) for the given text encoder and UNet."""
+    from networks.network import build_network
+
+    warn_neuron_dropout(neuron_dropout, "LoHa")
+    return build_network(LoHaModule, multiplier, network_dim, network_alpha, text_encoder, unet,
+                         neuron_dropout=neuron_dropout, **kwargs)
+
+
+def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weights_sd=None, for_inference=False,
+                                **kwargs):
+    """sd-scripts' plug-in entry: a LoHa network shaped like a saved file (dims, alphas, Tucker from its tensors)."""
+    from networks.network import network_from_weights
+
+    return network_from_weights(multiplier, file, text_encoder, unet, weights_sd=weights_sd,
+                                for_inference=for_inference, module_class=LoHaModule, **kwargs)

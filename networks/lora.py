@@ -1,0 +1,87 @@
+"""LoRA and LoCon (`--network_module networks.lora`): ΔW = up · down · alpha/dim, sd-scripts' module API."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from networks.base import AdapterModule, kaiming_init_
+
+
+class LoRAModule(AdapterModule):
+    """`lora_down` (Kaiming uniform) then `lora_up` (zeros); a 3×3 conv gets a 3×3 down and a 1×1 up (LoCon)."""
+
+    ALGORITHM = "lora"
+    MODULE = "networks.lora"
+    WEIGHT_NAMES = ("lora_down.weight", "lora_up.weight")
+    PLUS_PARAMS = ("lora_up.weight",)  # LoRA+: the up side learns at lr × loraplus ratio
+    EXTRA_ARGS: dict = {}
+
+    def __init__(self, lora_name, org_module, multiplier=1.0, dim=4, alpha=1.0, dropout=None, rank_dropout=None,
+                 module_dropout=None, **_unused):
+        super().__init__(lora_name, org_module, multiplier, dim, alpha, dropout, rank_dropout, module_dropout)
+        if self.is_conv:
+            self.lora_down = nn.Conv2d(self.in_dim, self.dim, org_module.kernel_size, org_module.stride,
+                                       org_module.padding, bias=False)
+            self.lora_up = nn.Conv2d(self.dim, self.out_dim, (1, 1), (1, 1), bias=False)
+        else:
+            self.lora_down = nn.Linear(self.in_dim, self.dim, bias=False)
+            self.lora_up = nn.Linear(self.dim, self.out_dim, bias=False)
+        kaiming_init_(self.lora_down.weight)
+        nn.init.zeros_(self.lora_up.weight)
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.lora_down(x)
+        scale = self.scale
+        if self.training and self.dropout:
+            hidden = F.dropout(hidden, p=self.dropout)  # neuron dropout (--network_dropout)
+        if self.training and self.rank_dropout:
+            # Drop whole ranks per sample and rescale the rest, as sd-scripts does.
+            keep = torch.rand((hidden.size(0), self.dim), device=hidden.device) > self.rank_dropout
+            if hidden.dim() == 3:  # (batch, tokens, rank)
+                keep = keep.unsqueeze(1)
+            elif hidden.dim() == 4:  # (batch, rank, h, w)
+                keep = keep[..., None, None]
+            hidden = hidden * keep
+            scale = scale / (1.0 - self.rank_dropout)
+        return self.lora_up(hidden) * scale
+
+    def delta_weight(self) -> torch.Tensor:
+        up, down = self.lora_up.weight, self.lora_down.weight
+        if not self.is_conv:
+            return (up @ down) * self.scale
+        if down.shape[2:] == (1, 1):
+            return (up.flatten(1) @ down.flatten(1)).reshape(self.out_dim, self.in_dim, 1, 1) * self.scale
+        # 3×3 down then 1×1 up: the composed kernel is up applied to every tap of down.
+        return torch.einsum("or,rikl->oikl", up.flatten(1), down) * self.scale
+
+    @classmethod
+    def dim_from_weights(cls, weights: dict[str, torch.Tensor]) -> int:
+        return weights["lora_down.weight"].shape[0]
+
+    @classmethod
+    def is_conv_kernel(cls, weights: dict[str, torch.Tensor]) -> bool:
+        down = weights["lora_down.weight"]
+        return down.dim() == 4 and down.shape[2:] != (1, 1)
+
+    @classmethod
+    def module_args_from_weights(cls, modules: dict) -> dict:
+        return {}
+
+
+def create_network(multiplier, network_dim, network_alpha, vae, text_encoder, unet, neuron_dropout=None, **kwargs):
+    """sd-scripts' plug-in entry: a LoRA (LoCon with conv_dim) network for the given text encoder and UNet."""
+    from networks.network import build_network
+
+    return build_network(LoRAModule, multiplier, network_dim, network_alpha, text_encoder, unet,
+                         neuron_dropout=neuron_dropout, **kwargs)
+
+
+def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weights_sd=None, for_inference=False,
+                                **kwargs):
+    """sd-scripts' plug-in entry: a network shaped like a saved file (dims, alphas, conv modules from its tensors)."""
+    from networks.network import network_from_weights
+
+    return network_from_weights(multiplier, file, text_encoder, unet, weights_sd=weights_sd,
+                                for_inference=for_inference, module_class=LoRAModule, **kwargs)

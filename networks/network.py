@@ -1,0 +1,260 @@
+"""The adapter network: creates adapters at sd-scripts' places, applies, merges, groups parameters, saves and loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from library.errors import UserError
+from networks.args import NUM_BLOCKS, parse_network_args
+from networks.injection import NUM_OF_BLOCKS, Target, block_index, text_encoder_targets, unet_targets
+
+
+class AdapterNetwork(nn.Module):
+    """sd-scripts' network object API: apply_to, merge_to, set_multiplier, prepare_optimizer_params, save/load."""
+
+    def __init__(self, module_class, text_encoder_loras: list, unet_loras: list, *, multiplier: float,
+                 options: dict[str, Any] | None = None):
+        super().__init__()
+        self.module_class = module_class
+        self.multiplier = multiplier
+        self.text_encoder_loras = text_encoder_loras
+        self.unet_loras = unet_loras
+        self.options = dict(options or {})
+        for lora in text_encoder_loras + unet_loras:
+            self.add_module(lora.lora_name, lora)
+
+    # ------------------------------------------------------------------ applying
+    def apply_to(self, text_encoder, unet, apply_text_encoder: bool = True, apply_unet: bool = True) -> None:
+        """Route the target layers through the adapters; the parts not applied are dropped (sd-scripts)."""
+        if not apply_text_encoder:
+            self._drop(self.text_encoder_loras)
+            self.text_encoder_loras = []
+        if not apply_unet:
+            self._drop(self.unet_loras)
+            self.unet_loras = []
+        for lora in self.text_encoder_loras + self.unet_loras:
+            lora.apply_to()
+
+    def _drop(self, loras: list) -> None:
+        for lora in loras:
+            delattr(self, lora.lora_name)
+
+    def restore(self) -> None:
+        for lora in self.text_encoder_loras + self.unet_loras:
+            lora.restore()
+
+    def set_multiplier(self, multiplier: float) -> None:
+        self.multiplier = multiplier
+        for lora in self.text_encoder_loras + self.unet_loras:
+            lora.multiplier = multiplier
+
+    def is_mergeable(self) -> bool:
+        return True
+
+    def merge_to(self, text_encoder=None, unet=None, weights_sd: dict | None = None, dtype=None, device=None) -> None:
+        """Add every adapter's ΔW · multiplier into the base weights (after loading `weights_sd`, if given)."""
+        if weights_sd is not None:
+            self.load_state_dict_flexible(weights_sd)
+        for lora in self.text_encoder_loras + self.unet_loras:
+            lora.merge_to()
+
+    # ------------------------------------------------------------------ training hooks
+    def prepare_grad_etc(self, text_encoder, unet) -> None:
+        self.requires_grad_(True)
+
+    def on_epoch_start(self, text_encoder, unet) -> None:
+        self.train()
+
+    def on_step_start(self, *args, **kwargs) -> None:
+        pass
+
+    def get_trainable_params(self):
+        return self.parameters()
+
+    def enable_gradient_checkpointing(self) -> None:
+        pass  # adapters hold no activations of their own; the base models checkpoint
+
+    def prepare_optimizer_params(self, text_encoder_lr=None, unet_lr=None, default_lr=None, *args, **kwargs):
+        """(param groups, descriptions) as sd-scripts builds them: text encoder, UNet (per block with lr weights),
+        and LoRA+ groups for the `up` side at lr × ratio. Groups whose lr is 0 are left out (not trained)."""
+        text_encoder_lr = text_encoder_lr[0] if isinstance(text_encoder_lr, (list, tuple)) and text_encoder_lr else text_encoder_lr
+        text_encoder_lr = default_lr if text_encoder_lr in (None, []) else text_encoder_lr
+        unet_lr = default_lr if unet_lr is None else unet_lr
+        opts = self.options
+        groups: list[dict] = []
+        descriptions: list[str] = []
+        te_ratio = opts.get("loraplus_text_encoder_lr_ratio") or opts.get("loraplus_lr_ratio")
+        unet_ratio = opts.get("loraplus_unet_lr_ratio") or opts.get("loraplus_lr_ratio")
+        self._add_groups(groups, descriptions, self.text_encoder_loras, text_encoder_lr, te_ratio, "textencoder")
+        if self._block_lr_weights() is None:
+            self._add_groups(groups, descriptions, self.unet_loras, unet_lr, unet_ratio, "unet")
+        else:
+            by_block: dict[int, list] = {}
+            for lora in self.unet_loras:
+                by_block.setdefault(block_index(lora.lora_name), []).append(lora)
+            for index in sorted(by_block):
+                weight = self.lr_weight(index)
+                lr = None if unet_lr is None else unet_lr * weight
+                self._add_groups(groups, descriptions, by_block[index], lr, unet_ratio, f"unet {index}")
+        return groups, descriptions
+
+    def _add_groups(self, groups, descriptions, loras, lr, plus_ratio, label) -> None:
+        plus_names = set(self.module_class.PLUS_PARAMS) if plus_ratio else set()
+        normal, plus = [], []
+        for lora in loras:
+            for name, param in lora.named_parameters():
+                (plus if name in plus_names else normal).append(param)
+        for params, ratio, suffix in ((normal, 1.0, ""), (plus, plus_ratio, " plus")):
+            if not params:
+                continue
+            group: dict[str, Any] = {"params": params}
+            if lr is not None:
+                group["lr"] = lr * ratio
+                if group["lr"] == 0:
+                    continue  # sd-scripts skips a zero-lr group: those adapters do not train
+            groups.append(group)
+            descriptions.append(label + suffix)
+
+    def _block_lr_weights(self):
+        opts = self.options
+        if all(opts.get(k) is None for k in ("down_lr_weight", "mid_lr_weight", "up_lr_weight")):
+            return None
+        threshold = opts.get("block_lr_zero_threshold") or 0.0
+        clip = lambda ws: None if ws is None else [w if w > threshold else 0.0 for w in ws]  # noqa: E731
+        mid = opts.get("mid_lr_weight")
+        return clip(opts.get("down_lr_weight")), (None if mid is None else clip([mid])[0]), clip(opts.get("up_lr_weight"))
+
+    def lr_weight(self, index: int) -> float:
+        """sd-scripts' get_lr_weight: IN blocks use down_lr_weight[index], MID mid_lr_weight, OUT up_lr_weight."""
+        weights = self._block_lr_weights()
+        if weights is None or index < 0:
+            return 1.0
+        down, mid, up = weights
+        if index < NUM_OF_BLOCKS:
+            return 1.0 if down is None else down[index]
+        if index == NUM_OF_BLOCKS:
+            return 1.0 if mid is None else mid
+        return 1.0 if up is None else up[index - NUM_OF_BLOCKS - 1]
+
+    def apply_max_norm_regularization(self, max_norm_value, device):
+        """Scale down adapters whose ΔW norm exceeds max_norm (sd-scripts' --scale_weight_norms)."""
+        keys_scaled, norms = 0, []
+        with torch.no_grad():
+            for lora in self.text_encoder_loras + self.unet_loras:
+                norm = lora.delta_weight().norm().clamp(min=max_norm_value / 2)
+                ratio = torch.clamp(norm, max=max_norm_value) / norm
+                if ratio < 1:
+                    keys_scaled += 1
+                    for param in lora.parameters():
+                        param.mul_(ratio.to(param) ** (1 / len(list(lora.parameters()))))
+                norms.append(float(norm * ratio))
+        return keys_scaled, sum(norms) / max(1, len(norms)), max(norms, default=0.0)
+
+    # ------------------------------------------------------------------ files
+    def save_weights(self, file, dtype=None, metadata: dict[str, str] | None = None) -> None:
+        from networks.files import save_network_file
+
+        save_network_file(self.state_dict(), file, dtype=dtype, metadata=metadata)
+
+    def load_weights(self, file) -> Any:
+        from networks.files import read_network_file
+
+        weights, _ = read_network_file(file)
+        return self.load_state_dict_flexible(weights)
+
+    def load_state_dict_flexible(self, weights: dict[str, torch.Tensor]):
+        """Load adapter tensors, accepting 2-D or 1×1 4-D forms of the same weight (SD 2.x proj_in/out)."""
+        from networks.files import canonical_key
+
+        own = self.state_dict()
+        adapted = {}
+        for key, value in weights.items():
+            key = canonical_key(key)
+            target = own.get(key)
+            if target is not None and value.shape != target.shape and value.numel() == target.numel():
+                value = value.reshape(target.shape)
+            adapted[key] = value
+        return self.load_state_dict(adapted, strict=False)
+
+
+def build_network(module_class, multiplier, network_dim, network_alpha, text_encoder, unet, *, neuron_dropout=None,
+                  modules_dim: dict | None = None, modules_alpha: dict | None = None, **network_args) -> AdapterNetwork:
+    """Adapters for every target, with sd-scripts' dims: network_dim/alpha, conv_dim/alpha for 3×3 convolutions,
+    block-wise dims for the UNet, or per-module dims (`modules_dim`, from a file)."""
+    opts = parse_network_args(network_args, getattr(module_class, "EXTRA_ARGS", None), module=module_class.MODULE)
+    dim = 4 if network_dim is None else int(network_dim)
+    alpha = 1.0 if network_alpha is None else float(network_alpha)
+    conv_dim = opts.get("conv_dim")
+    conv_alpha = opts.get("conv_alpha", 1.0 if conv_dim is not None else None)
+    blocks = _block_dims(opts, dim, alpha, conv_dim, conv_alpha)
+    kwargs = {"dropout": neuron_dropout, "rank_dropout": opts.get("rank_dropout"),
+              "module_dropout": opts.get("module_dropout"), **_module_kwargs(module_class, opts)}
+    include_conv = modules_dim is not None or conv_dim is not None or blocks is not None and blocks[2] is not None
+
+    def make(targets: Iterable[Target], is_unet: bool) -> list:
+        loras = []
+        for target in targets:
+            if modules_dim is not None:
+                if target.lora_name not in modules_dim:
+                    continue
+                d, a = modules_dim[target.lora_name], modules_alpha[target.lora_name]
+            elif is_unet and blocks is not None:
+                index = block_index(target.lora_name)
+                dims, alphas = (blocks[2], blocks[3]) if target.is_conv_kernel else (blocks[0], blocks[1])
+                d, a = (None, None) if dims is None else (dims[index], alphas[index])
+            elif target.is_conv_kernel:
+                d, a = conv_dim, conv_alpha
+            else:
+                d, a = dim, alpha
+            if not d:
+                continue
+            loras.append(module_class(target.lora_name, target.module, multiplier, d, a, **kwargs))
+        return loras
+
+    encoders = text_encoder if isinstance(text_encoder, (list, tuple)) else [text_encoder]
+    te_loras = [lora for te in encoders if te is not None for lora in make(text_encoder_targets(te), False)]
+    unet_loras = make(unet_targets(unet, include_conv=include_conv), True) if unet is not None else []
+    return AdapterNetwork(module_class, te_loras, unet_loras, multiplier=multiplier, options=opts)
+
+
+def _block_dims(opts, dim, alpha, conv_dim, conv_alpha):
+    """(dims, alphas, conv dims, conv alphas) per 25 blocks when block_dims is given (sd-scripts'
+    get_block_dims_and_alphas), else None."""
+    if opts.get("block_dims") is None:
+        return None
+    dims = opts["block_dims"]
+    alphas = opts.get("block_alphas") or [alpha] * NUM_BLOCKS
+    conv_dims = opts.get("conv_block_dims") or ([conv_dim] * NUM_BLOCKS if conv_dim is not None else None)
+    conv_alphas = opts.get("conv_block_alphas") or (
+        [conv_alpha if conv_alpha is not None else 1.0] * NUM_BLOCKS if conv_dims is not None else None)
+    return dims, alphas, conv_dims, conv_alphas
+
+
+def _module_kwargs(module_class, opts: dict) -> dict:
+    return {k: v for k, v in opts.items() if k in getattr(module_class, "EXTRA_ARGS", {})}
+
+
+def network_from_weights(multiplier, file, text_encoder, unet, *, weights_sd=None, for_inference=False,
+                         module_class=None, **network_args) -> AdapterNetwork:
+    """A network shaped like a saved file: algorithm, per-module dims and alphas read from its tensors."""
+    from networks.files import describe_network_file, read_network_file
+
+    if weights_sd is None:
+        weights_sd, _ = read_network_file(file)
+    info = describe_network_file(weights_sd, source=str(file))
+    if module_class is not None and info.module_class is not module_class:
+        raise UserError(f"{file}: this is a {info.algorithm} network; load it with --network_module "
+                        f"{info.module_class.MODULE} (not {module_class.MODULE})")
+    network = build_network(info.module_class, multiplier, None, None, text_encoder, unet,
+                            modules_dim=info.dims, modules_alpha=info.alphas, **info.module_args, **network_args)
+    found = {lora.lora_name for lora in network.text_encoder_loras + network.unet_loras}
+    missing = sorted(set(info.dims) - found)
+    if not found:
+        raise UserError(f"{file}: none of its {len(info.dims)} adapters matches this model's layers "
+                        f"(first: {missing[0] if missing else '-'}); is it for another base model family?")
+    network.unmatched = missing
+    return network
