@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,11 @@ from library.models.tiny import build_tiny
 from tests.helpers import make_image_folder
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Under pytest-xdist each worker gets one core's worth of threads: two workers with two OpenMP threads each on
+# a 2-core machine spin against each other and run 10-30x slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 GOLDEN = Path(__file__).resolve().parent / "golden"
 
 

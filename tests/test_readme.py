@@ -10,4 +10,4 @@ def test_ci_runs_the_readme_test_command():
     commands = re.findall(r"```bash\n(.+?)\n```", readme)
     test_command = next(c for c in commands if "pytest" in c)
     assert test_command in (ROOT / ".ci" / "run").read_text().splitlines()
-    assert "--pretrained_model_name_or_path tiny-sd1" in commands[0]
+    assert "train_network.py --config_file configs/demo_lora.toml" in commands[0]

@@ -25,21 +25,21 @@ def dry_run(config: RunConfig) -> None:
     print_plan(plan_run(config, verify=True), verbose=True)
 
 
-def start(argv: Sequence[str] | None, script: str, description: str, run: Callable[[RunConfig], str | None]) -> None:
-    """Resolve `argv` for `script`; a dry run prints the plan, a real run checks the data before any weights load.
-
-    `run` does the work and returns the output name the resolved options are saved under (or None)."""
+def start(argv: Sequence[str] | None, script: str, description: str, run: Callable[[RunConfig, object], object]):
+    """Resolve `argv` for `script`; a dry run prints the plan, a real run checks the data before any weights load,
+    saves the resolved options next to its outputs, then calls `run(config, plan)` and returns its result."""
     config = resolve(argv, script, OPTIONS, description)
     if config.dry_run:
         dry_run(config)
-        return
+        return None
     check_supported(config, OPTIONS)
-    if has_dataset(config):
-        from library.data.plan import plan_run, print_plan
+    from library.data.plan import plan_run, print_plan
 
-        print_plan(plan_run(config), verbose=False)
+    plan = plan_run(config)
+    print_plan(plan, verbose=False)
     quiet_libraries()
-    name = run(config)
-    if config.output_dir and name:
+    if config.output_dir:
+        name = config.output_name or "last"
         path = write_resolved_config(config, options_for(script, OPTIONS).values(), config.output_dir, name)
         print(f"options: {path}")
+    return run(config, plan)

@@ -192,9 +192,12 @@ def test_implemented_now():
 
 
 def test_later_issues_by_kind():
-    assert BY_NAME["network_module"].later == 5 and BY_NAME["no_metadata"].later == 5  # modules exist (#4), loop is #5
-    assert BY_NAME["optimizer_type"].later == 5 and BY_NAME["prior_loss_weight"].later == 5
-    assert BY_NAME["training_comment"].later == 5
+    # the training loop (#5) implements these now
+    for name in ("network_module", "no_metadata", "optimizer_type", "prior_loss_weight", "training_comment"):
+        assert BY_NAME[name].later is None and BY_NAME[name].note is None, name
+    # accepted so configs load, refused by name: no issue covers them yet
+    for name in ("masked_loss", "deepspeed", "torch_compile", "weighted_captions"):
+        assert BY_NAME[name].note == "is not supported yet", name
     assert BY_NAME["learning_rate_te"].later == 6 and BY_NAME["no_token_padding"].later == 6
     assert BY_NAME["init_word"].later == 7 and BY_NAME["hypernetwork_sizes"].later == 7
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import train_network
 from library.models.loading import load_components
 from library.errors import UserError
 from library.models.saving import save_single_file
 from tests.conftest import ROOT
+from tools import convert_model
 
 
 def _bad_inputs(tmp: Path, tiny_files) -> dict[str, tuple[Path, str]]:
@@ -59,7 +59,7 @@ CASES = ["missing", "no_model_index", "lora", "embedding_pt", "embedding_safeten
 def test_bad_base_model_is_one_line_exit_2(case, tiny_files, tmp_path, capsys):
     path, phrase = _bad_inputs(tmp_path, tiny_files)[case]
     with pytest.raises(SystemExit) as exit_info:
-        train_network.main(["--pretrained_model_name_or_path", str(path), "--output_dir", str(tmp_path / "out")])
+        convert_model.main([str(path), str(tmp_path / "out" / "model.safetensors")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
@@ -69,8 +69,8 @@ def test_bad_base_model_is_one_line_exit_2(case, tiny_files, tmp_path, capsys):
 
 def test_real_process_prints_no_traceback(tiny_files, tmp_path):
     path, _ = _bad_inputs(tmp_path, tiny_files)["lora"]
-    proc = subprocess.run([sys.executable, "train_network.py", "--pretrained_model_name_or_path", str(path),
-                           "--output_dir", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "tools/convert_model.py", str(path), str(tmp_path / "out")],
+                          cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {path}: this file is a LoRA")

@@ -1,0 +1,58 @@
+"""The DataLoader over whole batches: indices are (epoch, batch) pairs, so workers, DDP shards and resumes agree."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from library.data.dataset import Batch, TrainingDataset
+
+
+class EpochBatchSampler(Sampler):
+    """Yields (epoch, batch index) for epochs start_epoch.., skipping `skip` batches of the first (resume)."""
+
+    def __init__(self, batches_per_epoch: int, *, start_epoch: int, epochs: int, skip: int = 0):
+        self.batches_per_epoch = batches_per_epoch
+        self.start_epoch, self.epochs, self.skip = start_epoch, epochs, skip
+
+    def __iter__(self):
+        for epoch in range(self.start_epoch, self.epochs + 1):
+            first = self.skip if epoch == self.start_epoch else 0
+            for index in range(first, self.batches_per_epoch):
+                yield epoch, index
+
+    def __len__(self) -> int:
+        return max(0, (self.epochs - self.start_epoch + 1) * self.batches_per_epoch - self.skip)
+
+
+class EpochIndexedDataset(torch.utils.data.Dataset):
+    """TrainingDataset addressed by (epoch, index): no epoch state to keep in sync with worker processes."""
+
+    def __init__(self, dataset: TrainingDataset, *, batches_per_step: int = 1):
+        self.dataset = dataset
+        self.batches_per_step = batches_per_step  # gradient accumulation × processes
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, int, Batch]:
+        epoch, index = key
+        if self.dataset.epoch != epoch:
+            self.dataset.set_epoch(epoch)
+        # the optimizer step this batch feeds, for token warm-up (known from the position alone)
+        self.dataset.set_step(((epoch - 1) * len(self.dataset) + index) // self.batches_per_step)
+        return epoch, index, self.dataset[index]
+
+
+def _single(items):
+    return items[0]
+
+
+def make_loader(dataset: TrainingDataset, sampler: EpochBatchSampler, *, workers: int, persistent: bool,
+                batches_per_step: int = 1) -> DataLoader:
+    workers = max(0, min(workers, (os.cpu_count() or 1)))
+    indexed = EpochIndexedDataset(dataset, batches_per_step=batches_per_step)
+    return DataLoader(indexed, batch_size=1, sampler=sampler, collate_fn=_single,
+                      num_workers=workers, persistent_workers=persistent and workers > 0)

@@ -1,0 +1,172 @@
+"""The one training loop: accelerate-driven, resumable, shared by every method (network, dreambooth, ...).
+
+Reads top to bottom: set up → cache latents → batches → for each batch: loss, backward, (every accumulation
+boundary) all-reduce, clip, step → log · save · sample. The method decides what trains and what a loss is.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+
+from library.config.run_config import RunConfig
+from library.data.dataset import TrainingDataset
+from library.data.plan import RunPlan
+from library.training import checkpoints as ck
+from library.training.data_loading import EpochBatchSampler, make_loader
+from library.training.latents import build_latent_cache
+from library.training.optimizers import make_optimizer
+from library.training.reporting import Reporter, tracker_settings
+from library.training.schedulers import make_scheduler
+
+PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainingResult:
+    final_file: Path | None
+    global_step: int
+    losses: list[float] = field(default_factory=list)  # per optimizer step, this process
+    method: object = None  # what was trained (e.g. NetworkMethod: .network), for callers and tests
+
+
+def weight_dtype(config: RunConfig, device: torch.device) -> torch.dtype:
+    """The frozen models' dtype under mixed precision; float32 for fp16 on a CPU, where autocast does not cast."""
+    if device.type == "cpu" and config.mixed_precision == "fp16":
+        return torch.float32
+    return PRECISIONS.get(config.mixed_precision, torch.float32)
+
+
+def batch_seed(seed: int, epoch: int, index: int) -> int:
+    """Noise and timesteps of a batch depend only on (seed, epoch, batch): resumes and DDP shards reproduce them."""
+    return random.Random(f"{seed}/{epoch}/{index}/noise").getrandbits(63)
+
+
+def train(config: RunConfig, plan: RunPlan, parts, make_method, *, save_ext: str = ".safetensors") -> TrainingResult:
+    log_with, logging_dir = tracker_settings(config)
+    # accelerate keeps one state per process; a second run in the same process (tools, tests) starts afresh.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available(),
+                              log_with=log_with, project_dir=logging_dir)
+    seed = config.seed if config.seed is not None else random.randint(0, 2**32 - 1)
+    config = config.replace(seed=seed)
+    set_seed(seed)
+    started = time.time()
+    if accelerator.device.type == "cpu" and config.mixed_precision == "fp16":
+        accelerator.print("mixed_precision fp16 on a CPU: computing in float32 (CPUs have no fp16 autocast)")
+    method = make_method(config, parts, accelerator.device, weight_dtype(config, accelerator.device), plan)
+
+    dataset = TrainingDataset(plan, seed=seed, max_train_steps=config.max_train_steps,
+                              latent_cache=build_latent_cache(config, plan, parts, accelerator))
+    procs, accumulation = accelerator.num_processes, config.gradient_accumulation_steps or 1
+    per_epoch = len(dataset)
+    steps_per_epoch = math.ceil(per_epoch / procs / accumulation)
+    max_steps = config.max_train_epochs * steps_per_epoch if config.max_train_epochs else config.max_train_steps
+    epochs = math.ceil(max_steps / steps_per_epoch)
+
+    groups, descriptions = method.param_groups()
+    optimizer, optimizer_name, optimizer_kwargs = make_optimizer(config, groups)
+    lr_scheduler = make_scheduler(config, optimizer, num_training_steps=max_steps, num_processes=procs)
+    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    accelerator.register_for_checkpointing(method.network)
+
+    state = ck.TrainState(0, 1, 0)
+    if config.resume:
+        state = ck.TrainState.read(Path(config.resume))
+        accelerator.load_state(config.resume)
+        accelerator.print(f"resumed from {config.resume} at step {state.global_step} (epoch {state.epoch})")
+    sampler = EpochBatchSampler(per_epoch, start_epoch=state.epoch, epochs=epochs, skip=state.batch_in_epoch)
+    loader = accelerator.prepare_data_loader(
+        make_loader(dataset, sampler, workers=config.max_data_loader_n_workers or 0,
+                    persistent=bool(config.persistent_data_loader_workers), batches_per_step=procs * accumulation),
+        device_placement=False)
+
+    reporter = Reporter(config, plan, parts, method, accelerator, optimizer_name=optimizer_name,
+                        optimizer_kwargs=optimizer_kwargs, descriptions=descriptions, started=started,
+                        max_steps=max_steps, epochs=epochs, save_ext=save_ext)
+    reporter.begin(state.global_step)
+    loop = _Loop(config, accelerator, method, optimizer, lr_scheduler, reporter, per_epoch, accumulation, max_steps)
+    try:
+        loop.run(loader, state)
+    except KeyboardInterrupt:
+        reporter.interrupted(loop.state)
+        raise SystemExit(130) from None
+    final = reporter.finish(loop.state)
+    return TrainingResult(final, loop.state.global_step, loop.losses, method)
+
+
+class _Loop:
+    def __init__(self, config, accelerator, method, optimizer, lr_scheduler, reporter, per_epoch, accumulation,
+                 max_steps):
+        self.config, self.accelerator, self.method = config, accelerator, method
+        self.optimizer, self.lr_scheduler, self.reporter = optimizer, lr_scheduler, reporter
+        self.per_epoch, self.accumulation, self.max_steps = per_epoch, accumulation, max_steps
+        self.params = method.trainable_params()
+        self.losses: list[float] = []
+        self.state = ck.TrainState(0, 1, 0)
+
+    def run(self, loader, state: ck.TrainState) -> None:
+        self.state = state
+        procs = self.accelerator.num_processes
+        local_per_epoch = math.ceil(self.per_epoch / procs)
+        micro, pending = 0, []
+        for epoch, index, batch in loader:
+            if epoch != state.epoch:
+                state.epoch, state.batch_in_epoch = epoch, 0
+            local_index = index // procs
+            generator = torch.Generator(self.accelerator.device).manual_seed(batch_seed(self.config.seed, epoch, index))
+            with self.accelerator.autocast():
+                loss = self.method.loss(batch, generator)
+            self.accelerator.backward(loss / self.accumulation)
+            pending.append(loss.detach())
+            micro += 1
+            end_of_epoch = local_index >= local_per_epoch - 1
+            state.batch_in_epoch = min(self.per_epoch, (local_index + 1) * procs)
+            if micro % self.accumulation == 0 or end_of_epoch:
+                self._step()
+                state.global_step += 1
+                # one host sync per optimizer step, for the log and the progress bar
+                step_loss = float(torch.stack(pending).mean())
+                self.losses.append(step_loss)
+                micro, pending = 0, []
+                if end_of_epoch:
+                    state.epoch, state.batch_in_epoch = epoch + 1, 0
+                self.reporter.after_step(state, step_loss, self.lr_scheduler)
+                if state.global_step >= self.max_steps:
+                    if end_of_epoch:
+                        self.reporter.after_epoch(state, epoch)
+                    return
+            if end_of_epoch:
+                micro, pending = 0, []
+                self.reporter.after_epoch(state, epoch)
+
+    def _step(self) -> None:
+        if self.accelerator.num_processes > 1:
+            _all_reduce_mean(self.params, self.accelerator)
+        max_norm = self.config.max_grad_norm
+        if max_norm:
+            self.accelerator.clip_grad_norm_(self.params, max_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def _all_reduce_mean(params, accelerator) -> None:
+    """Average gradients over processes in one flat all-reduce (the adapter is not a DDP module: its layers run
+    inside the frozen base model's forward, which DDP cannot see)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = accelerator.reduce(flat, reduction="mean")
+    offset = 0
+    for param, grad in zip(params, grads):
+        n = grad.numel()
+        param.grad = flat[offset:offset + n].view_as(grad).clone()
+        offset += n

@@ -1,0 +1,144 @@
+"""Forward diffusion as sd-scripts trains it: the noise scheduler, the noise and timestep draw, and the target."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+from diffusers import DDPMScheduler
+
+# sd-scripts' NetworkTrainer.vae_scale_factor (SD 1.x/2.x): VAE latents are multiplied by this before noising.
+LATENT_SCALE = 0.18215
+
+# sd-scripts' NetworkTrainer.get_noise_scheduler arguments.
+_SCHEDULER_ARGS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                       clip_sample=False)
+
+
+def _option(options: Mapping[str, Any], name: str, default: Any) -> Any:
+    """An option's value; missing or None means sd-scripts' default."""
+    value = options.get(name)
+    return default if value is None else value
+
+
+def make_noise_scheduler(*, v_parameterization: bool, zero_terminal_snr: bool = False) -> DDPMScheduler:
+    """sd-scripts' training DDPMScheduler with `all_snr` (alpha_t^2 / sigma_t^2 per timestep) attached."""
+    prediction_type = "v_prediction" if v_parameterization else "epsilon"
+    plain = DDPMScheduler(**_SCHEDULER_ARGS, prediction_type=prediction_type)
+    # sd-scripts runs prepare_scheduler_for_custom_training *before* the zero-terminal-SNR fix, so all_snr (used
+    # by min_snr_gamma, debiased estimation, v-pred scaling) stays the original schedule's: finite at t=999.
+    alphas_cumprod = plain.alphas_cumprod
+    all_snr = (torch.sqrt(alphas_cumprod) / torch.sqrt(1.0 - alphas_cumprod)) ** 2
+    # diffusers' rescale_zero_terminal_snr is the same algorithm, op for op, as sd-scripts'
+    # fix_noise_scheduler_betas_for_zero_terminal_snr (betas, alphas, alphas_cumprod all replaced).
+    scheduler = (DDPMScheduler(**_SCHEDULER_ARGS, prediction_type=prediction_type, rescale_betas_zero_snr=True)
+                 if zero_terminal_snr else plain)
+    scheduler.all_snr = all_snr
+    return scheduler
+
+
+@dataclass(frozen=True)
+class NoiseDraw:
+    """One step's draw: the noise the model learns (the target's), the timesteps, and the model's input."""
+
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    noisy_latents: torch.Tensor
+
+
+def draw_noise(scheduler: DDPMScheduler, latents: torch.Tensor, options: Mapping[str, Any],
+               generator: torch.Generator) -> NoiseDraw:
+    """sd-scripts' get_noise_noisy_latents_and_timesteps, every random number drawn from `generator`.
+
+    `generator` must live on latents' device; draws are in latents' dtype (the pyramid's shrink factors in float32).
+    Draw order:
+    1. noise ~ N(0, 1), latents' shape;
+    2. noise_offset (if set): [noise_offset_random_strength: one U(0, 1)], then one N(0, 1) per (sample, channel);
+    3. multires_noise_iterations (if set): per level, one U(0, 1) for the scale factor, then that level's N(0, 1);
+    4. timesteps: one integer per sample in [min_timestep, max_timestep) (none drawn when min >= max);
+    5. ip_noise_gamma (if set): [ip_noise_gamma_random_strength: one U(0, 1)], then N(0, 1) of latents' shape.
+    """
+    noise = _randn(latents.shape, latents, generator)
+    noise_offset = _option(options, "noise_offset", None)
+    if noise_offset:
+        if _option(options, "noise_offset_random_strength", False):
+            noise_offset = _rand(latents, generator) * noise_offset
+        noise = _offset_noise(latents, noise, noise_offset, _option(options, "adaptive_noise_scale", None), generator)
+    iterations = _option(options, "multires_noise_iterations", None)
+    if iterations:
+        noise = _pyramid_noise(noise, iterations, _option(options, "multires_noise_discount", 0.3), generator)
+
+    timesteps = draw_timesteps(latents.shape[0], options, scheduler, generator, latents.device)
+
+    model_noise = noise
+    gamma = _option(options, "ip_noise_gamma", None)
+    if gamma:
+        if _option(options, "ip_noise_gamma_random_strength", False):
+            gamma = _rand(latents, generator) * gamma
+        # Input perturbation: only the model's input gets the extra noise; the target keeps `noise`.
+        model_noise = noise + gamma * _randn(latents.shape, latents, generator)
+    noisy_latents = _keeping_schedule(scheduler, scheduler.add_noise, latents, model_noise, timesteps)
+    return NoiseDraw(noise=noise, timesteps=timesteps, noisy_latents=noisy_latents)
+
+
+def draw_timesteps(batch_size: int, options: Mapping[str, Any], scheduler: DDPMScheduler,
+                   generator: torch.Generator, device: torch.device | str) -> torch.Tensor:
+    """sd-scripts' get_timesteps: uniform integers in [min_timestep, max_timestep); all max_timestep if min >= max."""
+    low = _option(options, "min_timestep", 0)
+    high = _option(options, "max_timestep", scheduler.config.num_train_timesteps)
+    if low < high:
+        return torch.randint(low, high, (batch_size,), generator=generator, device=device, dtype=torch.long)
+    return torch.full((batch_size,), high, device=device, dtype=torch.long)
+
+
+def target_for(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, *,
+               v_parameterization: bool) -> torch.Tensor:
+    """What the model should predict: the noise, or the velocity sqrt(a_t)*noise - sqrt(1-a_t)*latents."""
+    if not v_parameterization:
+        return noise
+    return _keeping_schedule(scheduler, scheduler.get_velocity, latents, noise, timesteps)
+
+
+def _offset_noise(latents: torch.Tensor, noise: torch.Tensor, noise_offset: float | torch.Tensor,
+                  adaptive_noise_scale: float | None, generator: torch.Generator) -> torch.Tensor:
+    """sd-scripts' apply_noise_offset: a random constant per (sample, channel), optionally grown by |latent mean|."""
+    if adaptive_noise_scale is not None:
+        latent_mean = torch.abs(latents.mean(dim=(2, 3), keepdim=True))
+        # sd-scripts clamps only here, for a negative adaptive scale; a plain noise_offset is used as given.
+        noise_offset = torch.clamp(noise_offset + adaptive_noise_scale * latent_mean, 0.0, None)
+    return noise + noise_offset * _randn((latents.shape[0], latents.shape[1], 1, 1), latents, generator)
+
+
+def _pyramid_noise(noise: torch.Tensor, iterations: int, discount: float, generator: torch.Generator) -> torch.Tensor:
+    """sd-scripts' pyramid_noise_like (multi-resolution noise), its Python `random` draws taken from `generator`."""
+    b, c, h, w = noise.shape
+    upsample = torch.nn.Upsample(size=(h, w), mode="bilinear")
+    for level in range(iterations):
+        # A fresh shrink factor in [2, 4) per level (drawn at level 0 too, where it has no effect); float32 so a
+        # half-precision draw cannot round it onto a different grid size.
+        r = 2.0 + 2.0 * torch.rand((), generator=generator, device=noise.device, dtype=torch.float32).item()
+        hn, wn = max(1, int(h / (r**level))), max(1, int(w / (r**level)))
+        noise = noise + upsample(_randn((b, c, hn, wn), noise, generator)) * discount**level
+        if hn == 1 or wn == 1:
+            break
+    # One std over the whole batch, as sd-scripts does (not per sample).
+    return noise / noise.std()
+
+
+def _keeping_schedule(scheduler: DDPMScheduler, method: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+    """Call add_noise / get_velocity without its side effect of moving scheduler.alphas_cumprod to the latents'
+    device (sd-scripts moves it back to the CPU after add_noise)."""
+    alphas_cumprod = scheduler.alphas_cumprod
+    try:
+        return method(*args)
+    finally:
+        scheduler.alphas_cumprod = alphas_cumprod
+
+
+def _randn(shape: tuple[int, ...] | torch.Size, like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(tuple(shape), generator=generator, device=like.device, dtype=like.dtype)
+
+
+def _rand(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(1, generator=generator, device=like.device, dtype=like.dtype)

@@ -1,0 +1,169 @@
+"""What happens around the steps: progress, TensorBoard scalars, saves (cadence, rotation, metadata, state), samples."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from library.config.run_config import RunConfig
+from library.models.saving import save_dtype
+from library.training import checkpoints as ck
+
+EXTENSIONS = {"safetensors": ".safetensors", "pt": ".pt", "ckpt": ".ckpt"}
+
+
+def tracker_settings(config: RunConfig) -> tuple[str | None, str | None]:
+    """(log_with, run folder): TensorBoard under <logging_dir>/<log_prefix><timestamp>, as sd-scripts names it."""
+    log_with = config.log_with or ("tensorboard" if config.logging_dir else None)
+    if not log_with:
+        return None, None
+    folder = Path(config.logging_dir or "logs") / f"{config.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}"
+    return log_with, str(folder)
+
+
+class Reporter:
+    def __init__(self, config: RunConfig, plan, parts, method, accelerator, *, optimizer_name, optimizer_kwargs,
+                 descriptions, started, max_steps, epochs, save_ext):
+        self.config, self.plan, self.parts, self.method, self.accelerator = config, plan, parts, method, accelerator
+        self.optimizer_name, self.optimizer_kwargs = optimizer_name, optimizer_kwargs
+        self.descriptions, self.started, self.max_steps, self.epochs = descriptions, started, max_steps, epochs
+        self.ext = EXTENSIONS.get(config.save_model_as or "safetensors", save_ext)
+        self.output_dir = Path(config.output_dir)
+        self.name = config.output_name
+        self._metadata = None
+        self.epoch_losses: list[float] = []
+        self.first_step_at = None
+        self.prompts = []
+        if config.sample_prompts:
+            from library.training.sampling import load_prompts
+
+            self.prompts = load_prompts(config.sample_prompts)
+        if accelerator.log_with:
+            accelerator.init_trackers(config.log_tracker_name or "network_train",
+                                      config={k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))})
+        self.bar = tqdm(total=max_steps, desc="steps", disable=not accelerator.is_local_main_process)
+
+    # ------------------------------------------------------------------ hooks
+    def begin(self, step: int) -> None:
+        self.bar.update(step)
+        self.first_step_at = None
+        if self.config.sample_at_first:
+            self._sample(step=step, epoch=None)
+
+    def after_step(self, state: ck.TrainState, loss: float, lr_scheduler) -> None:
+        if self.first_step_at is None:
+            self.first_step_at = time.time()
+            self.accelerator.print(f"first step after {self.first_step_at - self.started:.1f} s")
+        self.epoch_losses.append(loss)
+        average = sum(self.epoch_losses) / len(self.epoch_losses)
+        lrs = lr_scheduler.get_last_lr()
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", avg=f"{average:.4f}", lr=f"{lrs[-1]:.2e}")
+        logs = {"loss/current": loss, "loss/average": average}
+        logs |= {f"lr/{name}": lr for name, lr in zip(self.descriptions, lrs)}
+        self.accelerator.log(logs, step=state.global_step)
+        every = self.config.save_every_n_steps
+        if every and state.global_step % every == 0 and state.global_step < self.max_steps:
+            self._save(ck.step_name(self.name, state.global_step, self.ext), state)
+            self._rotate(state, by_step=True)
+        if self._should_sample(step=state.global_step, epoch=None):
+            self._sample(step=state.global_step, epoch=None)
+
+    def after_epoch(self, state: ck.TrainState, epoch: int) -> None:
+        if self.epoch_losses:
+            self.accelerator.log({"loss/epoch": sum(self.epoch_losses) / len(self.epoch_losses)}, step=epoch)
+        self.epoch_losses = []
+        every = self.config.save_every_n_epochs
+        if every and epoch % every == 0 and epoch < self.epochs:
+            self._save(ck.epoch_name(self.name, epoch, self.ext), state, epoch=epoch)
+            self._rotate(state, by_step=False, epoch=epoch)
+        if self._should_sample(step=state.global_step, epoch=epoch):
+            self._sample(step=state.global_step, epoch=epoch)
+
+    def finish(self, state: ck.TrainState) -> Path | None:
+        self.bar.close()
+        if self.first_step_at is not None and state.global_step > 1:
+            pace = (time.time() - self.first_step_at) / (state.global_step - 1)
+            self.accelerator.print(f"trained {state.global_step} steps: {pace:.3f} s/step after the first step")
+        path = self._save(ck.last_name(self.name, self.ext), state, last=True,
+                          with_state=self.config.save_state or self.config.save_state_on_train_end)
+        self.accelerator.end_training()
+        return path
+
+    def interrupted(self, state: ck.TrainState) -> None:
+        """Ctrl+C: keep what was learnt — the adapter and a state to resume from — then stop."""
+        self.bar.close()
+        path = self._save(ck.step_name(self.name, state.global_step, self.ext), state, force_state=True)
+        self.accelerator.print(f"\ninterrupted at step {state.global_step}: saved {path} and its -state folder "
+                               "(continue with --resume)")
+
+    # ------------------------------------------------------------------ saving
+    def metadata(self, state: ck.TrainState, epoch: int) -> dict[str, str]:
+        from library.formats.kohya_metadata import file_hashes, modelspec_from_config, saved_metadata, training_metadata
+
+        if self._metadata is None:  # built at the first save: hashing the base model stays out of time-to-first-step
+            config = self.config.replace(v2=self.parts.v2, v_parameterization=self.parts.v_parameterization)
+            self._metadata = training_metadata(
+                config, self.plan, session_id=random.randint(0, 2**32), training_started_at=self.started,
+                optimizer=self.optimizer_name, optimizer_kwargs=self.optimizer_kwargs,
+                sd_model_hashes=file_hashes(self.config.pretrained_model_name_or_path),
+                vae_hashes=file_hashes(self.config.vae) if self.config.vae else None)
+            self._modelspec = modelspec_from_config(config, timestamp=self.started)
+        return saved_metadata(self._metadata, steps=state.global_step, epoch=epoch, finished_at=time.time(),
+                              modelspec=self._modelspec, no_metadata=bool(self.config.no_metadata))
+
+    def _save(self, file_name: str, state: ck.TrainState, *, epoch: int | None = None, last: bool = False,
+              with_state: bool | None = None, force_state: bool = False) -> Path:
+        path = self.output_dir / file_name
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            metadata = self.metadata(state, epoch if epoch is not None else (self.epochs if last else state.epoch))
+            self.method.export(path, dtype=save_dtype(self.config.save_precision, None), metadata=metadata)
+            self.accelerator.print(f"saved {path}")
+        if force_state or (self.config.save_state if with_state is None else with_state):
+            self._save_state(path, state)
+        return path
+
+    def _save_state(self, model_path: Path, state: ck.TrainState) -> Path:
+        folder = model_path.with_name(model_path.name[: -len(self.ext)] + "-state")
+        self.accelerator.save_state(str(folder))
+        if self.accelerator.is_main_process:
+            state.write(folder)
+        return folder
+
+    def _rotate(self, state: ck.TrainState, *, by_step: bool, epoch: int | None = None) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        for with_state in (False, True):
+            if by_step:
+                old = ck.step_to_remove(self.config, state.global_step, state=with_state)
+                name = ck.step_name(self.name, old, self.ext) if old else None
+            else:
+                old = ck.epoch_to_remove(self.config, epoch, state=with_state)
+                name = ck.epoch_name(self.name, old, self.ext) if old else None
+            if name:
+                target = self.output_dir / name
+                ck.remove_quietly(target.with_name(name[: -len(self.ext)] + "-state") if with_state else target)
+
+    # ------------------------------------------------------------------ samples
+    def _should_sample(self, *, step: int, epoch: int | None) -> bool:
+        if not self.prompts:
+            return False
+        from library.training.sampling import should_sample
+
+        return should_sample(self.config, step=step, epoch=epoch, at_first=False)
+
+    def _sample(self, *, step: int, epoch: int | None) -> None:
+        if not self.prompts or not self.accelerator.is_main_process:
+            return
+        from library.training.sampling import sample_images
+
+        tracker = self.accelerator.get_tracker("tensorboard", unwrap=True) if self.accelerator.log_with else None
+        sample_images(self.parts, self.prompts, output_dir=self.output_dir, output_name=self.name, step=step,
+                      epoch=epoch, default_sampler=self.config.sample_sampler, device=self.accelerator.device,
+                      dtype=self.parts.unet.dtype, encode=self.method.encode_prompts, tracker=tracker,
+                      extra_modules=(self.method.network,))

@@ -1,0 +1,160 @@
+"""train_network.py end to end on the tiny model: every adapter, configs and flags, learning, resume, samples."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_network
+from library.data.demo import make_demo_dataset
+from library.models.checkpoint_io import read_state_dict
+from networks.files import describe_network_file
+from tests.conftest import ROOT
+
+ALGORITHMS = {
+    "lora": ["--network_module", "networks.lora"],
+    "locon": ["--network_module", "networks.lora", "--network_args", "conv_dim=2", "conv_alpha=1"],
+    "loha": ["--network_module", "networks.loha", "--network_args", "conv_dim=2"],
+    "lokr": ["--network_module", "networks.lokr", "--network_args", "factor=4"],
+}
+
+
+@pytest.fixture
+def data(tmp_path):
+    make_demo_dataset(tmp_path / "data", count=4, size=32)
+    return tmp_path / "data"
+
+
+def _flags(data, out, *extra, steps=3, lr="1e-3", dim="4"):
+    return ["--pretrained_model_name_or_path", "tiny-sd1", "--train_data_dir", str(data), "--caption_extension", ".txt",
+            "--resolution", "32", "--output_dir", str(out), "--output_name", "net", "--train_batch_size", "2",
+            "--max_train_steps", str(steps), "--learning_rate", lr, "--network_dim", dim, "--network_alpha", "2",
+            "--seed", "1", "--max_data_loader_n_workers", "0", *extra]
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_each_adapter_trains_from_flags_and_reloads_with_metadata(algorithm, data, tmp_path):
+    result = train_network.main(_flags(data, tmp_path / "out", *ALGORITHMS[algorithm]))
+    assert result.global_step == 3 and len(result.losses) == 3
+    weights, metadata = read_state_dict(tmp_path / "out" / "net.safetensors")
+    info = describe_network_file(weights, source="net")
+    assert info.algorithm == {"locon": "lora"}.get(algorithm, algorithm)
+    if algorithm == "locon":
+        assert info.conv_modules
+    assert metadata["ss_network_module"] == ALGORITHMS[algorithm][1] and metadata["ss_steps"] == "3"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert (tmp_path / "out" / "net.config.toml").is_file()
+
+
+FLAT_TOML = """
+[model_arguments]
+pretrained_model_name_or_path = "tiny-sd1"
+
+[additional_network_arguments]
+network_module = "{module}"
+network_dim = 4
+network_alpha = 2
+network_args = {args}
+
+[optimizer_arguments]
+optimizer_type = "AdamW"
+learning_rate = 1e-3
+lr_scheduler = "constant_with_warmup"
+lr_warmup_steps = 1
+
+[dataset_arguments]
+train_data_dir = "{data}"
+caption_extension = ".txt"
+resolution = "32,32"
+shuffle_caption = true
+keep_tokens = 1
+
+[training_arguments]
+output_dir = "{out}"
+output_name = "flat"
+train_batch_size = 2
+max_train_steps = 2
+seed = 3
+max_data_loader_n_workers = 0
+save_precision = "fp16"
+"""
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_each_adapter_trains_from_a_flat_sd_scripts_config(algorithm, data, tmp_path):
+    flags = ALGORITHMS[algorithm]
+    args = [f for f in flags[3:]] if "--network_args" in flags else []
+    (tmp_path / "c.toml").write_text(FLAT_TOML.format(module=flags[1], args=str(args).replace("'", '"'),
+                                                      data=data.as_posix(), out=(tmp_path / "o").as_posix()))
+    result = train_network.main(["--config_file", str(tmp_path / "c.toml")])
+    assert result.global_step == 2
+    weights = load_file(str(tmp_path / "o" / "flat.safetensors"))
+    assert {v.dtype for v in weights.values()} == {torch.float16}
+
+
+def test_resume_continues_exactly_like_the_uninterrupted_run(data, tmp_path):
+    common = ["--save_every_n_steps", "3", "--save_state", "--lr_scheduler", "cosine", "--optimizer_type", "AdamW"]
+    full = train_network.main(_flags(data, tmp_path / "a", *common, steps=6))
+    state = tmp_path / "a" / "net-step00000003-state"
+    assert state.is_dir() and (state / "train_state.json").is_file()
+    resumed = train_network.main(_flags(data, tmp_path / "b", *common, "--resume", str(state), steps=6))
+    assert resumed.losses == full.losses[3:]
+    a, b = load_file(str(tmp_path / "a" / "net.safetensors")), load_file(str(tmp_path / "b" / "net.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_hundred_steps_lower_the_loss_and_change_the_samples(data, tmp_path):
+    from library.models.tiny import build_tiny
+    from library.training.sampling import load_prompts, sample_images
+
+    make_demo_dataset(data, count=4, size=32)
+    result = train_network.main(_flags(data, tmp_path / "out", "--network_train_unet_only", steps=200, lr="3e-3",
+                                       dim="8"))
+    first, last = sum(result.losses[:40]) / 40, sum(result.losses[-40:]) / 40
+    # Threshold: the mean loss of the last 40 steps is at least 15% below the first 40 steps'.
+    assert last < 0.85 * first, (first, last)
+    (tmp_path / "p.txt").write_text("sks shape, red circle --w 32 --h 32 --d 7 --s 4\n")
+    prompts = load_prompts(tmp_path / "p.txt")
+    base = build_tiny("tiny-sd1")
+    trained = build_tiny("tiny-sd1")
+    from networks import lora
+
+    network = lora.create_network_from_weights(1.0, str(tmp_path / "out" / "net.safetensors"), None,
+                                               trained.text_encoder, trained.unet)
+    network.load_weights(str(tmp_path / "out" / "net.safetensors"))
+    network.apply_to(trained.text_encoder, trained.unet)
+    images = [sample_images(p, prompts, output_dir=tmp_path / name, output_name=name, step=200, epoch=None,
+                            default_sampler="ddim", device="cpu", dtype=torch.float32)[0]
+              for p, name in ((base, "base"), (trained, "trained"))]
+    assert images[0].read_bytes() != images[1].read_bytes()
+
+
+def test_sd_scripts_quick_start_command_line_runs_unchanged(data, tmp_path):
+    """sd-scripts' train_network README command (SD 1.5 LoRA), model path swapped for the tiny model."""
+    (tmp_path / "lora_train_config.toml").write_text(
+        f"[general]\nenable_bucket = true\n[[datasets]]\nresolution = 64\nbatch_size = 2\nmin_bucket_reso = 64\n"
+        f"  [[datasets.subsets]]\n  image_dir = '{(data / '10_sks shape').as_posix()}'\n"
+        f"  caption_extension = '.txt'\n  num_repeats = 10\n")
+    argv = ["--pretrained_model_name_or_path=tiny-sd1", f"--dataset_config={tmp_path / 'lora_train_config.toml'}",
+            f"--output_dir={tmp_path / 'lora_train1'}", "--output_name=lora_train1", "--save_model_as=safetensors",
+            "--prior_loss_weight=1.0", "--max_train_steps=4", "--learning_rate=1e-4", "--optimizer_type=AdamW8bit",
+            "--xformers", "--mixed_precision=fp16", "--cache_latents", "--gradient_checkpointing",
+            "--save_every_n_epochs=1", "--network_module=networks.lora"]
+    result = train_network.main(argv)
+    assert result.global_step == 4 and (tmp_path / "lora_train1" / "lora_train1.safetensors").is_file()
+
+
+def test_tensorboard_scalars_and_samples_are_written(data, tmp_path):
+    (tmp_path / "p.txt").write_text("sks shape --w 32 --h 32 --d 1 --s 2\n")
+    train_network.main(_flags(data, tmp_path / "out", "--logging_dir", str(tmp_path / "logs"), "--sample_prompts",
+                              str(tmp_path / "p.txt"), "--sample_every_n_steps", "2", "--sample_sampler", "euler",
+                              steps=2))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+    assert runs
+    events = EventAccumulator(str(runs[0].parent))
+    events.Reload()
+    assert {"loss/current", "loss/average", "lr/textencoder", "lr/unet"} <= set(events.Tags()["scalars"])
+    assert list((tmp_path / "out" / "sample").glob("net_000002_00_*_1.png"))

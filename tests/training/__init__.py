@@ -1,0 +1,1 @@
+"""Tests of library.training, mirroring its modules."""
