@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 import time
@@ -51,19 +50,20 @@ def dataset(resolution: int) -> Path:
 
 
 def run_child(cmd: list[str]) -> dict:
-    """Run a command, timing it from start to the 'first step' line; peak RSS of the child from rusage."""
+    """Run a command, timing it from start to the 'first step' line; its own peak RSS via GNU time's %M."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(["/usr/bin/time", "-f", "MAXRSS_KIB %M", *cmd], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    first, pace, lines = None, None, []
+    first, pace, rss_gib, lines = None, None, None, []
     for line in proc.stdout:
         lines.append(line)
         if first is None and re.search(r"first step", line):
             first = time.perf_counter() - start
         if (m := re.search(r"([0-9.]+) s/step", line)):
             pace = float(m.group(1))
+        if (m := re.search(r"MAXRSS_KIB (\d+)", line)):
+            rss_gib = int(m.group(1)) / 2**20
     proc.wait()
-    rss_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     if proc.returncode:
         raise SystemExit("".join(lines[-30:]))
     return {"s_per_step": pace, "time_to_first_step_s": first, "peak_rss_gib": rss_gib}
