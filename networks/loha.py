@@ -10,7 +10,8 @@ from torch.autograd.function import once_differentiable
 
 from networks.args import boolean
 from networks.base import AdapterModule
-from networks.lycoris_common import algo_check, drop_output_rows, rebuild_tucker, warn_neuron_dropout
+from networks.lycoris_common import algo_check, drop_output_rows, rebuild_tucker
+from networks.network import plugin_entry_points
 
 
 
@@ -124,19 +125,4 @@ class LoHaModule(AdapterModule):
         return {"use_tucker": True} if any("hada_t1" in weights for weights in modules.values()) else {}
 
 
-def create_network(multiplier, network_dim, network_alpha, vae, text_encoder, unet, neuron_dropout=None, **kwargs):
-    """sd-scripts' plug-in entry: a LoHa network (3×3 convs too with conv_dim) for the given text encoder and UNet."""
-    from networks.network import build_network
-
-    warn_neuron_dropout(neuron_dropout, "LoHa")
-    return build_network(LoHaModule, multiplier, network_dim, network_alpha, text_encoder, unet,
-                         neuron_dropout=neuron_dropout, **kwargs)
-
-
-def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weights_sd=None, for_inference=False,
-                                **kwargs):
-    """sd-scripts' plug-in entry: a LoHa network shaped like a saved file (dims, alphas, Tucker from its tensors)."""
-    from networks.network import network_from_weights
-
-    return network_from_weights(multiplier, file, text_encoder, unet, weights_sd=weights_sd,
-                                for_inference=for_inference, module_class=LoHaModule, **kwargs)
+create_network, create_network_from_weights = plugin_entry_points(LoHaModule, ignores_neuron_dropout=True)

@@ -10,7 +10,8 @@ from torch import nn
 from library.errors import UserError
 from networks.args import boolean
 from networks.base import AdapterModule
-from networks.lycoris_common import algo_check, drop_output_rows, rebuild_tucker, warn_neuron_dropout
+from networks.lycoris_common import algo_check, drop_output_rows, rebuild_tucker
+from networks.network import plugin_entry_points
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -184,19 +185,4 @@ def factor_from_weights(modules: dict[str, dict[str, torch.Tensor]]) -> int:
                     "load it with lycoris.kohya instead")
 
 
-def create_network(multiplier, network_dim, network_alpha, vae, text_encoder, unet, neuron_dropout=None, **kwargs):
-    """sd-scripts' plug-in entry: a LoKr network (3×3 convs too with conv_dim) for the given text encoder and UNet."""
-    from networks.network import build_network
-
-    warn_neuron_dropout(neuron_dropout, "LoKr")
-    return build_network(LoKrModule, multiplier, network_dim, network_alpha, text_encoder, unet,
-                         neuron_dropout=neuron_dropout, **kwargs)
-
-
-def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weights_sd=None, for_inference=False,
-                                **kwargs):
-    """sd-scripts' plug-in entry: a LoKr network shaped like a saved file (dims, factor, decompose_both, Tucker)."""
-    from networks.network import network_from_weights
-
-    return network_from_weights(multiplier, file, text_encoder, unet, weights_sd=weights_sd,
-                                for_inference=for_inference, module_class=LoKrModule, **kwargs)
+create_network, create_network_from_weights = plugin_entry_points(LoKrModule, ignores_neuron_dropout=True)

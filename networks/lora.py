@@ -7,6 +7,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from networks.base import AdapterModule, kaiming_init_
+from networks.network import plugin_entry_points
 
 
 class LoRAModule(AdapterModule):
@@ -70,18 +71,4 @@ class LoRAModule(AdapterModule):
         return {}
 
 
-def create_network(multiplier, network_dim, network_alpha, vae, text_encoder, unet, neuron_dropout=None, **kwargs):
-    """sd-scripts' plug-in entry: a LoRA (LoCon with conv_dim) network for the given text encoder and UNet."""
-    from networks.network import build_network
-
-    return build_network(LoRAModule, multiplier, network_dim, network_alpha, text_encoder, unet,
-                         neuron_dropout=neuron_dropout, **kwargs)
-
-
-def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weights_sd=None, for_inference=False,
-                                **kwargs):
-    """sd-scripts' plug-in entry: a network shaped like a saved file (dims, alphas, conv modules from its tensors)."""
-    from networks.network import network_from_weights
-
-    return network_from_weights(multiplier, file, text_encoder, unet, weights_sd=weights_sd,
-                                for_inference=for_inference, module_class=LoRAModule, **kwargs)
+create_network, create_network_from_weights = plugin_entry_points(LoRAModule)

@@ -258,3 +258,25 @@ def network_from_weights(multiplier, file, text_encoder, unet, *, weights_sd=Non
                         f"(first: {missing[0] if missing else '-'}); is it for another base model family?")
     network.unmatched = missing
     return network
+
+
+def plugin_entry_points(module_class, *, ignores_neuron_dropout: bool = False):
+    """sd-scripts' two module-level plug-in functions for an adapter class (every networks.* module exports them)."""
+
+    def create_network(multiplier, network_dim, network_alpha, vae, text_encoder, unet, neuron_dropout=None, **kwargs):
+        if ignores_neuron_dropout:
+            from networks.lycoris_common import warn_neuron_dropout
+
+            warn_neuron_dropout(neuron_dropout, module_class.__name__.removesuffix("Module"))  # "LoHa", "LoKr"
+        return build_network(module_class, multiplier, network_dim, network_alpha, text_encoder, unet,
+                             neuron_dropout=neuron_dropout, **kwargs)
+
+    def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weights_sd=None, for_inference=False,
+                                    **kwargs):
+        return network_from_weights(multiplier, file, text_encoder, unet, weights_sd=weights_sd,
+                                    for_inference=for_inference, module_class=module_class, **kwargs)
+
+    create_network.__doc__ = f"sd-scripts' plug-in entry: a {module_class.ALGORITHM} network for the text encoder and UNet."
+    create_network_from_weights.__doc__ = (f"sd-scripts' plug-in entry: a {module_class.ALGORITHM} network shaped "
+                                           "like a saved file (ranks, alphas and layout from its tensors).")
+    return create_network, create_network_from_weights
