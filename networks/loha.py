@@ -9,8 +9,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from networks.args import boolean
-from networks.base import AdapterModule
-from networks.lycoris_common import algo_check, drop_output_rows, rebuild_tucker
+from networks.lycoris_common import RebuiltWeightAdapter, algo_check, rebuild_tucker
 from networks.network import plugin_entry_points
 
 
@@ -56,7 +55,7 @@ class TuckerHadamardWeight(torch.autograd.Function):
         return (*grads, None)
 
 
-class LoHaModule(AdapterModule):
+class LoHaModule(RebuiltWeightAdapter):
     """Two rank-`dim` products multiplied elementwise; a 3×3 conv optionally factors each side as a Tucker core."""
 
     ALGORITHM = "loha"
@@ -103,13 +102,6 @@ class LoHaModule(AdapterModule):
         else:
             delta = HadamardWeight.apply(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, self.scale)
         return delta.reshape(self.org_weight_shape())
-
-    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        # LyCORIS rebuilds ΔW and applies it (no neuron dropout in that mode); rank dropout masks ΔW's rows.
-        delta = self.delta_weight()
-        if self.training and self.rank_dropout:
-            delta = drop_output_rows(delta, self.rank_dropout)
-        return self.apply_weight(x, delta.to(x.dtype))
 
     @classmethod
     def dim_from_weights(cls, weights: dict[str, torch.Tensor]) -> int:

@@ -9,8 +9,7 @@ from torch import nn
 
 from library.errors import UserError
 from networks.args import boolean
-from networks.base import AdapterModule
-from networks.lycoris_common import algo_check, drop_output_rows, rebuild_tucker
+from networks.lycoris_common import RebuiltWeightAdapter, algo_check, rebuild_tucker
 from networks.network import plugin_entry_points
 
 
@@ -33,7 +32,7 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     return m, dimension // m
 
 
-class LoKrModule(AdapterModule):
+class LoKrModule(RebuiltWeightAdapter):
     """kron(small w1, large w2): w2 is low-rank (w2_a·w2_b, or a Tucker core for 3×3 convs) unless dim ≥ half its
     larger side; w1 is low-rank only with decompose_both. With both sides full the scale is 1 (LyCORIS)."""
 
@@ -114,13 +113,6 @@ class LoKrModule(AdapterModule):
         w1 = w1.reshape(*w1.shape, *[1] * (w2.dim() - 2))
         # torch.kron views its operands and fails on the strided Tucker rebuild.
         return torch.kron(w1, w2.contiguous()) * self.scale
-
-    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        # LyCORIS rebuilds ΔW and applies it (no neuron dropout in that mode); rank dropout masks ΔW's rows.
-        delta = self.delta_weight()
-        if self.training and self.rank_dropout:
-            delta = drop_output_rows(delta, self.rank_dropout)
-        return self.apply_weight(x, delta.to(x.dtype))
 
     @classmethod
     def dim_from_weights(cls, weights: dict[str, torch.Tensor]) -> int:

@@ -6,6 +6,8 @@ import logging
 
 import torch
 
+from networks.base import AdapterModule
+
 logger = logging.getLogger(__name__)
 
 
@@ -41,3 +43,14 @@ def warn_neuron_dropout(neuron_dropout, algorithm: str) -> None:
     if neuron_dropout:
         logger.warning("--network_dropout is ignored by %s: LyCORIS applies no neuron dropout when it rebuilds ΔW "
                        "(use rank_dropout or module_dropout)", algorithm)
+
+
+class RebuiltWeightAdapter(AdapterModule):
+    """LoHa and LoKr run through their rebuilt ΔW, as LyCORIS does (so no neuron dropout in that mode);
+    rank dropout masks ΔW's output rows."""
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        delta = self.delta_weight()
+        if self.training and self.rank_dropout:
+            delta = drop_output_rows(delta, self.rank_dropout)
+        return self.apply_weight(x, delta.to(x.dtype))
