@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -158,3 +160,20 @@ def test_tensorboard_scalars_and_samples_are_written(data, tmp_path):
     events.Reload()
     assert {"loss/current", "loss/average", "lr/textencoder", "lr/unet"} <= set(events.Tags()["scalars"])
     assert list((tmp_path / "out" / "sample").glob("net_000002_00_*_1.png"))
+
+
+def test_the_vae_is_released_only_when_every_latent_is_cached_and_nothing_is_decoded(data, tmp_path, capsys):
+    cached = train_network.main(_flags(data, tmp_path / "a", steps=2))
+    assert cached.method.parts.vae is None  # its memory went to training
+    out = capsys.readouterr().out
+    assert re.search(r"training starts [0-9.]+ s after launch", out) and re.search(r"first step took [0-9.]+ s", out)
+
+    (tmp_path / "p.txt").write_text("sks shape --w 32 --h 32 --s 1\n")
+    sampled = train_network.main(_flags(data, tmp_path / "b", "--sample_prompts", str(tmp_path / "p.txt"),
+                                        "--sample_every_n_steps", "1", steps=2))
+    assert sampled.method.parts.vae is not None
+    assert list((tmp_path / "b" / "sample").glob("net_000002_*.png"))
+    assert sampled.losses == cached.losses  # releasing the VAE changes nothing about training
+
+    augmented = train_network.main(_flags(data, tmp_path / "c", "--color_aug", steps=2))
+    assert augmented.method.parts.vae is not None and augmented.global_step == 2  # encoded every step

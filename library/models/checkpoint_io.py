@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,13 +22,130 @@ CHECKPOINT_SUFFIXES = SAFETENSORS_SUFFIXES | PICKLE_SUFFIXES
 def read_state_dict(path: str | Path) -> tuple[dict[str, object], dict[str, str]]:
     """Return (tensors and other top-level entries, safetensors metadata) of a checkpoint file."""
     path = Path(path)
+    _check_is_file(path)
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        return _read_safetensors(path)
+    return _read_pickle(path), {}
+
+
+class TensorFile:
+    """A checkpoint's tensors read one at a time: names, shapes and dtypes first (as `meta` tensors), data on
+    demand. Loading a model this way holds one source tensor at a time, not the whole file."""
+
+    non_tensor_keys: list = []  # a pickle's other top-level entries (an A1111 hypernetwork's int keys, "epoch"...)
+
+    def __init__(self, path: Path, meta: dict[str, torch.Tensor], metadata: dict[str, str]):
+        self.path, self.meta, self.metadata = path, meta, metadata
+
+    def keys(self) -> list[str]:
+        return list(self.meta)
+
+    def load(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor, as its own copy; floating-point tensors cast to `dtype` when one is given."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "TensorFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_checkpoint(path: str | Path) -> TensorFile:
+    """Open a checkpoint for reading tensor by tensor (a .safetensors file is read with plain reads, not mapped,
+    so pages already copied out do not stay in memory; a pickle is unpickled first, memory-mapped when zipped)."""
+    path = Path(path)
+    _check_is_file(path)
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        return _SafetensorsFile(path)
+    entries = _read_pickle(path)
+    tensors = {k: v for k, v in entries.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    return _DictFile(path, tensors, [k for k in entries if k not in tensors])
+
+
+class _DictFile(TensorFile):
+    def __init__(self, path: Path, tensors: dict[str, torch.Tensor], non_tensor_keys: list):
+        super().__init__(path, {k: v.to("meta") for k, v in tensors.items()}, {})
+        self._tensors = tensors
+        self.non_tensor_keys = list(non_tensor_keys)
+
+    def load(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        tensor = self._tensors[key]
+        return tensor.to(dtype) if dtype and tensor.is_floating_point() else tensor
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class _SafetensorsFile(TensorFile):
+    """The safetensors layout: u64 little-endian header length, a JSON header {name: {dtype, shape,
+    data_offsets}, "__metadata__": {...}}, then the tensor bytes (offsets relative to the end of the header)."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "rb")  # noqa: SIM115 - closed by close()
+        try:
+            size = path.stat().st_size
+            head = self._file.read(8)
+            if len(head) < 8:
+                raise ValueError("file is shorter than a safetensors header")
+            (length,) = struct.unpack("<Q", head)
+            if length > size - 8:
+                raise ValueError("header length runs past the end of the file")
+            header = json.loads(self._file.read(length))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+            metadata = header.pop("__metadata__", None) or {}
+            self._start, self._spans, meta = 8 + length, {}, {}
+            for name, entry in header.items():
+                dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))
+                begin, end = entry["data_offsets"]
+                shape = [int(n) for n in entry["shape"]]
+                if dtype is None:
+                    raise ValueError(f"{name}: unknown dtype {entry.get('dtype')}")
+                numel = 1
+                for n in shape:
+                    numel *= n
+                if end - begin != numel * dtype.itemsize or begin < 0 or self._start + end > size:
+                    raise ValueError(f"tensor {name} lies outside the file")
+                self._spans[name] = (begin, end)
+                meta[name] = torch.empty(shape, dtype=dtype, device="meta")
+        except (ValueError, KeyError, TypeError, OSError, UnicodeDecodeError) as err:
+            self._file.close()
+            raise _corrupt(path, err) from None
+        super().__init__(path, meta, metadata)
+        self._scratch = torch.empty(0, dtype=torch.uint8)
+
+    def load(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        begin, end = self._spans[key]
+        meta = self.meta[key]
+        cast = dtype is not None and meta.is_floating_point() and dtype != meta.dtype
+        # A tensor that will be cast is read into one reused buffer: fresh memory costs a page fault per 4 KiB.
+        if cast and end - begin > self._scratch.numel():
+            self._scratch = torch.empty(end - begin, dtype=torch.uint8)
+        data = self._scratch[:end - begin] if cast else torch.empty(end - begin, dtype=torch.uint8)
+        self._file.seek(self._start + begin)
+        if self._file.readinto(data.numpy()) != end - begin:
+            raise _corrupt(self.path, ValueError(f"tensor {key} is cut short"))
+        tensor = data.view(meta.dtype).reshape(meta.shape)
+        return torch.empty(meta.shape, dtype=dtype).copy_(tensor) if cast else tensor
+
+    def close(self) -> None:
+        self._file.close()
+        self._scratch = torch.empty(0, dtype=torch.uint8)
+
+
+def _check_is_file(path: Path) -> None:
     if not path.exists():
         raise UserError(f"{path}: no such file; check the path (and quote it if it has spaces)")
     if path.is_dir():
         raise UserError(f"{path}: is a folder, expected a .safetensors or .ckpt file")
-    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
-        return _read_safetensors(path)
-    return _read_pickle(path), {}
 
 
 def read_safetensors_keys(path: str | Path) -> list[str]:

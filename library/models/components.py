@@ -12,7 +12,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 @dataclass
 class Components:
     unet: UNet2DConditionModel
-    vae: AutoencoderKL
+    vae: AutoencoderKL | None  # None once a method released it (every latent cached, nothing to decode)
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     v2: bool

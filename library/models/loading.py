@@ -6,6 +6,7 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 from accelerate import init_empty_weights
@@ -14,7 +15,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from library.errors import UserError
 from library.models import ldm_convert as lc
-from library.models.checkpoint_io import CHECKPOINT_SUFFIXES, read_state_dict
+from library.models.checkpoint_io import CHECKPOINT_SUFFIXES, TensorFile, open_checkpoint, read_state_dict
 from library.models.components import Components
 from library.models.detect import foreign_kind, has_openclip_text_encoder
 from library.models.ldm_configs import infer_text_config, infer_unet_config, infer_vae_config
@@ -42,7 +43,7 @@ def load_components(
     elif path.is_dir():
         parts = _load_diffusers(str(path), tokenizer, local=True)
     elif path.exists():
-        parts = _load_single_file(path, tokenizer)
+        parts = _load_single_file(path, tokenizer, dtype)
     elif HUB_ID.match(source) and path.suffix.lower() not in CHECKPOINT_SUFFIXES:
         parts = _load_diffusers(source, tokenizer, local=False)
     else:
@@ -63,34 +64,76 @@ def load_components(
 
 
 # ---------------------------------------------------------------- single file
+#
+# The file is read tensor by tensor: names and shapes decide the architecture and configs, the layout conversion runs
+# on `meta` tensors to learn which source tensor (or view of one) each module parameter is, then each parameter is
+# read, cast to the training dtype and kept, so memory holds the built modules plus one source tensor — never the
+# whole file next to its upcast copy.
 
-def _load_single_file(path: Path, tokenizer: str | None) -> Components:
-    sd, _ = read_state_dict(path)
-    kind = foreign_kind(sd.keys(), sd)
-    if kind:
-        raise UserError(f"{path}: this file is {kind}")
-    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    src = str(path)
+def _load_single_file(path: Path, tokenizer: str | None, dtype: torch.dtype) -> Components:
+    with open_checkpoint(path) as file:
+        meta = file.meta
+        kind = foreign_kind([*meta, *file.non_tensor_keys], file.non_tensor_keys)
+        if kind:
+            raise UserError(f"{path}: this file is {kind}")
+        src = str(path)
+        extras: dict[str, torch.Tensor] = {}
+        if has_openclip_text_encoder(meta):
+            used, extra_meta = lc.split_openclip(lc.strip_prefix(meta, lc.OPENCLIP_PREFIX))
+            te_source, te_convert = _Prefixed(used, lc.OPENCLIP_PREFIX), lc.openclip_to_transformers
+            extras = {k: file.load(lc.OPENCLIP_PREFIX + k).clone() for k in extra_meta}
+        else:
+            te_source = _Prefixed(lc.strip_prefix(meta, lc.CLIP_PREFIX), lc.CLIP_PREFIX)
+            te_convert = lc.clip_to_transformers
+        unet_ldm = lc.strip_prefix(meta, lc.UNET_PREFIX)
+        vae_ldm = lc.strip_prefix(meta, lc.VAE_PREFIX)
+        # SD 2.x: OpenCLIP text encoder, or 1024-wide cross-attention (some converters store SD 2.x with a HF-layout CLIP).
+        v2 = has_openclip_text_encoder(meta) or _cross_attention_width(unet_ldm) == 1024
 
-    extras: dict[str, torch.Tensor] = {}
-    if has_openclip_text_encoder(sd):
-        used, extras = lc.split_openclip(lc.strip_prefix(sd, lc.OPENCLIP_PREFIX))
-        te_sd = lc.openclip_to_transformers(used)
-    else:
-        te_sd = lc.clip_to_transformers(lc.strip_prefix(sd, lc.CLIP_PREFIX))
-    unet_ldm = lc.strip_prefix(sd, lc.UNET_PREFIX)
-    # SD 2.x: OpenCLIP text encoder, or 1024-wide cross-attention (some converters store SD 2.x with a HF-layout CLIP).
-    v2 = bool(extras) or has_openclip_text_encoder(sd) or _cross_attention_width(unet_ldm) == 1024
-
-    unet_cfg = infer_unet_config(unet_ldm, v2=v2, source=src)
-    unet = _build(UNet2DConditionModel, unet_cfg, lc.unet_to_diffusers(unet_ldm, unet_cfg), src, "UNet")
-    vae = _vae_from_ldm(lc.strip_prefix(sd, lc.VAE_PREFIX), src)
-    text_cfg = CLIPTextConfig(**infer_text_config(te_sd, v2=v2, source=src))
-    text_encoder = _build(CLIPTextModel, text_cfg, te_sd, src, "text encoder")
+        unet_cfg = infer_unet_config(unet_ldm, v2=v2, source=src)
+        vae_cfg = infer_vae_config(vae_ldm, source=src)
+        text_cfg = CLIPTextConfig(**infer_text_config(te_convert(te_source.stripped), v2=v2, source=src))
+        # Modules whose conversion copies tensors (OpenCLIP's fused q/k/v) are read whole, so they go first, while
+        # the least is held; the UNet, a pure renaming, streams last.
+        text_encoder = _build(CLIPTextModel, text_cfg, _stream(file, te_source, te_convert, dtype), src, "text encoder", dtype)
+        vae = _build(AutoencoderKL, vae_cfg, _stream(file, _Prefixed(vae_ldm, lc.VAE_PREFIX),
+                                                   lambda sd: lc.vae_to_diffusers(sd, vae_cfg), dtype), src, "VAE", dtype)
+        unet = _build(UNet2DConditionModel, unet_cfg, _stream(file, _Prefixed(unet_ldm, lc.UNET_PREFIX),
+                                                             lambda sd: lc.unet_to_diffusers(sd, unet_cfg), dtype), src, "UNet", dtype)
     return Components(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(v2, tokenizer), v2=v2,
         v_parameterization=False, source=src, source_dtype=_main_dtype(unet_ldm), text_encoder_extras=extras,
     )
+
+
+class _Prefixed:
+    """Tensors with their file prefix stripped (what the converters take), remembering the prefix to read them."""
+
+    def __init__(self, stripped: dict[str, torch.Tensor], prefix: str):
+        self.stripped, self.prefix = stripped, prefix
+
+
+def _stream(file: TensorFile, source: _Prefixed, convert, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """(module key, tensor) pairs, read one source tensor at a time.
+
+    The converter runs on the meta tensors first: an output that is a source tensor, or a view of one, is read on
+    its own; if any output is a computed copy (no lineage to follow), the module's sources are read whole and
+    converted for real.
+    """
+    converted = convert(source.stripped)
+    by_id = {id(t): k for k, t in source.stripped.items()}
+    plan = {}
+    for key, out in converted.items():
+        if id(out) in by_id:
+            plan[key] = (by_id[id(out)], None)
+        elif out._base is not None and id(out._base) in by_id:
+            plan[key] = (by_id[id(out._base)], (tuple(out.shape), out.stride(), out.storage_offset()))
+        else:
+            yield from convert({k: file.load(source.prefix + k, dtype) for k in source.stripped}).items()
+            return
+    for key, (name, view) in plan.items():
+        tensor = file.load(source.prefix + name, dtype)
+        yield key, (tensor.as_strided(*view) if view else tensor)
 
 
 def _cross_attention_width(unet_ldm: dict[str, torch.Tensor]) -> int | None:
@@ -103,12 +146,16 @@ def _main_dtype(sd: dict[str, torch.Tensor]) -> torch.dtype:
     return counts.most_common(1)[0][0] if counts else torch.float32
 
 
-def _build(cls, config, state_dict: dict[str, torch.Tensor], source: str, what: str):
-    """Instantiate without random init (meta parameters), then take the file's tensors as the parameters."""
+def _build(cls, config, tensors: Iterable[tuple[str, torch.Tensor]], source: str, what: str, dtype: torch.dtype):
+    """Instantiate without random init (meta parameters), then take the tensors, cast one by one, as parameters."""
     with init_empty_weights():
         model = cls(config) if not isinstance(config, dict) else cls(**config)
-    state_dict = {k: v.contiguous() for k, v in state_dict.items()}
-    missing, unexpected = _mismatch(model, state_dict)
+    expected = model.state_dict()
+    state_dict = {}
+    for key, tensor in tensors:
+        target = expected[key].dtype if key in expected and not expected[key].is_floating_point() else dtype
+        state_dict[key] = tensor.to(dtype=target).contiguous()
+    missing, unexpected = sorted(expected.keys() - state_dict.keys()), sorted(state_dict.keys() - expected.keys())
     if missing or unexpected:
         raise UserError(f"{source}: the {what} tensors do not match an SD 1.x/2.x {what} "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]}); this architecture is not supported")
@@ -116,14 +163,9 @@ def _build(cls, config, state_dict: dict[str, torch.Tensor], source: str, what: 
     return model
 
 
-def _mismatch(model: torch.nn.Module, state_dict: dict) -> tuple[list[str], list[str]]:
-    expected = set(model.state_dict().keys())
-    return sorted(expected - state_dict.keys()), sorted(state_dict.keys() - expected)
-
-
-def _vae_from_ldm(ldm_vae: dict[str, torch.Tensor], source: str) -> AutoencoderKL:
+def _vae_from_ldm(ldm_vae: dict[str, torch.Tensor], source: str, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
     cfg = infer_vae_config(ldm_vae, source=source)
-    return _build(AutoencoderKL, cfg, lc.vae_to_diffusers(ldm_vae, cfg), source, "VAE")
+    return _build(AutoencoderKL, cfg, lc.vae_to_diffusers(ldm_vae, cfg).items(), source, "VAE", dtype)
 
 
 # ---------------------------------------------------------------- diffusers folders and hub ids

@@ -6,6 +6,7 @@ import random
 import time
 from pathlib import Path
 
+import psutil
 from tqdm.auto import tqdm
 
 from library.config.run_config import RunConfig
@@ -50,13 +51,17 @@ class Reporter:
     def begin(self, step: int) -> None:
         self.bar.update(step)
         self.first_step_at = None
+        # Everything before the first step (imports, model loading, latent caching) as one figure, timed from the
+        # process's own start so the figure is what the user waited.
+        self.accelerator.print(f"training starts {time.time() - psutil.Process().create_time():.1f} s after launch")
+        self.loop_started = time.time()
         if self.config.sample_at_first:
             self._sample(step=step, epoch=None)
 
     def after_step(self, state: ck.TrainState, loss: float, lr_scheduler) -> None:
         if self.first_step_at is None:
             self.first_step_at = time.time()
-            self.accelerator.print(f"first step after {self.first_step_at - self.started:.1f} s")
+            self.accelerator.print(f"first step took {self.first_step_at - self.loop_started:.1f} s")
         self.epoch_losses.append(loss)
         average = sum(self.epoch_losses) / len(self.epoch_losses)
         lrs = lr_scheduler.get_last_lr()
