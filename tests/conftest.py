@@ -72,3 +72,13 @@ def golden(request):
         assert value == json.loads(path.read_text()), f"{path.name} differs (pytest --update-golden to accept)"
 
     return check
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a busy machine OpenMP's spin-waits make them 10x slower
+    (modules opt in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 import train_db
+import train_hypernetwork
 import train_network
 from library.config.declarations import OPTIONS
 from library.config.options import NETWORK
@@ -188,11 +189,17 @@ def test_real_run_checks_data_then_saves_model_and_resolved_options(tmp_path, ca
 
 def test_not_yet_scripts_still_dry_run(tmp_path, capsys):
     root = _dataset(tmp_path)
-    train_db.main(["--dry_run", "--train_data_dir", str(root), "--caption_extension", ".txt"])
+    train_hypernetwork.main(["--dry_run", "--train_data_dir", str(root), "--caption_extension", ".txt"])
     assert "4 training images" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
-        train_db.main(["--train_data_dir", str(root), "--caption_extension", ".txt"])
+        train_hypernetwork.main(["--train_data_dir", str(root), "--caption_extension", ".txt"])
     assert exit_info.value.code == 2 and "not yet" in capsys.readouterr().err
+
+
+def test_train_db_dry_run_prints_the_plan(tmp_path, capsys):
+    root = _dataset(tmp_path)
+    train_db.main(["--dry_run", "--train_data_dir", str(root), "--caption_extension", ".txt"])
+    assert "4 training images" in capsys.readouterr().out
 
 
 def test_dry_run_tool_takes_the_script_name(tmp_path, capsys):

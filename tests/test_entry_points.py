@@ -43,7 +43,7 @@ def test_convert_model_refuses_to_overwrite_a_non_model_folder(tiny_files, tmp_p
     assert "refusing to overwrite" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("script", ["train_db.py", "train_textual_inversion.py", "train_hypernetwork.py"])
+@pytest.mark.parametrize("script", ["train_textual_inversion.py", "train_hypernetwork.py"])
 def test_unimplemented_entry_scripts_say_not_yet(script, tmp_path):
     from library.data.demo import make_demo_dataset
 
@@ -51,6 +51,16 @@ def test_unimplemented_entry_scripts_say_not_yet(script, tmp_path):
     proc = subprocess.run([sys.executable, script, "--train_data_dir", str(tmp_path), "--caption_extension", ".txt"],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "not yet" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_train_db_without_a_base_model_is_one_line_exit_2(tmp_path):
+    from library.data.demo import make_demo_dataset
+
+    make_demo_dataset(tmp_path, count=2, size=32)
+    proc = subprocess.run([sys.executable, "train_db.py", "--train_data_dir", str(tmp_path), "--caption_extension", ".txt",
+                           "--output_dir", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--pretrained_model_name_or_path is required" in proc.stderr
 
 
 def test_generated_image_folder_follows_sd_scripts_convention(image_folder):

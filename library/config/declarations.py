@@ -226,7 +226,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("save_precision", str, None, "precision of saved weights (default: as trained)", "saving",
            choices=("float", "fp16", "bf16")),
     Option("use_safetensors", bool, False, "save as .safetensors when save_model_as is not given", "saving",
-           scripts=DB_ONLY, later=DREAMBOOTH_ISSUE),
+           scripts=DB_ONLY),
     Option("save_every_n_epochs", int, None, "also save every N epochs", "saving"),
     Option("save_every_n_steps", int, None, "also save every N steps", "saving"),
     Option("save_n_epoch_ratio", int, None, "save about N times over the run", "saving", note=NOT_SUPPORTED),
@@ -290,13 +290,40 @@ OPTIONS: tuple[Option, ...] = (
 
     # --- dreambooth: train_db.py and fine_tune.py's text-encoder options ---
     Option("train_text_encoder", bool, False, "train the text encoder too (fine_tune.py's switch)", "dreambooth",
-           scripts=DB_ONLY, later=DREAMBOOTH_ISSUE),
+           scripts=DB_ONLY),
     Option("learning_rate_te", float, None, "learning rate of the text encoder (default: learning_rate)", "dreambooth",
-           scripts=DB_ONLY, later=DREAMBOOTH_ISSUE),
+           scripts=DB_ONLY),
     Option("stop_text_encoder_training", int, None, "freeze the text encoder from this step (-1 = never train it)",
-           "dreambooth", scripts=DB_ONLY, later=DREAMBOOTH_ISSUE),
+           "dreambooth", scripts=DB_ONLY),
     Option("no_token_padding", bool, False, "do not pad caption tokens to full length (diffusers' DreamBooth)",
-           "dreambooth", scripts=DB_ONLY, later=DREAMBOOTH_ISSUE),
+           "dreambooth", scripts=DB_ONLY, note=NOT_SUPPORTED),
+    # Class images (prior preservation), as the Dreambooth extension and diffusers' example make them; sd-scripts
+    # has no generator. Each regularisation folder with fewer images is filled up with the base model.
+    Option("num_class_images", int, None, "generate class images with the base model until each regularisation "
+           "folder holds this many", "dreambooth", scripts=DB_ONLY),
+    Option("class_prompt", str, None, "prompt of generated class images (default: the folder's class tokens)",
+           "dreambooth", scripts=DB_ONLY),
+    Option("class_negative_prompt", str, None, "negative prompt of generated class images", "dreambooth",
+           scripts=DB_ONLY),
+    Option("class_guidance_scale", float, 7.5, "guidance scale of generated class images", "dreambooth",
+           scripts=DB_ONLY),
+    Option("class_infer_steps", int, 40, "sampling steps of generated class images", "dreambooth",
+           scripts=DB_ONLY),
+    Option("class_sampler", str, "ddim", "sampler of generated class images", "dreambooth", choices=SAMPLERS,
+           scripts=DB_ONLY),
+    Option("class_seed", int, None, "seed of the first generated class image (default: --seed, else 0)",
+           "dreambooth", scripts=DB_ONLY),
+    Option("class_batch_size", int, 1, "class images generated per batch", "dreambooth", scripts=DB_ONLY),
+    # An exponential moving average of the trained weights (full fine-tuning only).
+    Option("use_ema", bool, False, "keep an exponential moving average (EMA) of the trained weights and save it",
+           "dreambooth", scripts=DB_ONLY),
+    Option("ema_decay", float, 0.9999, "EMA decay per update", "dreambooth", scripts=DB_ONLY),
+    Option("ema_update_step_interval", int, 1, "update the EMA every N optimizer steps", "dreambooth",
+           scripts=DB_ONLY),
+    Option("ema_on_cpu", bool, False, "keep the EMA weights in CPU memory (no accelerator memory)", "dreambooth",
+           scripts=DB_ONLY),
+    Option("ema_save", str, "ema", "what a save writes with --use_ema: the EMA weights ('ema'), or also the raw "
+           "weights as <name>-raw ('both')", "dreambooth", choices=("ema", "both"), scripts=DB_ONLY),
 
     # --- textual_inversion: train_textual_inversion.py, plus A1111-style schedule and templates ---
     Option("token_string", str, None, "the new token to learn; must not be in the tokenizer", "textual_inversion",

@@ -77,7 +77,8 @@ def train(config: RunConfig, plan: RunPlan, parts, make_method, *, save_ext: str
     optimizer, optimizer_name, optimizer_kwargs = make_optimizer(config, groups)
     lr_scheduler = make_scheduler(config, optimizer, num_training_steps=max_steps, num_processes=procs)
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
-    accelerator.register_for_checkpointing(method.network)
+    for stateful in method.checkpoint_objects():
+        accelerator.register_for_checkpointing(stateful)
 
     state = ck.TrainState(0, 1, 0)
     if config.resume:
@@ -120,6 +121,8 @@ class _Loop:
         local_per_epoch = math.ceil(self.per_epoch / procs)
         micro, pending = 0, []
         for epoch, index, batch in loader:
+            if micro == 0:
+                self.method.before_step(state.global_step)
             if epoch != state.epoch:
                 state.epoch, state.batch_in_epoch = epoch, 0
             local_index = index // procs
@@ -134,6 +137,7 @@ class _Loop:
             if micro % self.accumulation == 0 or end_of_epoch:
                 self._step()
                 state.global_step += 1
+                self.method.after_step(state.global_step)
                 # one host sync per optimizer step, for the log and the progress bar
                 step_loss = float(torch.stack(pending).mean())
                 self.losses.append(step_loss)
@@ -150,11 +154,12 @@ class _Loop:
                 self.reporter.after_epoch(state, epoch)
 
     def _step(self) -> None:
+        params = [p for p in self.params if p.requires_grad]  # a method may freeze some mid-run (text encoder)
         if self.accelerator.num_processes > 1:
-            _all_reduce_mean(self.params, self.accelerator)
+            _all_reduce_mean(params, self.accelerator)
         max_norm = self.config.max_grad_norm
         if max_norm:
-            self.accelerator.clip_grad_norm_(self.params, max_norm)
+            self.accelerator.clip_grad_norm_(params, max_norm)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

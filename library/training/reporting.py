@@ -13,7 +13,7 @@ from library.config.run_config import RunConfig
 from library.models.saving import save_dtype
 from library.training import checkpoints as ck
 
-EXTENSIONS = {"safetensors": ".safetensors", "pt": ".pt", "ckpt": ".ckpt"}
+EXTENSIONS = {"safetensors": ".safetensors", "pt": ".pt", "ckpt": ".ckpt", "diffusers": "", "diffusers_safetensors": ""}
 
 
 def tracker_settings(config: RunConfig) -> tuple[str | None, str | None]:
@@ -118,7 +118,7 @@ class Reporter:
                 vae_hashes=file_hashes(self.config.vae) if self.config.vae else None)
             self._modelspec = modelspec_from_config(config, timestamp=self.started)
         return saved_metadata(self._metadata, steps=state.global_step, epoch=epoch, finished_at=time.time(),
-                              modelspec=self._modelspec, no_metadata=bool(self.config.no_metadata))
+                              modelspec=self._modelspec, no_metadata=bool(self.config.get("no_metadata")))
 
     def _save(self, file_name: str, state: ck.TrainState, *, epoch: int | None = None, last: bool = False,
               with_state: bool | None = None, force_state: bool = False) -> Path:
@@ -127,14 +127,15 @@ class Reporter:
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             metadata = self.metadata(state, epoch if epoch is not None else (self.epochs if last else state.epoch))
-            self.method.export(path, dtype=save_dtype(self.config.save_precision, None), metadata=metadata)
+            self.method.export(path, dtype=save_dtype(self.config.save_precision, None), metadata=metadata,
+                               epoch=epoch if epoch is not None else state.epoch, global_step=state.global_step)
             self.accelerator.print(f"saved {path}")
         if force_state or (self.config.save_state if with_state is None else with_state):
             self._save_state(path, state)
         return path
 
     def _save_state(self, model_path: Path, state: ck.TrainState) -> Path:
-        folder = model_path.with_name(model_path.name[: -len(self.ext)] + "-state")
+        folder = model_path.with_name(_stem(model_path.name, self.ext) + "-state")
         self.accelerator.save_state(str(folder))
         if self.accelerator.is_main_process:
             state.write(folder)
@@ -152,7 +153,7 @@ class Reporter:
                 name = ck.epoch_name(self.name, old, self.ext) if old else None
             if name:
                 target = self.output_dir / name
-                ck.remove_quietly(target.with_name(name[: -len(self.ext)] + "-state") if with_state else target)
+                ck.remove_quietly(target.with_name(_stem(name, self.ext) + "-state") if with_state else target)
 
     # ------------------------------------------------------------------ samples
     def _should_sample(self, *, step: int, epoch: int | None) -> bool:
@@ -171,4 +172,9 @@ class Reporter:
         sample_images(self.parts, self.prompts, output_dir=self.output_dir, output_name=self.name, step=step,
                       epoch=epoch, default_sampler=self.config.sample_sampler, device=self.accelerator.device,
                       dtype=self.parts.unet.dtype, encode=self.method.encode_prompts, tracker=tracker,
-                      extra_modules=(self.method.network,))
+                      extra_modules=self.method.sampling_modules())
+
+
+def _stem(name: str, ext: str) -> str:
+    """The output name without its extension; a diffusers folder has none ("")."""
+    return name[: len(name) - len(ext)]

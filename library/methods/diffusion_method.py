@@ -1,0 +1,97 @@
+"""What every training method shares: latents (cached or encoded), caption conditioning, noise, target and loss.
+
+A method is what the loop talks to: `param_groups()`, `trainable_params()`, `loss(batch, generator)`,
+`export(path, ...)`, and the hooks below. Subclasses decide what trains (an adapter network, the whole UNet...).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from library.config.run_config import RunConfig
+from library.data.dataset import Batch
+from library.data.plan import RunPlan
+from library.models.components import Components
+from library.training.losses import training_loss
+from library.training.noise import LATENT_SCALE, draw_noise, make_noise_scheduler, target_for
+from library.training.text_encoding import PromptEncoder
+
+CAPTION_RANDOMNESS = ("shuffle_caption", "caption_dropout_rate", "caption_dropout_every_n_epochs",
+                      "caption_tag_dropout_rate", "token_warmup_step", "enable_wildcard")
+
+
+class DiffusionMethod:
+    # Whether the VAE is needed after latents are cached even when nothing is sampled (a full model save is).
+    keeps_vae = False
+
+    def __init__(self, config: RunConfig, parts: Components, device: torch.device, weight_dtype: torch.dtype,
+                 plan: RunPlan | None, *, train_text_encoder: bool):
+        self.config, self.parts, self.device, self.weight_dtype = config, parts, device, weight_dtype
+        self.train_text_encoder = train_text_encoder
+        self.scheduler = make_noise_scheduler(v_parameterization=parts.v_parameterization,
+                                              zero_terminal_snr=bool(config.zero_terminal_snr))
+        self._text_cache: dict[str, torch.Tensor] = {}
+        subsets = [s for d in plan.datasets for s in d.spec.subsets] if plan is not None else []
+        self._fixed_captions = plan is not None and not any(_varies(s) for s in subsets)
+        self.encode_prompts = PromptEncoder(parts.tokenizer, parts.text_encoder, clip_skip=config.clip_skip,
+                                            v2=parts.v2, max_token_length=config.max_token_length,
+                                            source=parts.source)
+
+    # ------------------------------------------------------------------ hooks the loop calls
+    def latents_ready(self, *, all_cached: bool) -> None:
+        """Called once latents are cached. If every latent is cached and nothing will decode or save a VAE, it is
+        released, so its memory goes to training (SD's VAE is 0.33 GB in float32)."""
+        if all_cached and not self.config.sample_prompts and not self.keeps_vae:
+            self.parts.vae = None
+
+    def before_step(self, global_step: int) -> None:
+        """Called before the batches of optimizer step `global_step + 1`."""
+
+    def after_step(self, global_step: int) -> None:
+        """Called after optimizer step `global_step`."""
+
+    def checkpoint_objects(self) -> list:
+        """What `--save_state` saves besides optimizer, scheduler and RNG (objects with state_dict/load_state_dict)."""
+        return []
+
+    def sampling_modules(self) -> tuple[torch.nn.Module, ...]:
+        """Modules besides UNet, VAE and text encoder that take part in sampling (eval mode, device)."""
+        return ()
+
+    # ------------------------------------------------------------------ the loss
+    def loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        latents = self._latents(batch, generator) * LATENT_SCALE
+        hidden = self._hidden_states(batch.captions)
+        draw = draw_noise(self.scheduler, latents, self.config, generator)
+        pred = self.parts.unet(draw.noisy_latents, draw.timesteps, hidden).sample
+        target = target_for(self.scheduler, latents, draw.noise, draw.timesteps,
+                            v_parameterization=self.parts.v_parameterization)
+        mask = batch.alpha_masks if self.config.get("alpha_mask") else None
+        loss, _ = training_loss(pred, target, draw.timesteps, batch.is_reg.to(self.device), self.scheduler,
+                                self.config, v_parameterization=self.parts.v_parameterization, loss_mask=mask)
+        return loss
+
+    def _hidden_states(self, captions: list[str]) -> torch.Tensor:
+        if self.train_text_encoder:
+            return self.encode_prompts(captions)
+        if self._fixed_captions:
+            # A frozen text encoder and captions that never change: each caption is encoded once, in memory.
+            missing = sorted({c for c in captions if c not in self._text_cache})
+            if missing:
+                with torch.no_grad():
+                    self._text_cache.update(zip(missing, self.encode_prompts(missing)))
+            return torch.stack([self._text_cache[c] for c in captions])
+        with torch.no_grad():
+            return self.encode_prompts(captions)
+
+    def _latents(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        if batch.latents is not None:
+            return batch.latents.to(self.device, self.weight_dtype)
+        vae = self.parts.vae
+        with torch.no_grad():
+            images = batch.images.to(self.device, vae.dtype)
+            return vae.encode(images).latent_dist.sample(generator=generator).to(self.weight_dtype)
+
+
+def _varies(subset) -> bool:
+    return any(getattr(subset, name) for name in CAPTION_RANDOMNESS)
