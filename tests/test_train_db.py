@@ -148,3 +148,27 @@ def test_class_images_fill_an_empty_reg_folder_once_and_join_the_training(data, 
     train_db.main(flags)
     assert "class images: generating" not in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in reg.iterdir()} == before
+
+
+@pytest.mark.parametrize("optimizer", ["AdamW", "AdamW8bit"])
+def test_fused_backward_pass_trains_the_same_weights(data, tmp_path, optimizer):
+    common = ["--optimizer_type", optimizer, "--max_grad_norm", "0", "--stop_text_encoder_training", "-1"]
+    usual = train_db.main(_flags(data, tmp_path / "usual", *common, steps=2))
+    fused = train_db.main(_flags(data, tmp_path / "fused", *common, "--fused_backward_pass", steps=2))
+    assert fused.losses == usual.losses
+    assert _same(_state(fused.method.parts.unet), _state(usual.method.parts.unet))
+
+
+def test_full_bf16_trains_in_bf16_and_save_precision_sets_the_file_dtype(data, tmp_path):
+    result = train_db.main(_flags(data, tmp_path / "out", "--mixed_precision", "bf16", "--full_bf16",
+                                  "--save_precision", "fp16", steps=1))
+    assert result.method.parts.unet.dtype == torch.bfloat16
+    assert {v.dtype for v in load_file(str(result.final_file)).values() if v.is_floating_point()} == {torch.float16}
+
+
+def test_adafactor_with_fused_backward_and_samples_during_training(data, tmp_path):
+    (tmp_path / "p.txt").write_text("sks shape --w 32 --h 32 --s 1 --d 5\n")
+    result = train_db.main(_flags(data, tmp_path / "out", "--optimizer_type", "AdaFactor", "--fused_backward_pass",
+                                  "--sample_prompts", str(tmp_path / "p.txt"), "--sample_every_n_steps", "1", steps=2))
+    assert result.global_step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert len(list((tmp_path / "out" / "sample").glob("db_00000[12]_00_*_5.png"))) == 2

@@ -175,8 +175,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_grad_norm", float, 1.0, "clip gradients to this norm (0 = no clipping)", "optimizer"),
     Option("optimizer_args", str, None, "extra optimizer arguments as key=value (e.g. weight_decay=0.01)", "optimizer",
            nargs="*"),
-    Option("fused_backward_pass", bool, False, "step the optimizer inside backward (sd-scripts: SDXL and later only)",
-           "optimizer", note=NOT_SUPPORTED),
+    Option("fused_backward_pass", bool, False, "step each parameter inside backward and free its gradient at once "
+           "(less memory; no gradient accumulation, one process)", "optimizer"),
     Option("lr_scheduler", str, "constant", "lr schedule: constant, constant_with_warmup, linear, cosine, "
            "cosine_with_restarts, polynomial, adafactor, ...", "optimizer"),
     Option("lr_warmup_steps", IntOrFloat, 0, "warmup steps, or a fraction of all steps when below 1 (or '10%')",

@@ -22,6 +22,7 @@ from library.data.dataset import TrainingDataset
 from library.data.plan import RunPlan
 from library.training import checkpoints as ck
 from library.training.data_loading import EpochBatchSampler, make_loader
+from library.training.fused_backward import FusedBackward, check_fused_backward
 from library.training.latents import build_latent_cache
 from library.training.optimizers import make_optimizer
 from library.training.reporting import Reporter, tracker_settings
@@ -73,10 +74,13 @@ def train(config: RunConfig, plan: RunPlan, parts, make_method, *, save_ext: str
     max_steps = config.max_train_epochs * steps_per_epoch if config.max_train_epochs else config.max_train_steps
     epochs = math.ceil(max_steps / steps_per_epoch)
 
+    check_fused_backward(config, processes=procs, device=accelerator.device)
     groups, descriptions = method.param_groups()
     optimizer, optimizer_name, optimizer_kwargs = make_optimizer(config, groups)
     lr_scheduler = make_scheduler(config, optimizer, num_training_steps=max_steps, num_processes=procs)
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    fused = FusedBackward(optimizer, method.trainable_params(), config.max_grad_norm) \
+        if config.get("fused_backward_pass") else None
     for stateful in method.checkpoint_objects():
         accelerator.register_for_checkpointing(stateful)
 
@@ -95,19 +99,24 @@ def train(config: RunConfig, plan: RunPlan, parts, make_method, *, save_ext: str
                         optimizer_kwargs=optimizer_kwargs, descriptions=descriptions, started=started,
                         max_steps=max_steps, epochs=epochs, save_ext=save_ext)
     reporter.begin(state.global_step)
-    loop = _Loop(config, accelerator, method, optimizer, lr_scheduler, reporter, per_epoch, accumulation, max_steps)
+    loop = _Loop(config, accelerator, method, optimizer, lr_scheduler, reporter, per_epoch, accumulation, max_steps,
+                 fused=fused is not None)
     try:
         loop.run(loader, state)
     except KeyboardInterrupt:
         reporter.interrupted(loop.state)
         raise SystemExit(130) from None
+    finally:
+        if fused is not None:
+            fused.remove()
     final = reporter.finish(loop.state)
     return TrainingResult(final, loop.state.global_step, loop.losses, method)
 
 
 class _Loop:
     def __init__(self, config, accelerator, method, optimizer, lr_scheduler, reporter, per_epoch, accumulation,
-                 max_steps):
+                 max_steps, *, fused: bool = False):
+        self.fused = fused  # parameters were already stepped, one by one, during backward
         self.config, self.accelerator, self.method = config, accelerator, method
         self.optimizer, self.lr_scheduler, self.reporter = optimizer, lr_scheduler, reporter
         self.per_epoch, self.accumulation, self.max_steps = per_epoch, accumulation, max_steps
@@ -154,6 +163,9 @@ class _Loop:
                 self.reporter.after_epoch(state, epoch)
 
     def _step(self) -> None:
+        if self.fused:
+            self.lr_scheduler.step()
+            return
         params = [p for p in self.params if p.requires_grad]  # a method may freeze some mid-run (text encoder)
         if self.accelerator.num_processes > 1:
             _all_reduce_mean(params, self.accelerator)
