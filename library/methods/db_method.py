@@ -4,6 +4,7 @@ train_db.py does; optionally with an EMA of the weights. Every save writes a com
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -11,11 +12,12 @@ import torch
 
 from library.config.run_config import RunConfig
 from library.data.plan import RunPlan
+from library.methods.db_training import DIFFUSERS_FORMATS
 from library.methods.diffusion_method import DiffusionMethod
 from library.models.components import Components
-from library.models.saving import save_diffusers, save_single_file
+from library.models.saving import PRECISIONS, save_diffusers, save_single_file
 
-DTYPE_PRECISION = {torch.float32: "float", torch.float16: "fp16", torch.bfloat16: "bf16"}
+PRECISION_NAMES = {dtype: name for name, dtype in PRECISIONS.items()}  # --save_precision's name of a dtype
 
 
 class DreamBoothMethod(DiffusionMethod):
@@ -83,20 +85,21 @@ class DreamBoothMethod(DiffusionMethod):
     # ------------------------------------------------------------------ saving
     def export(self, path: Path, *, dtype: torch.dtype | None, metadata: dict[str, str] | None, epoch: int = 0,
                global_step: int = 0) -> Path:
-        if self.ema is not None and self.config.ema_save == "both":
-            self._write(_raw_name(path), metadata, epoch, global_step)
-        with self._ema_applied():
-            return self._write(path, metadata, epoch, global_step)
-
-    def _write(self, path: Path, metadata: dict[str, str] | None, epoch: int, global_step: int) -> Path:
         # sd-scripts saves a full model in the dtype it trained in unless --save_precision says otherwise.
-        precision = self.config.save_precision or DTYPE_PRECISION.get(self.parts.unet.dtype, "float")
-        if path.suffix:
+        precision = PRECISION_NAMES[dtype or self.parts.unet.dtype]
+        if self.config.save_model_as in DIFFUSERS_FORMATS:
+            save = partial(save_diffusers, self.parts, precision=precision)
+            raw = path.with_name(path.name + "-raw")
+        else:
             # The checkpoint's own modelspec (architecture without "/lora") replaces the network one.
             training = {k: v for k, v in (metadata or {}).items() if not k.startswith("modelspec.")}
-            return save_single_file(self.parts, path, precision=precision, epoch=epoch, global_step=global_step,
-                                    metadata=training)
-        return save_diffusers(self.parts, path, precision=precision)
+            save = partial(save_single_file, self.parts, precision=precision, epoch=epoch, global_step=global_step,
+                           metadata=training)
+            raw = path.with_name(f"{path.stem}-raw{path.suffix}")
+        if self.ema is not None and self.config.ema_save == "both":
+            save(raw)
+        with self._ema_applied():
+            return save(path)
 
     @contextlib.contextmanager
     def _ema_applied(self) -> Iterator[None]:
@@ -122,7 +125,3 @@ def _make_ema(config: RunConfig, params: list[torch.nn.Parameter]):
     if config.ema_on_cpu:
         ema.to(device="cpu")
     return ema
-
-
-def _raw_name(path: Path) -> Path:
-    return path.with_name(f"{path.name[: len(path.name) - len(path.suffix)]}-raw{path.suffix}")

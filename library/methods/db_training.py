@@ -9,7 +9,8 @@ from library.data.plan import RunPlan
 from library.errors import UserError
 
 SINGLE_FILE = {".safetensors": "safetensors", ".ckpt": "ckpt"}
-MODEL_FORMATS = ("safetensors", "ckpt", "diffusers", "diffusers_safetensors")
+DIFFUSERS_FORMATS = ("diffusers", "diffusers_safetensors")
+MODEL_FORMATS = ("safetensors", "ckpt", *DIFFUSERS_FORMATS)
 
 
 def save_format(config: RunConfig) -> str:

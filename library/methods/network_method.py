@@ -44,7 +44,6 @@ class NetworkMethod(DiffusionMethod):
         self.network.to(device=device, dtype=network_dtype)
         self.network.prepare_grad_etc(parts.text_encoder, parts.unet)
         super().__init__(config, parts, device, weight_dtype, plan, train_text_encoder=train_text_encoder)
-        self.train_unet = train_unet
         self._gradient_checkpointing()
 
     def _gradient_checkpointing(self) -> None:

@@ -16,8 +16,6 @@ import torch
 from diffusers import PNDMScheduler
 from tqdm.auto import tqdm
 
-from library.config.declarations import OPTIONS
-from library.data.specs import DatasetSpec
 from library.data.subsets import find_images
 from library.errors import UserError
 from library.models.components import Components
@@ -38,7 +36,6 @@ if TYPE_CHECKING:
     from library.data.plan import RunPlan
 
 FILE_PREFIX = "class_"
-DEFAULTS = {option.name: option.default for option in OPTIONS if option.name.startswith("class_")}
 
 
 @dataclass(frozen=True)
@@ -55,26 +52,23 @@ class ClassImageJob:
     caption_extension: str
 
 
-def class_image_jobs(config: Mapping[str, Any], plan: RunPlan | None = None) -> list[ClassImageJob]:
+def class_image_jobs(config: Mapping[str, Any], plan: RunPlan) -> list[ClassImageJob]:
     """One job per regularisation folder holding fewer than --num_class_images images; [] when that is unset/0.
 
     The folders come from the plan's dataset specs, which keep empty subsets (the plan only ignores their
-    images). With `plan=None` the specs are read from the options as plan_run reads them, without listing any
-    image: plan_run refuses a folder that does not exist yet, and this creates it first.
-    Images are counted as the dataset lists them (find_images), so a filled folder gives no job on a re-run.
+    images). Images are counted as the dataset lists them (find_images), so a filled folder gives no job on a re-run.
     """
     want = config.get("num_class_images") or 0
     if want <= 0:
         return []
     jobs: dict[Path, ClassImageJob] = {}
-    for spec in _dataset_specs(config, plan):
+    for spec in (dataset.spec for dataset in plan.datasets):
         for subset in spec.subsets:
             if not subset.is_reg or subset.image_dir is None or subset.num_repeats < 1:
                 continue  # sd-scripts ignores subsets with num_repeats < 1: images there would not be used
             folder = Path(subset.image_dir)
             if folder.resolve() in jobs:
                 continue  # one folder in two datasets: fill it once, at the first dataset's size
-            folder.mkdir(parents=True, exist_ok=True)
             have = len(find_images(folder))
             if have >= want:
                 continue
@@ -107,7 +101,7 @@ def generate_class_images(parts: Components, jobs: Sequence[ClassImageJob], *, c
         return 0
     device = torch.device(device)
     base = next((s for s in (config.get("class_seed"), config.get("seed")) if s is not None), 0)
-    batch = max(1, _get(config, "class_batch_size"))
+    batch = max(1, config["class_batch_size"])
     for job, indices in work:
         print(f"class images: generating {len(indices)} for '{job.folder}' (\"{job.prompt}\")")
     written = 0
@@ -130,26 +124,8 @@ def generate_class_images(parts: Components, jobs: Sequence[ClassImageJob], *, c
     return written
 
 
-def _dataset_specs(config: Mapping[str, Any], plan: RunPlan | None) -> list[DatasetSpec]:
-    if plan is not None:
-        return [dataset.spec for dataset in plan.datasets]
-    from library.config.dataset_config import dataset_specs_from_dirs, load_dataset_config
-    from library.data.plan import SUPPORT
-
-    if config.get("dataset_config"):
-        support = SUPPORT[getattr(config, "script", "db")]
-        return load_dataset_config(config["dataset_config"], config, support=support)
-    return dataset_specs_from_dirs(config)
-
-
-def _get(config: Mapping[str, Any], name: str) -> Any:
-    """The option, or its declared default when the mapping lacks it (a plain dict in a caller's test)."""
-    value = config.get(name)
-    return DEFAULTS[name] if value is None else value
-
-
 def _check_sampling(config: Mapping[str, Any]) -> None:
-    steps, sampler = _get(config, "class_infer_steps"), _get(config, "class_sampler")
+    steps, sampler = config["class_infer_steps"], config["class_sampler"]
     if steps < 1:
         raise UserError(f"--class_infer_steps must be at least 1, got {steps}")
     if SAMPLERS.get(sampler.strip().lower()) is PNDMScheduler and steps < PNDM_MIN_STEPS:
@@ -183,15 +159,15 @@ def _read(path: Path) -> str | None:
 def _generate(pipe: Any, parts: Components, job: ClassImageJob, indices: list[int], base: int,
               config: Mapping[str, Any], device: torch.device, dtype: torch.dtype | None) -> list[Any]:
     # A fresh scheduler per call: multistep samplers keep state between steps.
-    pipe.scheduler = make_sampler(_get(config, "class_sampler"), v_parameterization=parts.v_parameterization)
+    pipe.scheduler = make_sampler(config["class_sampler"], v_parameterization=parts.v_parameterization)
     # One private generator per image: image i's noise depends on its seed only, not on the batch it is in.
     generators = [torch.Generator(device).manual_seed(base + index) for index in indices]
     count = len(indices)
     negative = [job.negative_prompt] * count if job.negative_prompt else None
     with _autocast(device, dtype), _quiet_diffusers():
         result = pipe(prompt=[job.prompt] * count, negative_prompt=negative, height=job.height, width=job.width,
-                      num_inference_steps=_get(config, "class_infer_steps"),
-                      guidance_scale=_get(config, "class_guidance_scale"),
+                      num_inference_steps=config["class_infer_steps"],
+                      guidance_scale=config["class_guidance_scale"],
                       generator=generators, output_type="pil")
     return result.images
 

@@ -83,19 +83,6 @@ def test_empty_reg_folder_gets_a_job(tmp_path):
     assert (job.folder, job.have, job.want) == (reg, 0, 2)
 
 
-def test_missing_reg_folder_is_created_without_a_plan(tmp_path):
-    train, _ = folders(tmp_path, reg_images=0)
-    missing = tmp_path / "not yet" / "dogs"
-    config_file = tmp_path / "dataset.toml"
-    config_file.write_text(f'[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "{train.as_posix()}"\n'
-                           f'[[datasets.subsets]]\nimage_dir = "{missing.as_posix()}"\nis_reg = true\n'
-                           'class_tokens = "dog"\n')
-    config = resolve(["--dataset_config", str(config_file), "--num_class_images", "2"], DB, OPTIONS)
-    [job] = class_image_jobs(config, None)
-    assert missing.is_dir() and (job.folder, job.have, job.prompt) == (missing, 0, "dog")
-    assert class_image_jobs(config, plan_run(config)) == [job]  # plan_run now finds the folder
-
-
 def test_missing_prompt_names_the_folder(tmp_path):
     train, _ = folders(tmp_path, reg_images=0)
     reg = tmp_path / "plain reg"
