@@ -43,14 +43,17 @@ def test_convert_model_refuses_to_overwrite_a_non_model_folder(tiny_files, tmp_p
     assert "refusing to overwrite" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("script", ["train_textual_inversion.py", "train_hypernetwork.py"])
-def test_unimplemented_entry_scripts_say_not_yet(script, tmp_path):
+@pytest.mark.parametrize("script, flags", [("train_textual_inversion.py", ["--token_string", "mychar"]),
+                                           ("train_hypernetwork.py", [])])
+def test_embedding_scripts_without_a_base_model_are_one_line_exit_2(script, flags, tmp_path):
     from library.data.demo import make_demo_dataset
 
     make_demo_dataset(tmp_path, count=2, size=32)
-    proc = subprocess.run([sys.executable, script, "--train_data_dir", str(tmp_path), "--caption_extension", ".txt"],
-                          cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 2 and "not yet" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, script, "--train_data_dir", str(tmp_path), "--caption_extension", ".txt",
+                           "--output_dir", str(tmp_path / "out"), *flags], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == ("error: --pretrained_model_name_or_path is required: a .safetensors/.ckpt file, "
+                                   "a diffusers folder, or tiny-sd1 for the built-in demo model")
 
 
 def test_train_db_without_a_base_model_is_one_line_exit_2(tmp_path):

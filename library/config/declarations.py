@@ -10,6 +10,7 @@ NET = frozenset({NETWORK})
 DB_ONLY = frozenset({DB})
 TI_ONLY = frozenset({TI})
 HN_ONLY = frozenset({HYPERNETWORK})
+EMB = frozenset({TI, HYPERNETWORK})  # embeddings and hypernetworks share A1111's schedule, templates and --weights
 NOT_TI = frozenset({NETWORK, DB, HYPERNETWORK})  # sd-scripts' TI has no caption dropout nor weighted captions
 
 SAMPLERS = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
@@ -24,8 +25,6 @@ HYPERNETWORK_ACTIVATIONS = ("linear", "relu", "leakyrelu", "elu", "swish", "tanh
                             "relu6", "rrelu", "selu", "silu", "softplus", "softshrink", "softsign", "tanhshrink")
 HYPERNETWORK_WEIGHT_INITS = ("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal")
 
-# Issues that implement what is declared here but refused for now.
-TRAINING_ISSUE, DREAMBOOTH_ISSUE, EMBEDDINGS_ISSUE = 5, 6, 7
 # Accepted so sd-scripts configs load, refused when set: no issue implements these yet.
 NOT_SUPPORTED = "is not supported yet"
 
@@ -326,38 +325,42 @@ OPTIONS: tuple[Option, ...] = (
            "weights as <name>-raw ('both')", "dreambooth", choices=("ema", "both"), scripts=DB_ONLY),
 
     # --- textual_inversion: train_textual_inversion.py, plus A1111-style schedule and templates ---
-    Option("token_string", str, None, "the new token to learn; must not be in the tokenizer", "textual_inversion",
-           scripts=TI_ONLY, later=EMBEDDINGS_ISSUE),
-    Option("init_word", str, None, "initialise the vectors from these words' embeddings", "textual_inversion",
-           scripts=TI_ONLY, later=EMBEDDINGS_ISSUE),
-    Option("num_vectors_per_token", int, 1, "embedding vectors behind the token", "textual_inversion", scripts=TI_ONLY,
-           later=EMBEDDINGS_ISSUE),
-    Option("weights", str, None, "start from this embedding file", "textual_inversion", scripts=TI_ONLY,
-           later=EMBEDDINGS_ISSUE),
+    Option("token_string", str, None, "the new token to learn; must not be in the tokenizer (with N vectors: "
+           "tok, tok1 ... tok{N-1})", "textual_inversion", scripts=TI_ONLY),
+    Option("init_word", str, None, "initialise the vectors from these words' token embeddings (cycled; default: "
+           "the text encoder's own initialisation of new tokens)", "textual_inversion", scripts=TI_ONLY),
+    Option("num_vectors_per_token", int, 1, "embedding vectors behind the token", "textual_inversion", scripts=TI_ONLY),
+    Option("weights", str, None, "start from this embedding (A1111 .pt, sd-scripts or diffusers file) or hypernetwork "
+           ".pt, keeping its step count", "textual_inversion", scripts=EMB),
     Option("use_object_template", bool, False, "ignore captions; use built-in object prompts ('a photo of a {}')",
-           "textual_inversion", scripts=TI_ONLY, later=EMBEDDINGS_ISSUE),
+           "textual_inversion", scripts=TI_ONLY),
     Option("use_style_template", bool, False, "ignore captions; use built-in style prompts ('a painting in the style of "
-           "{}')", "textual_inversion", scripts=TI_ONLY, later=EMBEDDINGS_ISSUE),
-    Option("ti_lr_schedule", str, None, "A1111 lr schedule, e.g. '0.005:100, 1e-3:1000, 1e-5' (lr until step)",
-           "textual_inversion", scripts=TI_ONLY, later=EMBEDDINGS_ISSUE),
-    Option("ti_template_file", str, None, "A1111 prompt template file ([name], [filewords]) instead of captions",
-           "textual_inversion", scripts=TI_ONLY, later=EMBEDDINGS_ISSUE),
+           "{}')", "textual_inversion", scripts=TI_ONLY),
+    Option("ti_lr_schedule", str, None, "A1111 learning-rate schedule, e.g. '0.005:100, 1e-3:1000, 1e-5' (rate until "
+           "step); replaces --learning_rate/--lr_scheduler", "textual_inversion", scripts=EMB),
+    Option("ti_template_file", str, None, "A1111 prompt template file ([name], [filewords]) in place of captions",
+           "textual_inversion", scripts=EMB),
+    Option("ti_filename_word_regex", str, None, "[filewords] of an image without a caption: the file name's words "
+           "matching this regex (A1111's dataset_filename_word_regex)", "textual_inversion", scripts=EMB),
+    Option("ti_filename_join_string", str, " ", "string joining those words (A1111's dataset_filename_join_string)",
+           "textual_inversion", scripts=EMB),
 
     # --- hypernetwork: our own, AUTOMATIC1111's format and options ---
     Option("hypernetwork_layer_structure", str, "1,2,1", "layer widths as multiples of the context size", "hypernetwork",
-           scripts=HN_ONLY, later=EMBEDDINGS_ISSUE),
+           scripts=HN_ONLY),
     Option("hypernetwork_activation_func", str, "linear", "activation between layers", "hypernetwork",
-           choices=HYPERNETWORK_ACTIVATIONS, scripts=HN_ONLY, later=EMBEDDINGS_ISSUE),
-    Option("hypernetwork_layer_norm", bool, False, "add a LayerNorm after each layer", "hypernetwork", scripts=HN_ONLY,
-           later=EMBEDDINGS_ISSUE),
+           choices=HYPERNETWORK_ACTIVATIONS, scripts=HN_ONLY),
+    Option("hypernetwork_activate_output", bool, False, "also apply the activation after the last layer",
+           "hypernetwork", scripts=HN_ONLY),
+    Option("hypernetwork_layer_norm", bool, False, "add a LayerNorm after each layer", "hypernetwork", scripts=HN_ONLY),
     Option("hypernetwork_dropout_structure", str, None, "dropout per layer, e.g. '0,0.1,0' (default: none)",
-           "hypernetwork", scripts=HN_ONLY, later=EMBEDDINGS_ISSUE),
+           "hypernetwork", scripts=HN_ONLY),
     Option("hypernetwork_weight_init", str, "Normal", "initialisation of the layer weights", "hypernetwork",
-           choices=HYPERNETWORK_WEIGHT_INITS, scripts=HN_ONLY, later=EMBEDDINGS_ISSUE),
+           choices=HYPERNETWORK_WEIGHT_INITS, scripts=HN_ONLY),
     Option("hypernetwork_sizes", str, "320,640,768,1024,1280", "context sizes that get a hypernetwork module",
-           "hypernetwork", scripts=HN_ONLY, later=EMBEDDINGS_ISSUE),
+           "hypernetwork", scripts=HN_ONLY),
     Option("hypernetwork_multiplier", float, 1.0, "strength of the hypernetwork while training and sampling",
-           "hypernetwork", scripts=HN_ONLY, later=EMBEDDINGS_ISSUE),
+           "hypernetwork", scripts=HN_ONLY),
 
     # --- config: option files and run modes ---
     Option("config_file", str, None, "read options from this TOML (.toml added when missing); flags override it",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -44,8 +45,11 @@ class _Item:
 
 
 class TrainingDataset(torch.utils.data.Dataset):
-    def __init__(self, plan: RunPlan, *, seed: int, max_train_steps: int = 0, latent_cache: LatentCache | None = None):
+    def __init__(self, plan: RunPlan, *, seed: int, max_train_steps: int = 0, latent_cache: LatentCache | None = None,
+                 caption_transform: Callable[[str, ImageEntry, random.Random], str] | None = None):
         self.plan = plan
+        # Textual inversion / hypernetworks: caption templates ([name], [filewords]) applied after the usual processing.
+        self.caption_transform = caption_transform
         self.seed = seed
         self.max_train_steps = max_train_steps
         self.latent_cache = latent_cache
@@ -106,6 +110,8 @@ class TrainingDataset(torch.utils.data.Dataset):
             example["alpha"] = torch.from_numpy(pixels[..., 3] / 255.0).float() if subset.alpha_mask else None
         example["caption"] = process_caption(item.entry.caption, subset, rng, epoch=self.epoch, step=self.step,
                                              max_train_steps=self.max_train_steps)
+        if self.caption_transform is not None:
+            example["caption"] = self.caption_transform(example["caption"], item.entry, rng)
         return example
 
 

@@ -33,19 +33,14 @@ def run(config: RunConfig, plan: RunPlan):
 
     from library.data.plan import plan_run, print_plan
     from library.methods.db_method import DreamBoothMethod
-    from library.models.loading import load_components
+    from library.methods.entry import load_base_model
     from library.training.class_images import class_image_jobs, generate_class_images
     from library.training.loop import train
 
     if not config.output_dir:
         raise UserError("--output_dir is required: the folder where the trained model goes")
-    if not config.pretrained_model_name_or_path:
-        raise UserError("--pretrained_model_name_or_path is required: a .safetensors/.ckpt file, a diffusers folder, "
-                        "or tiny-sd1 for the built-in demo model")
     config = config.replace(save_model_as=save_format(config))
-    parts = load_components(config.pretrained_model_name_or_path, v2=config.v2,
-                            v_parameterization=config.v_parameterization, vae=config.vae, tokenizer=config.tokenizer)
-    print(parts.describe())
+    parts = load_base_model(config)
     jobs = class_image_jobs(config, plan)
     if jobs:
         # Prior preservation needs its class images before the dataset is final: the main process makes the missing

@@ -23,6 +23,10 @@ CAPTION_RANDOMNESS = ("shuffle_caption", "caption_dropout_rate", "caption_dropou
 class DiffusionMethod:
     # Whether the VAE is needed after latents are cached even when nothing is sampled (a full model save is).
     keeps_vae = False
+    # Applied to every training caption after the usual processing: (caption, image entry, rng) -> caption.
+    caption_transform = None
+    # Steps a resumed embedding or hypernetwork already had: its schedule and saved step count continue from there.
+    step_offset = 0
 
     def __init__(self, config: RunConfig, parts: Components, device: torch.device, weight_dtype: torch.dtype,
                  plan: RunPlan | None, *, train_text_encoder: bool):

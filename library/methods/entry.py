@@ -29,6 +29,8 @@ def start(argv: Sequence[str] | None, script: str, description: str, run: Callab
     """Resolve `argv` for `script`; a dry run prints the plan, a real run checks the data before any weights load,
     saves the resolved options next to its outputs, then calls `run(config, plan)` and returns its result."""
     config = resolve(argv, script, OPTIONS, description)
+    if config.get("token_string") and not config.output_name:
+        config = config.replace(output_name=config.token_string)  # sd-scripts names an embedding after its token
     if config.dry_run:
         dry_run(config)
         return None
@@ -43,3 +45,16 @@ def start(argv: Sequence[str] | None, script: str, description: str, run: Callab
         path = write_resolved_config(config, options_for(script, OPTIONS).values(), config.output_dir, name)
         print(f"options: {path}")
     return run(config, plan)
+
+
+def load_base_model(config: RunConfig):
+    """The model every script starts from (--pretrained_model_name_or_path, --vae, --tokenizer), described."""
+    from library.models.loading import load_components
+
+    if not config.pretrained_model_name_or_path:
+        raise UserError("--pretrained_model_name_or_path is required: a .safetensors/.ckpt file, a diffusers folder, "
+                        "or tiny-sd1 for the built-in demo model")
+    parts = load_components(config.pretrained_model_name_or_path, v2=config.v2,
+                            v_parameterization=config.v_parameterization, vae=config.vae, tokenizer=config.tokenizer)
+    print(parts.describe())
+    return parts

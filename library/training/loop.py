@@ -67,7 +67,8 @@ def train(config: RunConfig, plan: RunPlan, parts, make_method, *, save_ext: str
 
     latent_cache = build_latent_cache(config, plan, parts, accelerator)
     method.latents_ready(all_cached=latent_cache is not None)
-    dataset = TrainingDataset(plan, seed=seed, max_train_steps=config.max_train_steps, latent_cache=latent_cache)
+    dataset = TrainingDataset(plan, seed=seed, max_train_steps=config.max_train_steps, latent_cache=latent_cache,
+                              caption_transform=method.caption_transform)
     procs, accumulation = accelerator.num_processes, config.gradient_accumulation_steps or 1
     per_epoch = len(dataset)
     steps_per_epoch = math.ceil(per_epoch / procs / accumulation)
@@ -77,7 +78,8 @@ def train(config: RunConfig, plan: RunPlan, parts, make_method, *, save_ext: str
     check_fused_backward(config, processes=procs, device=accelerator.device)
     groups, descriptions = method.param_groups()
     optimizer, optimizer_name, optimizer_kwargs = make_optimizer(config, groups)
-    lr_scheduler = make_scheduler(config, optimizer, num_training_steps=max_steps, num_processes=procs)
+    lr_scheduler = make_scheduler(config, optimizer, num_training_steps=max_steps, num_processes=procs,
+                                  step_offset=method.step_offset)
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
     fused = FusedBackward(optimizer, method.trainable_params(), config.max_grad_norm) \
         if config.get("fused_backward_pass") else None

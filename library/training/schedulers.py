@@ -103,9 +103,12 @@ def _step_count(options: Mapping[str, Any], name: str, total: int) -> int:
 
 
 def make_scheduler(options: Mapping[str, Any], optimizer: torch.optim.Optimizer, *, num_training_steps: int,
-                   num_processes: int = 1) -> torch.optim.lr_scheduler.LRScheduler:
+                   num_processes: int = 1, step_offset: int = 0) -> torch.optim.lr_scheduler.LRScheduler:
     """The schedule sd-scripts builds. Its length is num_training_steps × num_processes because accelerate steps a
-    prepared scheduler once per process; a warmup count is not multiplied (sd-scripts), a fraction is of the total."""
+    prepared scheduler once per process; a warmup count is not multiplied (sd-scripts), a fraction is of the total.
+    With --ti_lr_schedule, AUTOMATIC1111's "rate:step, ..." schedule instead, counted from `step_offset`."""
+    if options.get("ti_lr_schedule"):
+        return _a1111_scheduler(options, optimizer, num_training_steps, num_processes, step_offset)
     total = num_training_steps * num_processes
     steps = _Steps(total, warmup_steps(options, total), decay_steps(options, total), options)
     kwargs = parse_optimizer_args(options.get("lr_scheduler_args"), option="lr_scheduler_args")
@@ -122,6 +125,22 @@ def make_scheduler(options: Mapping[str, Any], optimizer: torch.optim.Optimizer,
         raise UserError(f"--lr_scheduler {name!r} is not known{did_you_mean(key, SCHEDULER_NAMES)}; "
                         f"use one of {', '.join(SCHEDULER_NAMES)}, or --lr_scheduler_type module.Class")
     return _named_scheduler(key, optimizer, kwargs, steps)
+
+
+def _a1111_scheduler(options: Mapping[str, Any], optimizer: torch.optim.Optimizer, num_training_steps: int,
+                     num_processes: int, step_offset: int):
+    from library.training.a1111_schedule import A1LearningRate, check_schedule_covers, parse_a1_schedule
+
+    for name, neutral in (("lr_scheduler", "constant"), ("lr_warmup_steps", 0), ("lr_scheduler_type", "")):
+        if options.get(name) and options.get(name) != neutral:
+            raise UserError(f"--ti_lr_schedule and --{name} {options[name]} both set the learning rate: "
+                            f"keep one of them")
+    if uses_relative_step(optimizer):
+        raise UserError("--ti_lr_schedule cannot drive Adafactor with relative_step=True (it sets its own step size): "
+                        "pass --optimizer_args relative_step=False")
+    schedule = parse_a1_schedule(str(options["ti_lr_schedule"]))
+    check_schedule_covers(schedule, last_step=step_offset + num_training_steps)
+    return A1LearningRate(optimizer, schedule, step_offset=step_offset, num_processes=num_processes)
 
 
 def _named_scheduler(name: str, optimizer: torch.optim.Optimizer, kwargs: dict[str, Any], steps: _Steps):

@@ -91,6 +91,17 @@ def test_captions_are_processed_per_step(tmp_path):
     assert len(set(captions)) > 5  # and the rest is shuffled
 
 
+def test_caption_transform_sees_each_processed_caption_with_its_image(tmp_path):
+    from library.data.caption_templates import CaptionTemplates
+
+    plan = _plan(tmp_path)
+    templates = CaptionTemplates(["[name] in [filewords]"], name="mytok")
+    batches = _epoch(TrainingDataset(plan, seed=0, caption_transform=templates))
+    plain = _epoch(TrainingDataset(plan, seed=0))
+    for batch, reference in zip(batches, plain):
+        assert batch.captions == [f"mytok in {c}" for c in reference.captions]
+
+
 def test_cached_latents_replace_pixels(tmp_path):
     from library.models.tiny import build_tiny
 

@@ -1,0 +1,236 @@
+"""What train_textual_inversion.py trains: the vectors of a new token, everything else frozen (sd-scripts' rules)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from library.config.run_config import RunConfig
+from library.data.plan import RunPlan
+from library.errors import UserError
+from library.methods.a1111_common import CheckpointIdentity, template_transform
+from library.methods.diffusion_method import DiffusionMethod
+from library.models.components import Components
+
+EMBEDDING_FORMATS = {"pt": ".pt", "safetensors": ".safetensors", "diffusers": ""}
+
+
+class NewTokenEmbedding(torch.nn.Module):
+    """The text encoder's token embedding, with the rows of the new tokens read from a small trained tensor.
+
+    sd-scripts resizes the whole matrix, trains it and copies the old rows back after every step; here the old
+    rows never enter the optimizer, so they stay bit-identical whatever it does (weight decay included), and its
+    state is (n, width) instead of (vocabulary, width)."""
+
+    def __init__(self, base: torch.nn.Embedding, first_id: int, vectors: torch.Tensor):
+        super().__init__()
+        self.base = base
+        self.first_id = first_id
+        self.vectors = torch.nn.Parameter(vectors.detach().clone().float())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The full matrix, new rows included (what a resized embedding would hold; for readers of `.weight`)."""
+        return torch.cat([self.base.weight, self.vectors.detach().to(self.base.weight.dtype)])
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.base(input_ids.clamp(max=self.first_id - 1))
+        offset = (input_ids - self.first_id).clamp(0, self.vectors.shape[0] - 1)
+        rows = self.vectors.to(out.dtype)[offset]
+        return torch.where((input_ids >= self.first_id).unsqueeze(-1), rows, out)
+
+
+class _TokenExpandingEncoder:
+    """Prompt encoding with the token written out as its N tokens ("tok" → "tok tok1 tok2"), as sd-scripts does for
+    captions and sample prompts alike."""
+
+    def __init__(self, encode, token: str, tokens: list[str]):
+        self.encode, self.token, self.expanded = encode, token, " ".join(tokens)
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        if self.expanded != self.token:
+            captions = [caption.replace(self.token, self.expanded) for caption in captions]
+        return self.encode(captions)
+
+
+class _VectorsState:
+    """What --save_state keeps of a textual inversion: the vectors only, not the frozen matrix around them."""
+
+    def __init__(self, embedding: NewTokenEmbedding):
+        self.embedding = embedding
+
+    def state_dict(self) -> dict:
+        return {"vectors": self.embedding.vectors.detach().cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            self.embedding.vectors.copy_(state["vectors"])
+
+
+class TextualInversionMethod(DiffusionMethod):
+    def __init__(self, config: RunConfig, parts: Components, device: torch.device, weight_dtype: torch.dtype,
+                 plan: RunPlan | None = None):
+        token = config.token_string
+        if not token:
+            raise UserError("--token_string is required: the new word the embedding is trained for "
+                            "(e.g. --token_string mychar)")
+        if config.output_dir and config.output_name:  # before any training, not after it
+            _refuse_foreign(Path(config.output_dir) / f"{config.output_name}{EMBEDDING_FORMATS.get(config.save_model_as, '')}")
+        start = _resume_from(config)
+        count = _vector_count(config, start)
+        self.tokens = [token] + [f"{token}{i}" for i in range(1, count)]
+        first_id = _add_tokens(parts.tokenizer, self.tokens)
+        base = parts.text_encoder.get_input_embeddings()
+        vectors = _initial_vectors(config, parts.tokenizer, base.weight.detach(), count, start)
+        self.embedding = NewTokenEmbedding(base, first_id, vectors)
+        parts.text_encoder.set_input_embeddings(self.embedding)
+        self.step_offset = start.step if start is not None else 0
+        for module in (parts.unet, parts.vae, parts.text_encoder):
+            module.requires_grad_(False).to(device=device, dtype=weight_dtype)
+        if config.no_half_vae:
+            parts.vae.to(dtype=torch.float32)
+        self.embedding.vectors.data = self.embedding.vectors.data.float()
+        self.embedding.vectors.requires_grad_(True)
+        super().__init__(config, parts, device, weight_dtype, plan, train_text_encoder=True)
+        self.encode_prompts = _TokenExpandingEncoder(self.encode_prompts, token, self.tokens)
+        self.caption_transform = template_transform(config, name=token, require_name=True)
+        if self.caption_transform is None and plan is not None:
+            _check_captions_mention(token, plan)
+        self.checkpoint = CheckpointIdentity(config.pretrained_model_name_or_path)
+        if config.gradient_checkpointing:
+            parts.unet.enable_gradient_checkpointing()
+            parts.text_encoder.gradient_checkpointing_enable()
+        # Train mode for gradient checkpointing (diffusers/transformers only checkpoint then); CLIP has no dropout.
+        parts.unet.train(bool(config.gradient_checkpointing))
+        parts.text_encoder.train(bool(config.gradient_checkpointing))
+        print(f"textual inversion: {count} vector(s) for '{token}' (token ids {first_id}…{first_id + count - 1})"
+              + (f", continuing from step {self.step_offset}" if self.step_offset else ""))
+
+    # ------------------------------------------------------------------ what trains
+    def param_groups(self):
+        return [{"params": [self.embedding.vectors], "lr": self.config.learning_rate}], ["embedding"]
+
+    def trainable_params(self) -> list[torch.nn.Parameter]:
+        return [self.embedding.vectors]
+
+    def checkpoint_objects(self) -> list:
+        return [_VectorsState(self.embedding)]
+
+    @property
+    def vectors(self) -> torch.Tensor:
+        return self.embedding.vectors.detach()
+
+    # ------------------------------------------------------------------ saving
+    def export(self, path: Path, *, dtype: torch.dtype | None, metadata: dict[str, str] | None, global_step: int = 0,
+               **_) -> Path:
+        from library.formats import embedding_files as files
+
+        _refuse_foreign(path)
+        vectors = self.vectors.cpu()
+        dtype = dtype or torch.float32
+        step = self.step_offset + global_step
+        fmt = self.config.save_model_as
+        if fmt == "pt":
+            return files.save_a1111(path, vectors, name=self.tokens[0], step=step,
+                                    sd_checkpoint=self.checkpoint.shorthash,
+                                    sd_checkpoint_name=self.checkpoint.name, dtype=dtype)
+        metadata = _embedding_metadata(metadata, step)
+        if fmt == "diffusers":
+            return files.save_diffusers(path, vectors, token=self.tokens[0], metadata=metadata, dtype=dtype)
+        return files.save_kohya(path, vectors, metadata=metadata, dtype=dtype)
+
+
+def _embedding_metadata(metadata: dict[str, str] | None, step: int) -> dict[str, str]:
+    """The run's ss_* keys with a textual-inversion modelspec (sd-scripts: architecture + "/textual-inversion")."""
+    from library.formats.modelspec import IMPL_STABILITY_AI
+
+    out = dict(metadata or {})
+    out["ss_steps"] = str(step)  # the embedding's own count, which --weights continues from
+    arch = out.get("modelspec.architecture")
+    if arch:
+        out["modelspec.architecture"] = arch.rsplit("/", 1)[0] + "/textual-inversion"
+        out["modelspec.implementation"] = IMPL_STABILITY_AI
+    return {k: v for k, v in out.items() if not k.startswith("ss_network")}
+
+
+def _resume_from(config: RunConfig):
+    if not config.weights:
+        return None
+    from library.formats.embedding_files import load_embedding
+
+    return load_embedding(config.weights)
+
+
+def _vector_count(config: RunConfig, start) -> int:
+    count = config.num_vectors_per_token or 1
+    if count < 1:
+        raise UserError(f"--num_vectors_per_token {count}: give 1 or more")
+    if start is None or start.vectors.shape[0] == count:
+        return count
+    if config.is_set("num_vectors_per_token"):
+        raise UserError(f"--weights {config.weights} holds {start.vectors.shape[0]} vectors but "
+                        f"--num_vectors_per_token is {count}: set it to {start.vectors.shape[0]} or leave it out")
+    return start.vectors.shape[0]
+
+
+def _add_tokens(tokenizer, tokens: list[str]) -> int:
+    """Add the new tokens (they must be new: sd-scripts' rule) and return the first one's id."""
+    vocab = tokenizer.get_vocab()
+    known = [t for t in tokens if t in vocab]
+    if known or tokenizer.add_tokens(tokens) != len(tokens):
+        raise UserError(f"--token_string {tokens[0]}: '{(known or tokens)[0]}' is already a token of the tokenizer, "
+                        "so it has an embedding of its own; choose a made-up word (e.g. 'mychar')")
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    if ids != list(range(ids[0], ids[0] + len(tokens))):
+        raise UserError(f"--token_string {tokens[0]}: the tokenizer gave its tokens ids {ids}, not consecutive ones; "
+                        "use a fresh --tokenizer folder")
+    return ids[0]
+
+
+def _initial_vectors(config: RunConfig, tokenizer, weight: torch.Tensor, count: int, start) -> torch.Tensor:
+    if start is not None:
+        if start.vectors.shape[1] != weight.shape[1]:
+            raise UserError(f"--weights {config.weights}: its vectors are {start.vectors.shape[1]} wide, this text "
+                            f"encoder's are {weight.shape[1]} (an embedding for another model family)")
+        return start.vectors.float()
+    if config.init_word:
+        # Ids of the words' tokens, cycled over the vectors (sd-scripts); the base tokenizer knows none of ours.
+        ids = tokenizer.encode(config.init_word, add_special_tokens=False)
+        if not ids:
+            raise UserError(f"--init_word '{config.init_word}' gives no tokens; use one or more words")
+        if len(ids) > count:
+            print(f"--init_word '{config.init_word}' is {len(ids)} tokens; the first {count} initialise the vectors")
+        return torch.stack([weight[ids[i % len(ids)]].float() for i in range(count)])
+    return _mean_resized(weight.float(), count)
+
+
+def _mean_resized(weight: torch.Tensor, count: int) -> torch.Tensor:
+    """New rows as transformers' `resize_token_embeddings` makes them now (what sd-scripts gets without
+    --init_word): drawn around the mean of all rows with 1e-5 × their covariance; the mean if that fails."""
+    mean = weight.mean(0)
+    centered = weight - mean
+    covariance = centered.T @ centered / weight.shape[0]
+    try:
+        dist = torch.distributions.MultivariateNormal(mean, covariance_matrix=1e-5 * covariance)
+        return dist.sample((count,))
+    except ValueError:
+        return mean.expand(count, -1).clone()
+
+
+def _check_captions_mention(token: str, plan: RunPlan) -> None:
+    """Captions without the token train nothing: say so before any weights load rather than after hours."""
+    entries = [e for d in plan.datasets for e in d.entries if not e.is_reg]
+    texts = [" ".join(filter(None, (e.subset.caption_prefix, e.caption, e.subset.caption_suffix))) for e in entries]
+    if entries and not any(token in text for text in texts):
+        raise UserError(f"no training caption contains '{token}', so the embedding would learn nothing: put the token "
+                        f"in the captions (or the folder name's class tokens), add --caption_prefix '{token}', or "
+                        "use --use_object_template / --use_style_template / --ti_template_file")
+
+
+def _refuse_foreign(path: Path) -> None:
+    from library.formats.embedding_files import is_embedding_file
+
+    if path.exists() and not is_embedding_file(path):
+        raise UserError(f"{path}: already exists and is not a textual-inversion embedding; refusing to overwrite it, "
+                        "choose another --output_name or --output_dir")
