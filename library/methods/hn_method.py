@@ -31,7 +31,7 @@ class HypernetworkMethod(DiffusionMethod):
             parts.vae.to(dtype=torch.float32)
         self.network.to(device=device, dtype=torch.float32).requires_grad_(True).train()
         super().__init__(config, parts, device, weight_dtype, plan, train_text_encoder=False)
-        self.name = config.output_name or "hypernetwork"
+        self.name = config.output_name or "last"  # the file's stem, which is how A1111 lists it
         self.caption_transform = template_transform(config, name=self.name, require_name=False)
         self.checkpoint = CheckpointIdentity(config.pretrained_model_name_or_path)
         if config.gradient_checkpointing:
