@@ -1,0 +1,261 @@
+#!/usr/bin/env python
+"""Identify and summarise a LoRA/LyCORIS network (--verbose: per module), SD checkpoint, embedding or hypernetwork."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python tools/check_lora_weights.py`: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from library.console import quiet_libraries  # noqa: E402
+from library.errors import UserError, exit_on_user_error  # noqa: E402
+from library.models.checkpoint_io import TensorFile, open_checkpoint  # noqa: E402
+
+ALGORITHM_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
+BASE_KEYS = ("ss_base_model_version", "ss_v2", "modelspec.architecture")
+TRAINING_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_output_name",
+                 "ss_sd_model_name", "ss_steps", "ss_epoch", "ss_max_train_steps", "ss_num_train_images",
+                 "ss_learning_rate", "ss_training_comment")
+# Cross-attention context width -> the base model it belongs to (CLIP ViT-L, OpenCLIP ViT-H, SDXL's two encoders).
+CONTEXT_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
+EMBEDDING_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x"}
+PEFT_MARKERS = (".lora_A.", ".lora_B.", ".lora.down.", ".lora.up.", "lora_linear_layer")
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("file", help=".safetensors/.pt/.ckpt file to identify")
+    parser.add_argument("--verbose", action="store_true",
+                        help="for a network, one line per module: shapes and mean |w| of each tensor")
+    args = parser.parse_args(argv)
+    quiet_libraries()  # before detect/networks import diffusers, whose bitsandbytes import logs a warning
+    print("\n".join(describe(Path(args.file), verbose=args.verbose)))
+
+
+def describe(path: Path, *, verbose: bool = False) -> list[str]:
+    """Summary lines for the file; a file of no kind this tool knows -> UserError."""
+    with open_checkpoint(path) as file:  # a .safetensors header only: a multi-GB checkpoint is not read
+        keys, others = list(file.meta), list(file.non_tensor_keys)
+        if any(isinstance(k, int) and not isinstance(k, bool) for k in others):
+            return hypernetwork_summary(path)
+        if _is_network(keys):
+            kind = "network"
+        elif _is_embedding(file):
+            kind = "embedding"
+        else:
+            _refuse_foreign(path, keys, others)
+            return checkpoint_summary(path, file)
+    # Networks and embeddings are small: they are read whole, after the header-only file is closed.
+    return network_summary(path, verbose) if kind == "network" else embedding_summary(path)
+
+
+def _is_network(keys: list[str]) -> bool:
+    from networks.registry import all_module_classes
+
+    signatures = tuple(f".{name}" for cls in all_module_classes()
+                       for name in getattr(cls, "DETECT_NAMES", cls.WEIGHT_NAMES[:1]))
+    return any(k.endswith(signatures) for k in keys)
+
+
+def _is_embedding(file: TensorFile) -> bool:
+    if "string_to_param" in file.non_tensor_keys or set(file.meta) == {"clip_l", "clip_g"}:
+        return True
+    tensors = list(file.meta.values())
+    return len(tensors) == 1 and tensors[0].dim() in (1, 2) and tensors[0].is_floating_point()
+
+
+def _refuse_foreign(path: Path, keys: list[str], others: list) -> None:
+    from library.models.detect import foreign_kind
+
+    if any(marker in k for k in keys for marker in PEFT_MARKERS):
+        kind = ("a LoRA in the diffusers/PEFT layout (lora_A/lora_B or lora.down/lora.up names); "
+                "only the kohya layout (lora_unet_…/lora_te_…) is read")
+    else:
+        kind = foreign_kind([*keys, *(k for k in others if isinstance(k, str))])
+    if kind:
+        raise UserError(f"{path}: is not a LoRA, checkpoint, embedding or hypernetwork: it is {kind}")
+
+
+# ---- networks ----------------------------------------------------------------------------------------------------
+
+def network_summary(path: Path, verbose: bool) -> list[str]:
+    from networks.files import describe_network_file, read_network_file
+
+    weights, metadata = read_network_file(path)
+    info = describe_network_file(weights, source=str(path))
+    modules = _grouped(weights, info.dims)
+    algorithm = ALGORITHM_NAMES.get(info.algorithm, info.algorithm)
+    if info.algorithm == "lora" and info.conv_modules:
+        algorithm = "LoCon"  # sd-scripts' name for a LoRA that also adapts 3×3 convolutions (conv_dim)
+    unet = sum(name.startswith("lora_unet_") for name in modules)
+    te = sum(name.startswith("lora_te") for name in modules)
+    linear = [name for name in modules if name not in info.conv_modules]
+    conv = sorted(info.conv_modules)
+    lines = [f"{path}: {algorithm} network ({info.algorithm}, kohya key layout)",
+             f"  modules: {len(modules)} (UNet {unet}, text encoder {te}"
+             + (f", other {len(modules) - unet - te}" if len(modules) - unet - te else "")
+             + f"); conv 3×3 modules: {len(conv)}"]
+    if linear:
+        lines.append(f"  rank (dim): {_tally(info.dims[n] for n in linear)}; "
+                     f"alpha: {_tally(info.alphas[n] for n in linear)}")
+    if conv:
+        lines.append(f"  conv rank (conv_dim): {_tally(info.dims[n] for n in conv)}; "
+                     f"conv alpha: {_tally(info.alphas[n] for n in conv)}")
+    if info.module_args:
+        lines.append("  options: " + ", ".join(f"{k}={v}" for k, v in sorted(info.module_args.items())))
+    lines.append(f"  dtype: {_tally(str(v.dtype).removeprefix('torch.') for v in weights.values())}")
+    lines.append(f"  base model: {_base_model(metadata, modules, info.algorithm)}")
+    lines += _untrained_note(modules, info.module_class)
+    lines += _metadata_lines(path, metadata)
+    if verbose:
+        lines.append("  per module (tensor shape, mean |w|):")
+        lines += [_module_line(name, modules[name], info) for name in sorted(modules)]
+    return lines
+
+
+def _grouped(weights: dict[str, torch.Tensor], names) -> dict[str, dict[str, torch.Tensor]]:
+    modules: dict[str, dict[str, torch.Tensor]] = {name: {} for name in names}
+    for key, value in weights.items():
+        name, _, rest = key.partition(".")
+        if name in modules:
+            modules[name][rest] = value
+    return modules
+
+
+def _tally(values) -> str:
+    """One value as itself; several as `value ×count` each (per-block dims, mixed dtypes)."""
+    counts = Counter(_number(v) for v in values)
+    if len(counts) == 1:
+        return next(iter(counts))
+    return ", ".join(f"{value} ×{count}" for value, count in sorted(counts.items(), key=lambda item: _order(item[0])))
+
+
+def _number(value) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+
+
+def _order(text: str):
+    try:
+        return (0, float(text), "")
+    except ValueError:
+        return (1, 0.0, text)
+
+
+def _base_model(metadata: dict[str, str], modules: dict, algorithm: str) -> str:
+    recorded = [f"{key}={metadata[key]}" for key in BASE_KEYS if metadata.get(key)]
+    if recorded:
+        return ", ".join(recorded)
+    width = _context_width(modules, algorithm)
+    if width is None:
+        return "not recorded in the metadata"
+    family = CONTEXT_WIDTHS.get(width, "no SD release (a test model?)")
+    return f"not recorded; {width}-wide cross-attention context suggests {family}"
+
+
+def _context_width(modules: dict, algorithm: str) -> int | None:
+    # The text-encoder width is the in-width of every attn2 to_k; LoKr splits it over two factors, so it is skipped.
+    tensor_name = {"lora": "lora_down.weight", "loha": "hada_w1_b"}.get(algorithm)
+    for name, tensors in modules.items():
+        if name.endswith("attn2_to_k") and tensor_name in tensors and "hada_t1" not in tensors:
+            return int(tensors[tensor_name].shape[1])
+    return None
+
+
+def _untrained_note(modules: dict, module_class) -> list[str]:
+    # Every algorithm here multiplies its factors, so one all-zero factor (LoRA's up, LoHa's w2_a start at zero)
+    # makes the module's ΔW zero: it changes nothing.
+    names = set(module_class.WEIGHT_NAMES)
+    zero = sum(any(not t.any() for k, t in ts.items() if k in names) for ts in modules.values())
+    if not zero:
+        return []
+    return [f"  warning: {zero} of {len(modules)} modules have an all-zero weight tensor, so they change nothing "
+            f"(an untrained network's up weights start at zero)"]
+
+
+def _metadata_lines(path: Path, metadata: dict[str, str]) -> list[str]:
+    if not metadata:
+        pickle = path.suffix.lower() != ".safetensors"
+        return ["  metadata: none" + (" (a torch pickle has no header)" if pickle else "")]
+    lines = [f"  metadata: {len(metadata)} keys (tools/show_metadata.py prints them all)"]
+    return lines + [f"    {key}: {_short(metadata[key])}" for key in TRAINING_KEYS if key in metadata]
+
+
+def _short(value: str, limit: int = 120) -> str:
+    value = value.replace("\n", "\\n")
+    return value if len(value) <= limit else f"{value[:limit]}... ({len(value)} chars)"
+
+
+def _module_line(name: str, tensors: dict[str, torch.Tensor], info) -> str:
+    """Like sd-scripts' check_lora_weights: each tensor's shape and mean |w|, after the module's dim and alpha."""
+    kernel = ", conv 3×3" if name in info.conv_modules else ""
+    parts = [f"{name}: dim {info.dims[name]}, alpha {info.alphas[name]:g}{kernel}"]
+    for key in sorted(k for k in tensors if k != "alpha"):
+        tensor = tensors[key]
+        shape = "×".join(map(str, tensor.shape))
+        parts.append(f"{key.removesuffix('.weight')} {shape} mean|w| {tensor.float().abs().mean().item():.4g}")
+    return "    " + " | ".join(parts)
+
+
+# ---- other kinds -------------------------------------------------------------------------------------------------
+
+def checkpoint_summary(path: Path, file: TensorFile) -> list[str]:
+    """From the tensor names and shapes alone: the header of a .safetensors is all that was read."""
+    from library.models.detect import has_openclip_text_encoder
+    from library.models.ldm_convert import UNET_PREFIX
+
+    meta = file.meta
+    openclip = has_openclip_text_encoder(meta)
+    to_k = next((v for k, v in meta.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")), None)
+    v2 = openclip or (to_k is not None and to_k.shape[1] == 1024)
+    params = sum(t.numel() for t in meta.values())
+    dtypes = _tally(str(t.dtype).removeprefix("torch.") for t in meta.values() if t.is_floating_point())
+    encoder = ("OpenCLIP text encoder (cond_stage_model.model.*)" if openclip
+               else "CLIP text encoder (cond_stage_model.transformer.*)")
+    second = [encoder]
+    ema = sum(k.startswith("model_ema.") for k in meta)
+    if ema:
+        second.append(f"{ema} EMA tensors")
+    if file.metadata.get("modelspec.architecture"):
+        second.append(f"modelspec.architecture={file.metadata['modelspec.architecture']}")
+    if v2:
+        second.append("v-prediction or not is not in the weights (pass --v_parameterization for a 768-v model)")
+    return [f"{path}: Stable Diffusion {'2.x' if v2 else '1.x'} checkpoint (single file): {len(meta)} tensors, "
+            f"{params / 1e6:.1f} M parameters, dtype {dtypes}",
+            "  " + "; ".join(second)]
+
+
+def embedding_summary(path: Path) -> list[str]:
+    from library.formats.embedding_files import load_embedding
+
+    embedding = load_embedding(path)
+    count, width = embedding.vectors.shape
+    layout = {"a1111": "AUTOMATIC1111", "kohya": "sd-scripts"}.get(embedding.layout, embedding.layout)
+    name = f", name {embedding.name!r}" if embedding.name else ""
+    family = EMBEDDING_WIDTHS.get(width, "no SD 1.x/2.x text encoder (a test model?)")
+    return [f"{path}: textual-inversion embedding ({layout} layout): {count} vectors × {width} wide, "
+            f"step {embedding.step}{name}",
+            f"  {width}-wide vectors fit {family}"]
+
+
+def hypernetwork_summary(path: Path) -> list[str]:
+    from networks.hypernetwork import load_hypernetwork
+
+    network, info = load_hypernetwork(path)
+    params = sum(p.numel() for p in network.parameters())
+    dropout = f", dropout {list(network.dropout_structure)}" if any(network.dropout_structure) else ""
+    trained_on = f", trained on {info['sd_checkpoint_name']}" if info.get("sd_checkpoint_name") else ""
+    return [f"{path}: AUTOMATIC1111 hypernetwork: sizes {', '.join(map(str, network.sizes))}, layer structure "
+            f"{list(network.layer_structure)}, activation {network.activation_func or 'linear'}, "
+            f"layer norm {'yes' if network.add_layer_norm else 'no'}{dropout}",
+            f"  step {info['step']}, name {info['name']!r}{trained_on}, {params} parameters"]
+
+
+if __name__ == "__main__":
+    main()
