@@ -98,14 +98,17 @@ def extract(diffs: dict[str, torch.Tensor], dim: int, conv_dim: int | None = Non
 
 def lora_metadata(parts, args) -> dict[str, str]:
     """sd-scripts' minimum LoRA metadata plus modelspec, as its extract script writes them."""
-    from library.formats.modelspec import architecture, checkpoint_metadata
+    import time
+
+    from library.formats.kohya_metadata import network_modelspec
 
     v_param = parts.v_parameterization
     net_args = {}
     if args.conv_dim is not None:
         net_args = {"conv_dim": str(args.conv_dim), "conv_alpha": str(float(args.conv_dim))}
-    metadata = checkpoint_metadata(v2=parts.v2, v_parameterization=v_param, title=Path(args.save_to).stem)
-    metadata["modelspec.architecture"] = architecture(parts.v2, v_param, "lora")
+    # A LoRA's modelspec, as train_network writes it (implementation "diffusers" for SD 1.x/2.x LoRA).
+    metadata = network_modelspec(v2=parts.v2, v_parameterization=v_param, timestamp=time.time(),
+                                 title=Path(args.save_to).stem)
     metadata.update({"ss_v2": str(parts.v2), "ss_base_model_version": parts.base_model_version,
                      "ss_network_module": "networks.lora", "ss_network_dim": str(args.dim),
                      "ss_network_alpha": str(float(args.dim)), "ss_network_args": json.dumps(net_args)})
