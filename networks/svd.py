@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from library.errors import UserError
@@ -104,3 +106,28 @@ def _first_reaching(values: torch.Tensor, target: float) -> int:
     """How many leading values it takes for their share of the total to reach `target` (searchsorted, left)."""
     shares = torch.cumsum(values, dim=0) / values.sum()
     return int(torch.searchsorted(shares, torch.tensor(float(target)))) + 1
+
+
+@dataclass(frozen=True)
+class Factorised:
+    name: str
+    rank: int
+    retained: float  # Frobenius norm of the kept part over that of the whole ΔW
+
+
+def lora_from_deltas(deltas: dict[str, torch.Tensor], rank: int, conv_rank: int | None = None, *,
+                     clamp_quantile: float | None = None, device: str = "cpu"):
+    """(kohya LoRA tensors, report): each ΔW as up·down of rank ≤ `rank` (`conv_rank` for 3×3 kernels), alpha = the
+    rank kept, so the scale alpha/rank is 1 and up·down is the approximation itself."""
+    weights, report = {}, []
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            is_kernel = delta.dim() == 4 and delta.shape[2:] != (1, 1)
+            up, down, retained = low_rank(delta.to(device), conv_rank if is_kernel and conv_rank else rank,
+                                          clamp_quantile=clamp_quantile)
+            kept = down.shape[0]
+            weights[f"{name}.lora_up.weight"] = up.cpu()
+            weights[f"{name}.lora_down.weight"] = down.cpu()
+            weights[f"{name}.alpha"] = torch.tensor(float(kept))
+            report.append(Factorised(name, kept, retained))
+    return weights, report

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python tools/extract_lora_from_models.py`: make the project importable
@@ -35,13 +34,6 @@ TOOL_OPTIONS = (
     Option("min_diff", float, 0.01, "a text encoder differing by at most this (max |Δ|) is left out", "extract"),
     Option("device", str, "cpu", "device for the SVDs (cuda to use a GPU)", "extract"),
 )
-
-
-@dataclass
-class ExtractedModule:
-    name: str
-    rank: int
-    retained: float  # Frobenius norm of the kept part over that of the whole difference
 
 
 def weight_differences(base, tuned, *, conv_dim: int | None, min_diff: float) -> dict[str, torch.Tensor]:
@@ -80,20 +72,9 @@ def _pairs(base_loras, tuned_loras) -> dict:
 def extract(diffs: dict[str, torch.Tensor], dim: int, conv_dim: int | None = None, *,
             clamp_quantile: float | None = 0.99, device: str = "cpu"):
     """(kohya state dict, report): each difference as up·down of rank ≤ dim (conv_dim for 3×3), alpha = rank."""
-    from networks.svd import low_rank
+    from networks.svd import lora_from_deltas
 
-    weights, report = {}, []
-    with torch.no_grad():
-        for name, diff in diffs.items():
-            is_kernel = diff.dim() == 4 and diff.shape[2:] != (1, 1)
-            up, down, retained = low_rank(diff.to(device), conv_dim if is_kernel else dim,
-                                          clamp_quantile=clamp_quantile)
-            rank = down.shape[0]
-            weights[f"{name}.lora_up.weight"] = up.cpu()
-            weights[f"{name}.lora_down.weight"] = down.cpu()
-            weights[f"{name}.alpha"] = torch.tensor(float(rank))  # scale alpha/rank = 1: up·down is ΔW itself
-            report.append(ExtractedModule(name, rank, retained))
-    return weights, report
+    return lora_from_deltas(diffs, dim, conv_dim, clamp_quantile=clamp_quantile, device=device)
 
 
 def lora_metadata(parts, args) -> dict[str, str]:
@@ -147,7 +128,7 @@ def save_extracted(weights: dict[str, torch.Tensor], parts, args) -> Path:
 
 
 @exit_on_user_error
-def main(argv=None) -> list[ExtractedModule]:
+def main(argv=None) -> list:
     declared = TOOL_OPTIONS + tuple(o for o in OPTIONS if o.name in SHARED_FLAGS)
     args = parse_tool_args(argv, __doc__, declared, [o.name for o in declared])
     _check_args(args)

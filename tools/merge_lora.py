@@ -1,0 +1,292 @@
+#!/usr/bin/env python
+"""Merge LoRA/LyCORIS networks like sd-scripts' merge_lora.py: into a base model (--sd_model), or LoRAs into one LoRA.
+
+With --sd_model every file (LoRA, LoCon, LoHa, LoKr) is added as ratio·ΔW into the text encoder and UNet, in order,
+and the model is written as a single file or a diffusers folder by the form of --save_to. Without it, LoRA/LoCon
+files are combined into one LoRA: by sd-scripts' rule (same rank per module, an approximation when inputs differ),
+or with --concat exactly (rank = sum of the input ranks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python tools/merge_lora.py`: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from library.errors import UserError, exit_on_user_error  # noqa: E402
+from tools.merge_models import check_output, make_parser  # noqa: E402
+from tools.resize_lora import NETWORK_SUFFIXES  # noqa: E402
+
+MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt")
+PRECISION_CHOICES = ("float", "fp16", "bf16")
+ALGORITHM_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags merge_lora and svd_merge_lora share (sd-scripts spells them the same in both)."""
+    parser.add_argument("--models", nargs="+", default=None, metavar="FILE", help="network files to merge, in order")
+    parser.add_argument("--ratios", nargs="+", type=float, default=None, metavar="RATIO",
+                        help="one multiplier per file (default: 1 each)")
+    parser.add_argument("--save_to", default=None, help="output path")
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, default="float",
+                        help="precision the inputs are merged in (default: float; --save_precision defaults to it)")
+    parser.add_argument("--device", default="cpu", help="device for the maths (cuda to use a GPU)")
+
+
+def check_common(args) -> tuple[list[Path], list[float]]:
+    """Input paths and one ratio each; fails before any slow reading."""
+    if not args.models or not args.save_to:
+        raise UserError("--models and --save_to are required; e.g. --models a.safetensors b.safetensors "
+                        "--ratios 1 0.5 --save_to merged.safetensors")
+    ratios = args.ratios if args.ratios is not None else [1.0] * len(args.models)
+    if len(ratios) != len(args.models):
+        raise UserError(f"--ratios: got {len(ratios)} values for {len(args.models)} --models; give one ratio per file")
+    inputs = [Path(m) for m in args.models]
+    for path in inputs:
+        if not path.is_file():
+            raise UserError(f"--models {path}: no such file; check the path")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: no CUDA device here; use --device cpu")
+    return inputs, ratios
+
+
+def check_network_output(dst: Path, inputs: list[Path]) -> None:
+    """A network output must have a network file's extension and must not replace one of its inputs."""
+    if dst.suffix.lower() not in NETWORK_SUFFIXES:
+        raise UserError(f"--save_to {dst}: a network is written as {', '.join(NETWORK_SUFFIXES)}; change the extension")
+    _refuse_input(dst, inputs)
+
+
+def _refuse_input(dst: Path, inputs: list[Path]) -> None:
+    for src in inputs:
+        if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+            raise UserError(f"--save_to {dst}: is also an input; refusing to overwrite it, choose another output path")
+
+
+def check_model_output(dst: Path, inputs: list[Path]) -> None:
+    """A single file (.safetensors/.ckpt) or a diffusers folder; never an input, never someone else's file/folder."""
+    if dst.suffix.lower() in MODEL_FILE_SUFFIXES:
+        return check_output(dst, inputs)
+    if dst.suffix.lower() in (".pt", ".pth", ".bin"):
+        raise UserError(f"--save_to {dst}: write the merged model as .safetensors or .ckpt, or a folder for diffusers")
+    _refuse_input(dst, inputs)
+    # save_diffusers would refuse this too, but only after the whole merge.
+    if dst.exists() and (not dst.is_dir() or (any(dst.iterdir()) and not (dst / "model_index.json").is_file())):
+        raise UserError(f"--save_to {dst}: exists and is not a diffusers model folder; refusing to overwrite it, "
+                        "choose another path")
+
+
+def merge_dtypes(args) -> tuple[torch.dtype, torch.dtype]:
+    """(merge dtype, save dtype): sd-scripts saves in the merge precision unless --save_precision says otherwise."""
+    from library.models.saving import save_dtype
+
+    merge = save_dtype(args.precision)
+    return merge, save_dtype(args.save_precision, merge)
+
+
+# ---------------------------------------------------------------- into a model
+
+def merge_file_into(parts, path: Path, ratio: float, device: str) -> str:
+    """Add ratio·ΔW of one network file into parts' text encoder and UNet; a one-line summary."""
+    from networks.files import describe_network_file, read_network_file
+    from networks.network import network_from_weights
+
+    weights, _ = read_network_file(path)
+    info = describe_network_file(weights, source=str(path))
+    network = network_from_weights(ratio, path, parts.text_encoder, parts.unet, weights_sd=weights,
+                                   for_inference=True)
+    network.to(device)
+    result = network.load_state_dict_flexible(weights)
+    missing = [k for k in result.missing_keys if not k.endswith(".alpha")]  # no alpha means alpha = rank
+    if missing:
+        raise UserError(f"{path}: {missing[0]} is missing; the file is damaged (re-save or re-train it)")
+    network.merge_to(parts.text_encoder, parts.unet)
+    if network.unmatched:
+        print(f"warning: {path.name}: {len(network.unmatched)} modules match no layer of the model and were skipped "
+              f"(first: {network.unmatched[0]})", file=sys.stderr)
+    name = "LoCon" if info.algorithm == "lora" and info.conv_modules else ALGORITHM_NAMES.get(info.algorithm,
+                                                                                              info.algorithm)
+    te, unet = len(network.text_encoder_loras), len(network.unet_loras)
+    return f"merged {path.name} ({name}) at ratio {ratio:g}: {te + unet} modules ({te} text encoder, {unet} UNet)"
+
+
+def merge_into_model(args, inputs: list[Path], ratios: list[float]) -> Path:
+    from library.console import quiet_libraries
+    from library.models.loading import load_components
+    from library.models.saving import save_model
+
+    quiet_libraries()  # the model loaders' imports log at info level
+    dst = Path(args.save_to)
+    check_model_output(dst, inputs + [Path(args.sd_model)])
+    merge_dtype, _ = merge_dtypes(args)
+    parts = load_components(args.sd_model, v2=args.v2, dtype=merge_dtype)
+    parts.text_encoder.to(args.device)
+    parts.unet.to(args.device)
+    with torch.no_grad():
+        for path, ratio in zip(inputs, ratios):
+            print(merge_file_into(parts, path, ratio, args.device))
+    parts.text_encoder.to("cpu")
+    parts.unet.to("cpu")
+    return save_model(parts, dst, precision=args.save_precision or args.precision)
+
+
+# ---------------------------------------------------------------- LoRAs into one LoRA
+
+def read_lora_modules(path: Path, dtype: torch.dtype) -> tuple[dict[str, dict], dict[str, str]]:
+    """name -> {"up", "down", "alpha"} of a LoRA/LoCon file, in `dtype`; LoHa/LoKr are refused."""
+    from networks.files import describe_network_file, read_network_file
+
+    weights, metadata = read_network_file(path)
+    info = describe_network_file(weights, source=str(path))
+    if info.algorithm != "lora":
+        raise UserError(f"{path}: a {info.algorithm} network; merging networks into one supports LoRA/LoCon only, "
+                        "merge it into a checkpoint instead (--sd_model BASE)")
+    modules = {}
+    for name, rank in info.dims.items():
+        up = weights.get(f"{name}.lora_up.weight")
+        if up is None:
+            raise UserError(f"{path}: {name} has lora_down but no lora_up tensor; the file is damaged")
+        alpha = info.alphas[name] or float(rank)  # alpha 0 means "no scaling", as the modules read it
+        modules[name] = {"up": up.to(dtype), "down": weights[f"{name}.lora_down.weight"].to(dtype), "alpha": alpha}
+    return modules, dict(metadata)
+
+
+def _like(tensor: torch.Tensor, ref: torch.Tensor, axis: int, where: str) -> torch.Tensor:
+    """`tensor` in ref's form (2-D vs 1×1 4-D, as SD 2.x files differ), only the rank axis may differ."""
+    shape = list(ref.shape)
+    shape[axis] = tensor.shape[axis]
+    if tensor.numel() != math.prod(shape):
+        raise UserError(f"{where}: shape {tuple(tensor.shape)} does not fit {tuple(ref.shape)} of the first file; "
+                        "the LoRAs are for different base models (SD 1.x vs 2.x?)")
+    return tensor.reshape(shape)
+
+
+def sum_like_sd_scripts(loaded: list[tuple[Path, dict]], ratios: list[float]) -> dict[str, torch.Tensor]:
+    """sd-scripts' merge_lora_models without --concat: alpha is the first file's (per module), and each file's
+    factors are added as up·|s| and down·s with s = sqrt(alpha / base alpha)·ratio. The result's ΔW is
+    (Σ|s_i|·up_i)(Σ s_j·down_j)·alpha/rank: cross terms included, and a lone file at ratio r comes out at r·|r|, so
+    this is not Σ ratio_i·ΔW_i (use --concat or svd_merge_lora for that); it is what sd-scripts users get."""
+    merged: dict[str, dict] = {}
+    for (path, modules), ratio in zip(loaded, ratios):
+        for name, m in modules.items():
+            base = merged.setdefault(name, {"alpha": m["alpha"], "source": path})
+            scale = math.sqrt(m["alpha"] / base["alpha"]) * ratio
+            up, down = m["up"] * abs(scale), m["down"] * scale
+            if "up" not in base:
+                base["up"], base["down"] = up, down
+                continue
+            if down.shape[0] != base["down"].shape[0]:
+                raise UserError(f"{path}: {name} has rank {down.shape[0]} but {base['down'].shape[0]} in "
+                                f"{base['source']}; without --concat every LoRA needs the same rank per module, "
+                                "add --concat or use tools/svd_merge_lora.py")
+            base["up"] = base["up"] + _like(up, base["up"], 1, f"{path}: {name}")
+            base["down"] = base["down"] + _like(down, base["down"], 0, f"{path}: {name}")
+    return _as_state_dict(merged)
+
+
+def concat_exact(loaded: list[tuple[Path, dict]], ratios: list[float]) -> dict[str, torch.Tensor]:
+    """--concat: stack the factors along the rank axis. sd-scripts keeps the first alpha (so the scale changes with
+    the new rank); here alpha = the new rank (scale 1) and each file's ratio·alpha/rank is folded into its `up`
+    columns, so the merged ΔW is exactly Σ ratio_i·ΔW_i."""
+    pieces: dict[str, dict] = {}
+    for (path, modules), ratio in zip(loaded, ratios):
+        for name, m in modules.items():
+            scale = ratio * m["alpha"] / m["down"].shape[0]
+            entry = pieces.setdefault(name, {"up": [], "down": []})
+            up, down = m["up"] * scale, m["down"]
+            if entry["up"]:
+                up = _like(up, entry["up"][0], 1, f"{path}: {name}")
+                down = _like(down, entry["down"][0], 0, f"{path}: {name}")
+            entry["up"].append(up)
+            entry["down"].append(down)
+    merged = {}
+    for name, entry in pieces.items():
+        down = torch.cat(entry["down"], dim=0)
+        merged[name] = {"up": torch.cat(entry["up"], dim=1), "down": down, "alpha": float(down.shape[0])}
+    return _as_state_dict(merged)
+
+
+def _as_state_dict(merged: dict[str, dict]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, m in merged.items():
+        out[f"{name}.lora_up.weight"] = m["up"]
+        out[f"{name}.lora_down.weight"] = m["down"]
+        out[f"{name}.alpha"] = torch.tensor(float(m["alpha"]))
+    return out
+
+
+def network_metadata(weights: dict[str, torch.Tensor], first: dict[str, str], inputs: list[Path],
+                     ratios: list[float], *, note: str = "merged") -> dict[str, str]:
+    """sd-scripts' minimum LoRA metadata of the result; base model keys come from the first input."""
+    from tools.resize_lora import _common
+
+    names = [k.removesuffix(".lora_down.weight") for k in weights if k.endswith(".lora_down.weight")]
+    kernel = {n for n in names if weights[f"{n}.lora_down.weight"].dim() == 4
+              and weights[f"{n}.lora_down.weight"].shape[2:] != (1, 1)}
+    linear = [n for n in names if n not in kernel] or names
+    rank = lambda n: weights[f"{n}.lora_down.weight"].shape[0]  # noqa: E731
+    alpha = lambda n: float(weights[f"{n}.alpha"])  # noqa: E731
+    metadata = {key: first[key] for key in ("ss_v2", "ss_base_model_version") if key in first}
+    net_args = {}
+    if kernel:
+        net_args = {"conv_dim": _common((rank(n) for n in kernel), False),
+                    "conv_alpha": _common((alpha(n) for n in kernel), False)}
+    sources = ", ".join(f"{p.name} ({r:g})" for p, r in zip(inputs, ratios))
+    metadata.update({"ss_network_module": "networks.lora", "ss_network_dim": _common(map(rank, linear), False),
+                     "ss_network_alpha": _common(map(alpha, linear), False), "ss_network_args": json.dumps(net_args),
+                     "ss_training_comment": f"{note} from {sources}"})
+    return metadata
+
+
+def merge_networks(args, inputs: list[Path], ratios: list[float]) -> Path:
+    from networks.files import save_network_file
+
+    dst = Path(args.save_to)
+    check_network_output(dst, inputs)
+    merge_dtype, dtype = merge_dtypes(args)
+    loaded = [(path, read_lora_modules(path, merge_dtype)) for path in inputs]
+    modules = [(path, mods) for path, (mods, _) in loaded]
+    with torch.no_grad():
+        weights = (concat_exact if args.concat else sum_like_sd_scripts)(modules, ratios)
+    metadata = network_metadata(weights, loaded[0][1][1], inputs, ratios,
+                                note="concatenated" if args.concat else "merged")
+    save_network_file(weights, dst, dtype=dtype, metadata=metadata)
+    downs = [w for k, w in weights.items() if k.endswith(".lora_down.weight")]
+    ranks = sorted({w.shape[0] for w in downs})
+    print(f"merged {len(inputs)} LoRAs into {len(downs)} modules "
+          f"(rank {ranks[0] if len(ranks) == 1 else f'{ranks[0]}..{ranks[-1]}'}"
+          f"{', concatenated' if args.concat else ''})")
+    return dst
+
+
+def _parse(argv) -> argparse.Namespace:
+    parser = make_parser(__doc__)
+    add_common_arguments(parser)
+    parser.add_argument("--sd_model", default=None, help="base model to merge into (file, diffusers folder, hub id); "
+                        "without it the LoRAs are merged into one LoRA")
+    parser.add_argument("--v2", action="store_true", default=False, help="insist that --sd_model is SD 2.x")
+    parser.add_argument("--concat", action="store_true", default=False,
+                        help="LoRA output: concatenate ranks (exact Σ ratio·ΔW; rank = sum of the input ranks)")
+    return parser.parse_args(argv)
+
+
+@exit_on_user_error
+def main(argv=None) -> Path:
+    args = _parse(argv)
+    inputs, ratios = check_common(args)
+    if args.sd_model and args.concat:
+        raise UserError("--concat applies to merging LoRAs into one LoRA; drop it when merging into --sd_model")
+    dst = merge_into_model(args, inputs, ratios) if args.sd_model else merge_networks(args, inputs, ratios)
+    print(f"wrote {dst}")
+    return dst
+
+
+if __name__ == "__main__":
+    main()

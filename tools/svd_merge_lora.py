@@ -1,0 +1,174 @@
+#!/usr/bin/env python
+"""Merge networks into one LoRA like sd-scripts' svd_merge_lora.py: Σ ratio_i·ΔW_i per module, then truncated SVD.
+
+Inputs may be LoRA/LoCon of any ranks, or LoHa/LoKr (their ΔW is rebuilt by our module classes). Each module's sum
+is re-factorised to its best rank --new_rank approximation (--new_conv_rank for 3×3 convolutions), alpha = rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python tools/svd_merge_lora.py`: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from library.errors import UserError, exit_on_user_error  # noqa: E402
+from tools.merge_lora import (add_common_arguments, check_common, check_network_output, merge_dtypes,  # noqa: E402
+                              network_metadata)
+from tools.merge_models import make_parser  # noqa: E402
+
+# SD's UNet 3×3 convolutions (ResNet conv1/conv2, up/down-sampler conv). LoHa and low-rank LoKr store a conv's
+# factors as 2-D matrices over in·k·k columns, so only the layer's name tells a 3×3 kernel from a Linear.
+KERNEL_NAME_ENDINGS = ("_conv1", "_conv2", "_conv")
+
+
+def _stand_in(shape: tuple[int, ...]) -> nn.Module:
+    """A weightless (meta) layer of `shape`: the adapter classes read only its kind and sizes."""
+    if len(shape) == 2:
+        return nn.Linear(shape[1], shape[0], bias=False, device="meta")
+    return nn.Conv2d(shape[1], shape[0], tuple(shape[2:]), bias=False, device="meta")
+
+
+def layer_shapes(name: str, weights: dict[str, torch.Tensor]) -> list[tuple[int, ...]]:
+    """Candidate shapes of the adapted layer, likeliest first (the adapter's factors must load into one of them)."""
+    from networks.lokr import kron_sides
+
+    if "lora_down.weight" in weights:
+        down, up = weights["lora_down.weight"], weights["lora_up.weight"]
+        return [(up.shape[0], *down.shape[1:])]
+    if "hada_t1" in weights:
+        return [(weights["hada_w1_a"].shape[1], weights["hada_w1_b"].shape[1], *weights["hada_t1"].shape[2:])]
+    if "hada_w1_a" in weights:
+        return _guess(name, weights["hada_w1_a"].shape[0], weights["hada_w1_b"].shape[1])
+    (out_small, out_large), in_small, in_large = kron_sides(weights)
+    out = out_small * out_large
+    if "lokr_t2" in weights:
+        return [(out, in_small * in_large[0], *weights["lokr_t2"].shape[2:])]
+    if "lokr_w2" in weights:
+        return [(out, in_small * in_large[0], *weights["lokr_w2"].shape[2:])]
+    return _guess(name, out, in_small * weights["lokr_w2_b"].shape[1])
+
+
+def _guess(name: str, out: int, columns: int) -> list[tuple[int, ...]]:
+    linear, shapes = (out, columns), [(out, columns)]
+    if columns % 9 == 0:
+        kernel = (out, columns // 9, 3, 3)
+        named = name.startswith("lora_unet_") and name.endswith(KERNEL_NAME_ENDINGS)
+        shapes = [kernel, linear] if named else [linear, kernel]
+    return shapes
+
+
+def module_delta(info, name: str, weights: dict[str, torch.Tensor], source: Path) -> torch.Tensor:
+    """ΔW (alpha/rank scale included) of one module, rebuilt by the file's own adapter class."""
+    for shape in layer_shapes(name, weights):
+        module = info.module_class(name, _stand_in(shape), 1.0, info.dims[name], info.alphas[name],
+                                   **info.module_args)
+        tensors = {k: v for k, v in weights.items() if k != "alpha"}  # the module was built with the file's alpha
+        try:
+            result = module.load_state_dict(tensors, strict=False)
+        except RuntimeError:
+            continue  # factors shaped for another layer shape: try the next candidate
+        missing = [k for k in result.missing_keys if k != "alpha"]
+        if missing or result.unexpected_keys:
+            continue
+        with torch.no_grad():
+            return module.delta_weight().float()
+    raise UserError(f"{source}: cannot rebuild ΔW of {name} from its {info.algorithm} tensors "
+                    f"({', '.join(sorted(weights))}); the file is damaged or uses a layout we do not read")
+
+
+def summed_deltas(inputs: list[Path], ratios: list[float], dtype: torch.dtype):
+    """(name -> Σ ratio·ΔW in float32, first file's metadata). Inputs are rounded to `dtype` first (sd-scripts'
+    --precision); the sums run in float32, which the SVD needs anyway."""
+    from networks.files import describe_network_file, read_network_file
+
+    deltas: dict[str, torch.Tensor] = {}
+    first_metadata = None
+    for path, ratio in zip(inputs, ratios):
+        weights, metadata = read_network_file(path)
+        first_metadata = metadata if first_metadata is None else first_metadata
+        info = describe_network_file(weights, source=str(path))
+        grouped: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in weights.items():
+            module, _, rest = key.partition(".")
+            grouped.setdefault(module, {})[rest] = value.to(dtype) if value.is_floating_point() else value
+        for name in info.dims:
+            delta = module_delta(info, name, grouped[name], path) * ratio
+            if name in deltas:
+                delta = _fit(delta, deltas[name], f"{path}: {name}")
+                deltas[name] = deltas[name] + delta
+            else:
+                deltas[name] = delta
+    return deltas, dict(first_metadata or {})
+
+
+def _fit(delta: torch.Tensor, ref: torch.Tensor, where: str) -> torch.Tensor:
+    """delta in ref's form: a Linear and a 1×1 conv delta of the same size are the same layer (SD 2.x proj)."""
+    if delta.shape == ref.shape:
+        return delta
+    if delta.numel() != ref.numel():
+        raise UserError(f"{where}: ΔW shape {tuple(delta.shape)} differs from {tuple(ref.shape)} of an earlier file; "
+                        "the networks are for different base models (SD 1.x vs 2.x?)")
+    return delta.reshape(ref.shape)
+
+
+def refactor(deltas: dict[str, torch.Tensor], new_rank: int, new_conv_rank: int, *, clamp_quantile: float | None,
+             device: str):
+    """LoRA tensors of each ΔW's best low-rank approximation (alpha = rank, so up·down is the approximation)."""
+    from networks.svd import lora_from_deltas
+
+    return lora_from_deltas(deltas, new_rank, new_conv_rank, clamp_quantile=clamp_quantile, device=device)
+
+
+def _parse(argv) -> argparse.Namespace:
+    parser = make_parser(__doc__)
+    add_common_arguments(parser)
+    parser.add_argument("--new_rank", type=int, default=4, help="rank of the merged LoRA (default 4)")
+    parser.add_argument("--new_conv_rank", type=int, default=None,
+                        help="rank for 3×3 convolutions (LoCon; default: --new_rank)")
+    parser.add_argument("--clamp_quantile", type=float, default=1.0,
+                        help="clip both factors to ± this quantile of |values| (default 1: no clipping; "
+                             "sd-scripts always clips at 0.99)")
+    return parser.parse_args(argv)
+
+
+def _check_args(args) -> None:
+    for flag in ("new_rank", "new_conv_rank"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag} {value}: a rank must be at least 1")
+    if not 0.0 < args.clamp_quantile <= 1.0:
+        raise UserError(f"--clamp_quantile {args.clamp_quantile}: must be in (0, 1]; 1 turns clipping off")
+
+
+@exit_on_user_error
+def main(argv=None) -> list:
+    args = _parse(argv)
+    inputs, ratios = check_common(args)
+    _check_args(args)
+    dst = Path(args.save_to)
+    check_network_output(dst, inputs)
+    from networks.files import save_network_file
+
+    merge_dtype, dtype = merge_dtypes(args)
+    deltas, first_metadata = summed_deltas(inputs, ratios, merge_dtype)
+    conv_rank = args.new_conv_rank if args.new_conv_rank is not None else args.new_rank
+    clamp = args.clamp_quantile if args.clamp_quantile < 1.0 else None
+    weights, report = refactor(deltas, args.new_rank, conv_rank, clamp_quantile=clamp, device=args.device)
+    metadata = network_metadata(weights, first_metadata, inputs, ratios,
+                                note=f"svd-merged to rank {args.new_rank} (conv {conv_rank})")
+    save_network_file(weights, dst, dtype=dtype, metadata=metadata)
+    mean = sum(m.retained for m in report) / len(report)
+    print(f"merged {len(inputs)} networks into {len(report)} LoRA modules at rank {args.new_rank} "
+          f"(conv {conv_rank}): average retained Frobenius norm {mean:.2%}")
+    print(f"wrote {dst}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
