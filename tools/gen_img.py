@@ -1,0 +1,158 @@
+#!/usr/bin/env python
+"""Generate images from an SD 1.x/2.x model with LoRA networks, embeddings and a hypernetwork (sd-scripts' gen_img.py
+flags); each PNG is written as <outdir>/<index>_<seed>.png with AUTOMATIC1111's "parameters" text chunk.
+
+Prompts take sd-scripts' options: `a cat --n blurry --w 512 --h 768 --d 42 --s 30 --l 7 --ss euler_a`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python tools/gen_img.py`: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from library.config.declarations import OPTIONS  # noqa: E402
+from library.config.options import Option  # noqa: E402
+from library.config.resolve import parse_tool_args  # noqa: E402
+from library.errors import UserError, exit_on_user_error  # noqa: E402
+
+SECTION = "generation"
+# The options xyz_grid.py shares (the model, its add-ons and the sampling defaults).
+BASE_OPTIONS = (
+    Option("ckpt", str, None, "base model: .safetensors/.ckpt file, diffusers folder, hub id or tiny-sd1", SECTION),
+    Option("prompt", str, None, "the prompt (sd-scripts options such as --n, --d may follow inside it)", SECTION),
+    Option("negative_prompt", str, None, "negative prompt for prompts without --n", SECTION),
+    Option("W", int, 512, "image width (rounded down to a multiple of 8)", SECTION),
+    Option("H", int, 512, "image height (rounded down to a multiple of 8)", SECTION),
+    Option("steps", int, 50, "sampling steps", SECTION),
+    Option("scale", float, 7.5, "classifier-free guidance scale (CFG)", SECTION),
+    Option("sampler", str, "ddim", "sampler: ddim, pndm, lms, euler, euler_a, heun, dpm_2, dpm_2_a, dpmsolver, "
+           "dpmsolver++, dpmsingle (and k_ aliases)", SECTION),
+    Option("seed", int, None, "seed (default: a random one per image)", SECTION),
+    Option("network_weights", str, None, "LoRA / LoCon / LoHa / LoKr files to apply", SECTION, nargs="+"),
+    Option("network_mul", float, None, "weight of each network (one value: for all; default 1.0)", SECTION,
+           nargs="+"),
+    Option("textual_inversion_embeddings", str, None, "embedding files; write the file's stem in prompts", SECTION,
+           nargs="+"),
+    Option("hypernetwork", str, None, "AUTOMATIC1111 hypernetwork .pt to apply", SECTION),
+    Option("hypernetwork_mul", float, 1.0, "hypernetwork strength", SECTION),
+    Option("fp16", bool, False, "load the model in float16", SECTION),
+    Option("bf16", bool, False, "load the model in bfloat16", SECTION),
+    Option("device", str, None, "device to generate on (default: cuda when available, else cpu)", SECTION),
+)
+SHARED_FLAGS = ("v2", "v_parameterization", "vae", "clip_skip")
+TOOL_OPTIONS = (
+    Option("outdir", str, None, "folder for the images (same names are replaced)", SECTION),
+    Option("from_file", str, None, "text file with one prompt per line (# comments and blank lines skipped)", SECTION),
+    Option("images_per_prompt", int, 1, "images per prompt; image k uses seed + k", SECTION),
+    Option("image_path", str, None, "image-to-image: start from this image (resized to --W x --H)", SECTION),
+    Option("strength", float, None, "image-to-image: how much is re-noised, 0-1 (default 0.8)", SECTION),
+)
+
+
+def parse_args(argv, description: str, extra: tuple[Option, ...]):
+    options = BASE_OPTIONS + extra + tuple(o for o in OPTIONS if o.name in SHARED_FLAGS)
+    return parse_tool_args(argv, description, options, [o.name for o in BASE_OPTIONS + extra] + list(SHARED_FLAGS))
+
+
+def setup_from_args(args):
+    """The GenerationSetup the shared options describe; user mistakes -> UserError before any model loads."""
+    import torch
+
+    from library.generation import GenerationSetup
+
+    if not args.ckpt:
+        raise UserError("--ckpt is required: the base model (.safetensors/.ckpt, diffusers folder, or tiny-sd1)")
+    if args.fp16 and args.bf16:
+        raise UserError("--fp16 and --bf16 exclude each other; give one")
+    files = args.network_weights or []
+    muls = args.network_mul or [1.0]
+    if len(muls) not in (1, len(files)):
+        raise UserError(f"--network_mul: give one value or one per --network_weights file ({len(files)}), "
+                        f"got {len(muls)}")
+    dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
+    return GenerationSetup(
+        ckpt=args.ckpt, networks=[(f, muls[i] if len(muls) > 1 else muls[0]) for i, f in enumerate(files)],
+        embeddings=list(args.textual_inversion_embeddings or []), hypernetwork=args.hypernetwork,
+        hypernetwork_strength=args.hypernetwork_mul, sampler=args.sampler, steps=args.steps, scale=args.scale,
+        width=args.W, height=args.H, seed=args.seed, negative_prompt=args.negative_prompt, clip_skip=args.clip_skip,
+        v2=args.v2, v_parameterization=args.v_parameterization, vae=args.vae, dtype=dtype, device=args.device)
+
+
+def check_sampling_defaults(setup) -> None:
+    from library.training.sampling import SamplePrompt, check_prompts
+
+    check_prompts([SamplePrompt("", steps=setup.steps)], setup.sampler, where=f"--sampler {setup.sampler}")
+
+
+def read_prompt_lines(args) -> list[tuple[str, str]]:
+    """(where, line) for each prompt: --prompt, or the lines of --from_file."""
+    if bool(args.prompt) == bool(args.from_file):
+        raise UserError("give either --prompt \"...\" or --from_file prompts.txt (one of them)")
+    if args.prompt:
+        return [("--prompt", args.prompt)]
+    path = Path(args.from_file)
+    if not path.is_file():
+        raise UserError(f"--from_file {path}: no such file; check the path")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UserError(f"--from_file {path}: not UTF-8 text ({err.reason}); save it as UTF-8") from None
+    lines = [(f"{path}:{n}", line.strip()) for n, line in enumerate(text.splitlines(), 1)
+             if line.strip() and not line.strip().startswith("#")]
+    if not lines:
+        raise UserError(f"--from_file {path}: holds no prompt lines")
+    return lines
+
+
+def load_init_image(args):
+    from PIL import Image, UnidentifiedImageError
+
+    if args.strength is not None and not args.image_path:
+        raise UserError("--strength needs --image_path (it is the image-to-image strength)")
+    if not args.image_path:
+        return None
+    if args.strength is not None and not 0 < args.strength <= 1:
+        raise UserError(f"--strength {args.strength}: give a value in (0, 1] (how much of the image is re-noised)")
+    try:
+        with Image.open(args.image_path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as err:
+        raise UserError(f"--image_path {args.image_path}: cannot read it as an image ({err})") from None
+
+
+@exit_on_user_error
+def main(argv=None) -> list[Path]:
+    args = parse_args(argv, __doc__, TOOL_OPTIONS)
+    if not args.outdir:
+        raise UserError("--outdir is required: the folder the images are written to")
+    if args.images_per_prompt < 1:
+        raise UserError(f"--images_per_prompt {args.images_per_prompt}: give 1 or more")
+    setup = setup_from_args(args)
+    check_sampling_defaults(setup)
+    lines = read_prompt_lines(args)
+    init_image = load_init_image(args)
+    from library.console import quiet_libraries
+    from library.generation import DEFAULT_STRENGTH, Generator
+
+    quiet_libraries()
+    generator = Generator(setup)
+    requests = [generator.request(line, where=where, enum=n) for n, (where, line) in enumerate(lines)]
+    strength = DEFAULT_STRENGTH if args.strength is None else args.strength
+    paths = []
+    for request in requests:
+        for k in range(args.images_per_prompt):
+            seed = None if request.seed is None else request.seed + k
+            resolved = generator.resolve(request, seed=seed)
+            image = generator.generate(resolved, init_image=init_image, strength=strength)
+            path = generator.save(image, resolved, Path(args.outdir) / f"{len(paths):04d}_{resolved.seed}.png",
+                                  strength=strength if init_image else None)
+            print(f"wrote {path}")
+            paths.append(path)
+    return paths
+
+
+if __name__ == "__main__":
+    main()
