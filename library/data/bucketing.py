@@ -48,6 +48,10 @@ def adjust_bucket_reso_range(resolution: Reso, min_bucket_reso: int, max_bucket_
     """
     if bucket_reso_steps <= 0:
         raise UserError(f"bucket_reso_steps must be a positive integer, got {bucket_reso_steps}")
+    if min_bucket_reso < bucket_reso_steps:
+        # rounding it down to a multiple of the step would give 0, a bucket with no pixels
+        raise UserError(f"min_bucket_reso {min_bucket_reso} is smaller than bucket_reso_steps {bucket_reso_steps}; "
+                        f"raise min_bucket_reso to {bucket_reso_steps} or lower bucket_reso_steps")
     if min_bucket_reso % bucket_reso_steps:
         min_bucket_reso -= min_bucket_reso % bucket_reso_steps
     if max_bucket_reso % bucket_reso_steps:

@@ -44,7 +44,23 @@ def start(argv: Sequence[str] | None, script: str, description: str, run: Callab
         name = config.output_name or "last"
         path = write_resolved_config(config, options_for(script, OPTIONS).values(), config.output_dir, name)
         print(f"options: {path}")
-    return run(config, plan)
+    try:
+        return run(config, plan)
+    except MemoryError:
+        raise UserError(out_of_memory_advice("out of CPU memory (RAM)")) from None
+    except RuntimeError as err:
+        import torch  # already loaded by the run
+
+        if not isinstance(err, torch.cuda.OutOfMemoryError):
+            raise
+        raise UserError(out_of_memory_advice("out of GPU memory")) from None
+
+
+def out_of_memory_advice(what: str) -> str:
+    """One line for running out of memory: what to change, most effective first."""
+    return (f"{what}: try --gradient_checkpointing, --cache_latents, a smaller --train_batch_size or --resolution, "
+            "--mixed_precision bf16 (or fp16), --optimizer_type AdamW8bit; for train_db.py also --full_bf16 and "
+            "--fused_backward_pass; then run again (or --resume from the last --save_state)")
 
 
 def load_base_model(config: RunConfig):

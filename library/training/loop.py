@@ -20,6 +20,7 @@ from accelerate.utils import set_seed
 from library.config.run_config import RunConfig
 from library.data.dataset import TrainingDataset
 from library.data.plan import RunPlan
+from library.errors import UserError
 from library.training import checkpoints as ck
 from library.training.data_loading import EpochBatchSampler, make_loader
 from library.training.fused_backward import FusedBackward, check_fused_backward
@@ -151,6 +152,8 @@ class _Loop:
                 self.method.after_step(state.global_step)
                 # one host sync per optimizer step, for the log and the progress bar
                 step_loss = float(torch.stack(pending).mean())
+                if not math.isfinite(step_loss):
+                    raise _diverged(step_loss, state.global_step, epoch)
                 self.losses.append(step_loss)
                 micro, pending = 0, []
                 if end_of_epoch:
@@ -177,6 +180,13 @@ class _Loop:
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+
+def _diverged(loss: float, step: int, epoch: int) -> UserError:
+    # Its update has already made the weights non-finite: stop before any save can write them.
+    return UserError(f"the loss became {loss} at step {step} (epoch {epoch}), so training stopped without saving "
+                     "it (files saved before are intact): lower --learning_rate, use --mixed_precision bf16 rather "
+                     "than fp16 (or --no_half_vae), add --max_grad_norm 1.0, and resume from the last --save_state")
 
 
 def _all_reduce_mean(params, accelerator) -> None:

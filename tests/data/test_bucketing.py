@@ -267,6 +267,9 @@ def test_min_max_are_rounded_to_steps_and_checked_against_the_resolution():
         adjust_bucket_reso_range((512, 512), 576, 1024, 64)
     with pytest.raises(UserError, match="max_bucket_reso"):
         adjust_bucket_reso_range((1024, 1024), 256, 960, 64)
+    # below one step it would round to a bucket of 0 pixels (a ZeroDivisionError once)
+    with pytest.raises(UserError, match="min_bucket_reso 32 is smaller than bucket_reso_steps 64"):
+        adjust_bucket_reso_range((32, 32), 32, 64, 64)
 
 
 def test_assignment_counts_repeats_and_bucket_info_has_sd_scripts_shape():
