@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import pickle
-import zipfile
 from pathlib import Path
 from collections.abc import Mapping, Sequence
 
@@ -346,7 +344,7 @@ def load_hypernetwork(path) -> tuple[Hypernetwork, dict]:
         raise UserError(f"{path}: a .safetensors file (a LoRA or embedding?), not an AUTOMATIC1111 hypernetwork .pt")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+    except Exception as err:  # noqa: BLE001 - a corrupt pickle fails with almost any exception type
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(f"{path}: not a loadable AUTOMATIC1111 hypernetwork .pt ({reason}); "
                         f"the file is corrupt or of another kind") from None

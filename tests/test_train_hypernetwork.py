@@ -94,3 +94,14 @@ def test_training_lowers_the_loss_against_an_untrained_twin(data, tmp_path):
     last = slice(-50, None)
     ratio = sum(trained.losses[last]) / sum(control.losses[last])
     assert ratio < 0.85, ratio
+
+
+def test_a_file_of_another_kind_at_the_output_path_is_refused_before_training(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "hn.pt").write_bytes(b"someone's file")
+    with pytest.raises(SystemExit):
+        train_hypernetwork.main(_flags(data, out))
+    captured = capsys.readouterr()
+    assert "is not an AUTOMATIC1111 hypernetwork; refusing to overwrite it" in captured.err
+    assert "training starts" not in captured.out and (out / "hn.pt").read_bytes() == b"someone's file"

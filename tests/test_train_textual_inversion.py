@@ -26,11 +26,11 @@ def data(tmp_path):
     return tmp_path
 
 
-def _flags(data, out, *extra, steps=2, lr="1e-2", token="mychar"):
+def _flags(data, out, *extra, steps=2, lr="1e-2", token="mychar", init_word="circle shape"):
     return ["--pretrained_model_name_or_path", "tiny-sd1", "--train_data_dir", str(data / "train"),
             "--caption_extension", ".txt", "--resolution", "32", "--output_dir", str(out), "--train_batch_size", "2",
             "--max_train_steps", str(steps), "--learning_rate", lr, "--seed", "3",
-            "--max_data_loader_n_workers", "0", "--token_string", token, "--init_word", "circle shape", *extra]
+            "--max_data_loader_n_workers", "0", "--token_string", token, "--init_word", init_word, *extra]
 
 
 def _pipeline(parts):
@@ -160,3 +160,27 @@ def test_training_lowers_the_loss_against_an_untrained_twin(data, tmp_path):
     last = slice(-50, None)
     ratio = sum(trained.losses[last]) / sum(control.losses[last])
     assert ratio < 0.997, ratio
+
+
+def test_init_word_may_contain_the_token_and_the_token_matches_in_any_case(data, tiny_parts, tmp_path):
+    base_rows = tiny_parts["tiny-sd1"].text_encoder.get_input_embeddings().weight
+    ids = load_tokenizer(False).encode("mycharacter", add_special_tokens=False)  # read before "mychar" exists
+    result = train_textual_inversion.main(_flags(data, tmp_path / "a", "--num_vectors_per_token", "2", lr="0",
+                                                 token="MyChar", init_word="mycharacter", steps=1))
+    assert torch.equal(result.method.vectors, torch.stack([base_rows[ids[0]], base_rows[ids[1]]]))
+    # captions say "mychar": CLIP lower-cases, so they hold the token, and all its vectors are written out
+    expanded = []
+    result.method.encode_prompts.encode = lambda captions: expanded.extend(captions)
+    result.method.encode_prompts(["a MYCHAR photo"])
+    assert expanded == ["a MyChar MyChar1 photo"]
+
+
+def test_save_state_and_resume_continue_the_vectors_exactly(data, tmp_path):
+    whole = train_textual_inversion.main(_flags(data, tmp_path / "whole", steps=4))
+    first = train_textual_inversion.main(_flags(data, tmp_path / "half", "--save_state", "--save_every_n_steps", "2",
+                                                steps=4))
+    assert torch.equal(first.method.vectors, whole.method.vectors)
+    resumed = train_textual_inversion.main(_flags(data, tmp_path / "resumed", "--resume",
+                                                  str(tmp_path / "half" / "mychar-step00000002-state"), steps=4))
+    assert resumed.global_step == 4 and torch.equal(resumed.method.vectors, whole.method.vectors)
+    assert resumed.losses == whole.losses[2:]

@@ -153,8 +153,10 @@ class CaptionTemplates:
         return cls([line.replace("{}", "[name]") for line in _BUILTIN[kind]], name=name)
 
     def _filewords(self, caption: str, entry: _Entry) -> str:
-        # the raw caption decides, so an image whose caption processing left nothing still counts as captioned
-        if entry.caption.strip():
+        # A1111: the caption file's text, else the file name's words. An image whose caption is only its folder's
+        # class tokens has no caption file; the raw caption (not the processed one) decides, so an image whose
+        # processing left nothing still counts as captioned.
+        if getattr(entry, "own_caption", True) and entry.caption.strip():
             return caption
         return _words_of(entry.path, self._pattern, self.join_string)
 

@@ -28,6 +28,7 @@ class ImageEntry:
     train_resolution: tuple[int, int] | None = None  # fine-tuning metadata (prepare_buckets_latents writes it)
     image_size: tuple[int, int] | None = None  # fine-tuning metadata: the original (width, height)
     tags: str | None = None  # fine-tuning tags that sd-scripts counts for ss_tag_frequency
+    own_caption: bool = True  # False when the caption is the folder's class tokens (no caption file)
 
 
 class CaptionFileError(ValueError):
@@ -101,7 +102,8 @@ def _list_folder(subset: SubsetSpec) -> tuple[list[ImageEntry], list[str]]:
             continue
         if caption is None:
             missing.append(image.name)
-        entries.append(ImageEntry(image, fallback_caption(caption, subset), subset, subset.is_reg, subset.num_repeats))
+        entries.append(ImageEntry(image, fallback_caption(caption, subset), subset, subset.is_reg, subset.num_repeats,
+                                  own_caption=caption is not None))
     if missing:
         used = f"using class tokens '{subset.class_tokens}'" if subset.class_tokens else "their caption is empty"
         problems.append(f"no caption file ({subset.caption_extension}) for {len(missing)} of {len(images)} images in "

@@ -78,7 +78,7 @@ def save_diffusers(folder, vectors, *, token: str, metadata: Mapping[str, str] |
                    dtype: torch.dtype | None = None) -> Path:
     """Write folder/learned_embeds.safetensors = {token: (n, dim)}: what diffusers' load_textual_inversion reads."""
     folder = Path(folder)
-    _refuse_foreign_folder(folder)
+    refuse_foreign_folder(folder)
     tensors = {token: _stored(vectors, dtype)}
     meta = {"format": "pt", **(metadata or {})}
     with atomic_dir(folder) as tmp:
@@ -86,7 +86,7 @@ def save_diffusers(folder, vectors, *, token: str, metadata: Mapping[str, str] |
     return folder
 
 
-def _refuse_foreign_folder(folder: Path) -> None:
+def refuse_foreign_folder(folder: Path) -> None:
     # The folder is replaced as a whole, so anything else in it would be deleted with the old embedding.
     if folder.exists() and not folder.is_dir():
         raise UserError(f"diffusers embedding folder {folder} is a file; name a folder (new or an old embedding's)")

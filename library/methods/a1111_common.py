@@ -21,13 +21,18 @@ def template_transform(config: RunConfig, *, name: str, require_name: bool):
     if chosen[0] == "ti_template_file":
         templates = CaptionTemplates(read_template_file(config.ti_template_file), name=name,
                                      word_regex=config.get("ti_filename_word_regex"),
-                                     join_string=config.get("ti_filename_join_string") or " ")
+                                     join_string=_join_string(config))
         if require_name and not templates.uses_name():
             raise UserError(f"--ti_template_file {config.ti_template_file}: no line has [name], so the embedding "
                             "would never appear in a caption; use a template with [name] (e.g. A1111's "
                             "subject_filewords.txt)")
         return templates
     return CaptionTemplates.builtin("object" if chosen[0] == "use_object_template" else "style", name=name)
+
+
+def _join_string(config: RunConfig) -> str:
+    value = config.get("ti_filename_join_string")
+    return " " if value is None else value  # "" is a legal choice (A1111 allows it)
 
 
 class CheckpointIdentity:
@@ -42,6 +47,13 @@ class CheckpointIdentity:
         from library.formats.embedding_files import a1111_shorthash
 
         return a1111_shorthash(self.source) if self.source else None
+
+    def shorthash_from(self, metadata: dict[str, str] | None) -> str | None:
+        """The shorthash, taken from the run's ss_new_sd_model_hash (the same sha256) when the metadata has it."""
+        known = (metadata or {}).get("ss_new_sd_model_hash")
+        if known and known != "IsADirectory":
+            return known[:10]
+        return self.shorthash
 
     @property
     def name(self) -> str | None:

@@ -17,6 +17,8 @@ from library.models.components import Components
 class HypernetworkMethod(DiffusionMethod):
     def __init__(self, config: RunConfig, parts: Components, device: torch.device, weight_dtype: torch.dtype,
                  plan: RunPlan | None = None):
+        if config.output_dir:  # before any training, not after it
+            _refuse_foreign(Path(config.output_dir) / f"{config.output_name or 'last'}.pt")
         self.network, self.step_offset = _build(config)
         self.network.multiplier = config.hypernetwork_multiplier if config.hypernetwork_multiplier is not None else 1.0
         hooked = self.network.apply_to(parts.unet)
@@ -33,6 +35,8 @@ class HypernetworkMethod(DiffusionMethod):
         super().__init__(config, parts, device, weight_dtype, plan, train_text_encoder=False)
         self.name = config.output_name or "last"  # the file's stem, which is how A1111 lists it
         self.caption_transform = template_transform(config, name=self.name, require_name=False)
+        if self.caption_transform is not None:
+            self._fixed_captions = False  # templates × captions: too many to keep every encoding in memory
         self.checkpoint = CheckpointIdentity(config.pretrained_model_name_or_path)
         if config.gradient_checkpointing:
             parts.unet.enable_gradient_checkpointing()
@@ -52,18 +56,14 @@ class HypernetworkMethod(DiffusionMethod):
     def sampling_modules(self) -> tuple[torch.nn.Module, ...]:
         return (self.network,)
 
-    def export(self, path: Path, *, dtype: torch.dtype | None, global_step: int = 0, **_) -> Path:
-        from networks.hypernetwork import load_hypernetwork, save_hypernetwork
+    def export(self, path: Path, *, dtype: torch.dtype | None, metadata: dict[str, str] | None = None,
+               global_step: int = 0, **_) -> Path:
+        from networks.hypernetwork import save_hypernetwork
 
-        if path.exists():
-            try:
-                load_hypernetwork(path)
-            except UserError:
-                raise UserError(f"{path}: already exists and is not an AUTOMATIC1111 hypernetwork; refusing to "
-                                "overwrite it, choose another --output_name or --output_dir") from None
+        _refuse_foreign(path)
         return save_hypernetwork(path, self.network, step=self.step_offset + global_step, name=self.name,
-                                 sd_checkpoint=self.checkpoint.shorthash, sd_checkpoint_name=self.checkpoint.name,
-                                 dtype=dtype or torch.float32)
+                                 sd_checkpoint=self.checkpoint.shorthash_from(metadata),
+                                 sd_checkpoint_name=self.checkpoint.name, dtype=dtype or torch.float32)
 
 
 def _build(config: RunConfig):
@@ -84,3 +84,16 @@ def _build(config: RunConfig):
                            activate_output=bool(config.hypernetwork_activate_output),
                            dropout_structure=parse_dropout_structure(config.hypernetwork_dropout_structure, layers))
     return network, 0
+
+
+def _refuse_foreign(path: Path) -> None:
+    """Replacing an older hypernetwork is fine; replacing a checkpoint, embedding or anything else is not."""
+    from networks.hypernetwork import load_hypernetwork
+
+    if not path.exists():
+        return
+    try:
+        load_hypernetwork(path)
+    except UserError:
+        raise UserError(f"{path}: already exists and is not an AUTOMATIC1111 hypernetwork; refusing to overwrite it, "
+                        "choose another --output_name or --output_dir") from None

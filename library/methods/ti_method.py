@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -46,11 +47,13 @@ class _TokenExpandingEncoder:
     captions and sample prompts alike."""
 
     def __init__(self, encode, token: str, tokens: list[str]):
-        self.encode, self.token, self.expanded = encode, token, " ".join(tokens)
+        self.encode, self.expanded = encode, " ".join(tokens)
+        # CLIP lower-cases text before matching tokens, so "MyChar" in a caption is the token too.
+        self.pattern = re.compile(re.escape(token), re.IGNORECASE) if len(tokens) > 1 else None
 
     def __call__(self, captions: list[str]) -> torch.Tensor:
-        if self.expanded != self.token:
-            captions = [caption.replace(self.token, self.expanded) for caption in captions]
+        if self.pattern is not None:
+            captions = [self.pattern.sub(lambda _: self.expanded, caption) for caption in captions]
         return self.encode(captions)
 
 
@@ -80,9 +83,10 @@ class TextualInversionMethod(DiffusionMethod):
         start = _resume_from(config)
         count = _vector_count(config, start)
         self.tokens = [token] + [f"{token}{i}" for i in range(1, count)]
-        first_id = _add_tokens(parts.tokenizer, self.tokens)
         base = parts.text_encoder.get_input_embeddings()
+        # Before the new tokens exist: an init word containing the token must read the base model's own rows.
         vectors = _initial_vectors(config, parts.tokenizer, base.weight.detach(), count, start)
+        first_id = _add_tokens(parts.tokenizer, self.tokens)
         self.embedding = NewTokenEmbedding(base, first_id, vectors)
         parts.text_encoder.set_input_embeddings(self.embedding)
         self.step_offset = start.step if start is not None else 0
@@ -90,7 +94,8 @@ class TextualInversionMethod(DiffusionMethod):
             module.requires_grad_(False).to(device=device, dtype=weight_dtype)
         if config.no_half_vae:
             parts.vae.to(dtype=torch.float32)
-        self.embedding.vectors.data = self.embedding.vectors.data.float()
+        # The cast above rounded the vectors to the frozen models' dtype; they train in float32 from their source.
+        self.embedding.vectors.data = vectors.detach().float().to(device)
         self.embedding.vectors.requires_grad_(True)
         super().__init__(config, parts, device, weight_dtype, plan, train_text_encoder=True)
         self.encode_prompts = _TokenExpandingEncoder(self.encode_prompts, token, self.tokens)
@@ -133,7 +138,7 @@ class TextualInversionMethod(DiffusionMethod):
         fmt = self.config.save_model_as
         if fmt == "pt":
             return files.save_a1111(path, vectors, name=self.tokens[0], step=step,
-                                    sd_checkpoint=self.checkpoint.shorthash,
+                                    sd_checkpoint=self.checkpoint.shorthash_from(metadata),
                                     sd_checkpoint_name=self.checkpoint.name, dtype=dtype)
         metadata = _embedding_metadata(metadata, step)
         if fmt == "diffusers":
@@ -222,15 +227,17 @@ def _check_captions_mention(token: str, plan: RunPlan) -> None:
     """Captions without the token train nothing: say so before any weights load rather than after hours."""
     entries = [e for d in plan.datasets for e in d.entries if not e.is_reg]
     texts = [" ".join(filter(None, (e.subset.caption_prefix, e.caption, e.subset.caption_suffix))) for e in entries]
-    if entries and not any(token in text for text in texts):
+    if entries and not any(token.lower() in text.lower() for text in texts):  # CLIP lower-cases text
         raise UserError(f"no training caption contains '{token}', so the embedding would learn nothing: put the token "
                         f"in the captions (or the folder name's class tokens), add --caption_prefix '{token}', or "
                         "use --use_object_template / --use_style_template / --ti_template_file")
 
 
 def _refuse_foreign(path: Path) -> None:
-    from library.formats.embedding_files import is_embedding_file
+    from library.formats.embedding_files import is_embedding_file, refuse_foreign_folder
 
+    if path.is_dir():
+        refuse_foreign_folder(path)  # a diffusers embedding folder is replaced whole: nothing else may be in it
     if path.exists() and not is_embedding_file(path):
         raise UserError(f"{path}: already exists and is not a textual-inversion embedding; refusing to overwrite it, "
                         "choose another --output_name or --output_dir")

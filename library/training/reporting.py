@@ -10,6 +10,7 @@ import psutil
 from tqdm.auto import tqdm
 
 from library.config.run_config import RunConfig
+from library.errors import UserError
 from library.models.saving import save_dtype
 from library.training import checkpoints as ck
 
@@ -124,6 +125,7 @@ class Reporter:
               with_state: bool | None = None, force_state: bool = False) -> Path:
         path = self.output_dir / file_name
         self.accelerator.wait_for_everyone()
+        _check_finite(self.method, state)
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             metadata = self.metadata(state, epoch if epoch is not None else (self.epochs if last else state.epoch))
@@ -173,6 +175,18 @@ class Reporter:
                       epoch=epoch, default_sampler=self.config.sample_sampler, device=self.accelerator.device,
                       dtype=self.parts.unet.dtype, encode=self.method.encode_prompts, tracker=tracker,
                       extra_modules=self.method.sampling_modules())
+
+
+def _check_finite(method, state: ck.TrainState) -> None:
+    """A step can overflow the weights while its own loss (computed before the update) was still finite: never save
+    inf/NaN weights over a good file."""
+    import torch
+
+    if not all(bool(torch.isfinite(p).all()) for p in method.trainable_params()):
+        raise UserError(f"the trained weights became inf/NaN by step {state.global_step} (epoch {state.epoch}), so "
+                        "training stopped without saving them (files saved before are intact): lower "
+                        "--learning_rate, use --mixed_precision bf16 rather than fp16, add --max_grad_norm 1.0, "
+                        "and resume from the last --save_state")
 
 
 def _stem(name: str, ext: str) -> str:

@@ -102,6 +102,24 @@ def test_caption_transform_sees_each_processed_caption_with_its_image(tmp_path):
         assert batch.captions == [f"mytok in {c}" for c in reference.captions]
 
 
+def test_filewords_of_an_image_without_a_caption_file_are_its_file_name_words(tmp_path):
+    # A1111's rule even in a class-token folder: class tokens are not a caption of the image's own.
+    from PIL import Image
+
+    from library.data.caption_templates import CaptionTemplates
+
+    folder = tmp_path / "train" / "3_mychar"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(folder / "001-red dress.png")
+    Image.new("RGB", (64, 64), (10, 10, 200)).save(folder / "002.png")
+    (folder / "002.txt").write_text("blue coat")
+    config = resolve(["--train_data_dir", str(tmp_path / "train"), "--caption_extension", ".txt",
+                      "--resolution", "64"], NETWORK, OPTIONS)
+    dataset = TrainingDataset(plan_run(config), seed=0,
+                              caption_transform=CaptionTemplates(["[name], [filewords]"], name="mychar"))
+    assert sorted(c for b in _epoch(dataset) for c in b.captions) == sorted(["mychar, blue coat", "mychar, red dress"] * 3)
+
+
 def test_cached_latents_replace_pixels(tmp_path):
     from library.models.tiny import build_tiny
 
