@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
+from library.errors import UserError
+
 
 @contextlib.contextmanager
 def atomic_file(dst: str | os.PathLike) -> Iterator[Path]:
@@ -21,6 +23,8 @@ def atomic_file(dst: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         _fsync(tmp)
+        # mkstemp makes the file private (0600); give it the mode a plain open() would have (or the old file's).
+        os.chmod(tmp, dst.stat().st_mode & 0o7777 if dst.exists() else 0o666 & ~_umask())
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
@@ -35,6 +39,7 @@ def atomic_dir(dst: str | os.PathLike) -> Iterator[Path]:
     old = dst.with_name(f".{dst.name}.old")
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes the folder private (0700)
         for path in tmp.rglob("*"):
             if path.is_file():
                 _fsync(path)
@@ -53,6 +58,21 @@ def write_atomically(dst: str | os.PathLike, write: Callable[[Path], None]) -> P
     with atomic_file(dst) as tmp:
         write(tmp)
     return Path(dst)
+
+
+def refuse_input_as_output(dst: str | os.PathLike, inputs, flag: str) -> None:
+    """A tool never writes over one of its own inputs (a lossy resize or a conversion would replace the original)."""
+    dst = Path(dst)
+    for src in inputs:
+        src = Path(src)
+        if dst.exists() and src.exists() and os.path.samefile(dst, src):
+            raise UserError(f"{flag} {dst}: is also an input; refusing to overwrite it, choose another output path")
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _fsync(path: Path) -> None:

@@ -18,6 +18,15 @@ from networks.registry import all_module_classes
 _TE_SPELLINGS = (("lora_te_encoder_", "lora_te_text_model_encoder_"),)
 
 
+# SD's UNet 3×3 convolutions (ResNet conv1/conv2, up/down-sampler conv). LoHa and low-rank LoKr store a conv's
+# factors as 2-D matrices over in·k·k columns, so only the layer's name tells a 3×3 kernel from a Linear.
+KERNEL_NAME_ENDINGS = ("_conv1", "_conv2", "_conv")
+
+
+def is_unet_kernel_name(name: str) -> bool:
+    return name.startswith("lora_unet_") and name.endswith(KERNEL_NAME_ENDINGS)
+
+
 def canonical_key(key: str) -> str:
     for other, ours in _TE_SPELLINGS:
         if key.startswith(other):

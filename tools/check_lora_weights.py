@@ -96,8 +96,11 @@ def network_summary(path: Path, verbose: bool) -> list[str]:
         algorithm = "LoCon"  # sd-scripts' name for a LoRA that also adapts 3×3 convolutions (conv_dim)
     unet = sum(name.startswith("lora_unet_") for name in modules)
     te = sum(name.startswith("lora_te") for name in modules)
-    linear = [name for name in modules if name not in info.conv_modules]
-    conv = sorted(info.conv_modules)
+    from networks.files import is_unet_kernel_name
+
+    # LoHa/LoKr factors of a 3×3 conv are 2-D like a Linear's: the layer's name tells them apart.
+    conv = sorted(set(info.conv_modules) | {n for n in modules if is_unet_kernel_name(n)})
+    linear = [name for name in modules if name not in conv]
     lines = [f"{path}: {algorithm} network ({info.algorithm}, kohya key layout)",
              f"  modules: {len(modules)} (UNet {unet}, text encoder {te}"
              + (f", other {len(modules) - unet - te}" if len(modules) - unet - te else "")

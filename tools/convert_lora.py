@@ -41,6 +41,12 @@ def main(argv=None) -> Path:
     from library.models.saving import save_dtype
 
     dtype = None if args.save_precision is None else save_dtype(args.save_precision)  # default: keep SRC's
+    from library.safe_write import refuse_input_as_output
+
+    src = Path(args.src)
+    refuse_input_as_output(args.dst, [src, src / DIFFUSERS_WEIGHT_NAME], "DST")
+    if Path(args.dst).is_dir():
+        refuse_input_as_output(Path(args.dst) / DIFFUSERS_WEIGHT_NAME, [src, src / DIFFUSERS_WEIGHT_NAME], "DST")
     weights, metadata, source = read_lora(args.src)
     layout = _source_layout(weights, source)
     to = LAYOUTS[args.to] if args.to else ("peft" if layout == "kohya" else "kohya")

@@ -33,7 +33,12 @@ TOOL_OPTIONS = (
            "extract"),
     Option("min_diff", float, 0.01, "a text encoder differing by at most this (max |Δ|) is left out", "extract"),
     Option("device", str, "cpu", "device for the SVDs (cuda to use a GPU)", "extract"),
+    Option("load_precision", str, None, "dtype both models are loaded in (default: float32); the differences are "
+           "still taken in float32", "extract", choices=("float", "fp16", "bf16")),
+    Option("no_metadata", bool, False, "do not write the modelspec metadata (the minimal ss_* LoRA metadata is "
+           "still written), as sd-scripts does", "extract"),
 )
+LOAD_DTYPES = {None: torch.float32, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def weight_differences(base, tuned, *, conv_dim: int | None, min_diff: float) -> dict[str, torch.Tensor]:
@@ -44,13 +49,13 @@ def weight_differences(base, tuned, *, conv_dim: int | None, min_diff: float) ->
     nets = [lora.create_network(1.0, 1, 1, None, p.text_encoder, p.unet, **kwargs) for p in (base, tuned)]
     text = _pairs(nets[0].text_encoder_loras, nets[1].text_encoder_loras)
     unet = _pairs(nets[0].unet_loras, nets[1].unet_loras)
-    diffs = {name: (t.weight - b.weight).float() for name, (b, t) in text.items()}
+    diffs = {name: t.weight.float() - b.weight.float() for name, (b, t) in text.items()}
     largest = max((float(d.abs().max()) for d in diffs.values()), default=0.0)
     if largest <= min_diff:  # sd-scripts: a text encoder this close to the base is left out entirely
         print(f"text encoder is the same (max |Δ| {largest:.2g} <= --min_diff {min_diff}): extracting the UNet only")
         diffs = {}
     for name, (b, t) in unet.items():
-        diff = (t.weight - b.weight).float()
+        diff = t.weight.float() - b.weight.float()
         if diff.any():  # an unchanged layer would only add a zero adapter
             diffs[name] = diff
     return diffs
@@ -78,7 +83,7 @@ def extract(diffs: dict[str, torch.Tensor], dim: int, conv_dim: int | None = Non
 
 
 def lora_metadata(parts, args) -> dict[str, str]:
-    """sd-scripts' minimum LoRA metadata plus modelspec, as its extract script writes them."""
+    """sd-scripts' minimum LoRA metadata plus modelspec (none with --no_metadata), as its extract script writes."""
     import time
 
     from library.formats.kohya_metadata import network_modelspec
@@ -88,8 +93,8 @@ def lora_metadata(parts, args) -> dict[str, str]:
     if args.conv_dim is not None:
         net_args = {"conv_dim": str(args.conv_dim), "conv_alpha": str(float(args.conv_dim))}
     # A LoRA's modelspec, as train_network writes it (implementation "diffusers" for SD 1.x/2.x LoRA).
-    metadata = network_modelspec(v2=parts.v2, v_parameterization=v_param, timestamp=time.time(),
-                                 title=Path(args.save_to).stem)
+    metadata = {} if args.no_metadata else network_modelspec(v2=parts.v2, v_parameterization=v_param,
+                                                            timestamp=time.time(), title=Path(args.save_to).stem)
     metadata.update({"ss_v2": str(parts.v2), "ss_base_model_version": parts.base_model_version,
                      "ss_network_module": "networks.lora", "ss_network_dim": str(args.dim),
                      "ss_network_alpha": str(float(args.dim)), "ss_network_args": json.dumps(net_args)})
@@ -135,8 +140,9 @@ def main(argv=None) -> list:
     quiet_libraries()
     from library.models.loading import load_components
 
-    base = load_components(args.model_org, v2=args.v2, v_parameterization=args.v_parameterization)
-    tuned = load_components(args.model_tuned, v2=args.v2, v_parameterization=args.v_parameterization)
+    dtype = LOAD_DTYPES[args.load_precision]
+    base = load_components(args.model_org, v2=args.v2, v_parameterization=args.v_parameterization, dtype=dtype)
+    tuned = load_components(args.model_tuned, v2=args.v2, v_parameterization=args.v_parameterization, dtype=dtype)
     diffs = weight_differences(base, tuned, conv_dim=args.conv_dim, min_diff=args.min_diff)
     if not diffs:
         raise UserError(f"--model_tuned {args.model_tuned}: no LoRA-targeted layer differs from --model_org; "

@@ -41,12 +41,19 @@ BASE_OPTIONS = (
     Option("fp16", bool, False, "load the model in float16", SECTION),
     Option("bf16", bool, False, "load the model in bfloat16", SECTION),
     Option("device", str, None, "device to generate on (default: cuda when available, else cpu)", SECTION),
+    # sd-scripts' gen_img.py command lines carry these; accepted so they run unchanged.
+    Option("network_module", str, None, "accepted; each network file's type (LoRA/LoCon/LoHa/LoKr) is read from it",
+           SECTION, nargs="+"),
+    Option("xformers", bool, False, "accepted; PyTorch scaled-dot-product attention is always used", SECTION),
+    Option("sdpa", bool, False, "accepted; PyTorch scaled-dot-product attention is always used", SECTION),
+    Option("batch_size", int, 1, "accepted; images are generated one at a time (same images)", SECTION),
 )
 SHARED_FLAGS = ("v2", "v_parameterization", "vae", "clip_skip")
 TOOL_OPTIONS = (
-    Option("outdir", str, None, "folder for the images (same names are replaced)", SECTION),
+    Option("outdir", str, None, "folder for the images (numbered after those already there)", SECTION),
     Option("from_file", str, None, "text file with one prompt per line (# comments and blank lines skipped)", SECTION),
     Option("images_per_prompt", int, 1, "images per prompt; image k uses seed + k", SECTION),
+    Option("n_iter", int, 1, "repeat the whole prompt list this many times (seeds go on counting)", SECTION),
     Option("image_path", str, None, "image-to-image: start from this image (resized to --W x --H)", SECTION),
     Option("strength", float, None, "image-to-image: how much is re-noised, 0-1 (default 0.8)", SECTION),
 )
@@ -82,9 +89,27 @@ def setup_from_args(args):
 
 
 def check_sampling_defaults(setup) -> None:
+    import math
+
     from library.training.sampling import SamplePrompt, check_prompts
 
+    if setup.steps < 1:
+        raise UserError(f"--steps {setup.steps}: give 1 or more sampling steps")
+    if not math.isfinite(setup.scale):
+        raise UserError(f"--scale {setup.scale}: give a number such as 7.5")
     check_prompts([SamplePrompt("", steps=setup.steps)], setup.sampler, where=f"--sampler {setup.sampler}")
+
+
+def check_output_folder(folder, flag: str) -> None:
+    """Before any model loads: the output folder may be new or a folder, not a file."""
+    if Path(folder).exists() and not Path(folder).is_dir():
+        raise UserError(f"{flag} {folder}: is a file; give a folder for the images")
+
+
+def _next_index(folder: Path) -> int:
+    """Numbering goes on after the images already there, so a second run never replaces the first one's."""
+    taken = [int(p.name[:4]) for p in folder.glob("[0-9][0-9][0-9][0-9]_*.png")] if folder.is_dir() else []
+    return max(taken, default=-1) + 1
 
 
 def read_prompt_lines(args) -> list[tuple[str, str]]:
@@ -128,6 +153,9 @@ def main(argv=None) -> list[Path]:
     args = parse_args(argv, __doc__, TOOL_OPTIONS)
     if not args.outdir:
         raise UserError("--outdir is required: the folder the images are written to")
+    check_output_folder(args.outdir, "--outdir")
+    if args.n_iter < 1:
+        raise UserError(f"--n_iter {args.n_iter}: give 1 or more")
     if args.images_per_prompt < 1:
         raise UserError(f"--images_per_prompt {args.images_per_prompt}: give 1 or more")
     setup = setup_from_args(args)
@@ -141,16 +169,17 @@ def main(argv=None) -> list[Path]:
     generator = Generator(setup)
     requests = [generator.request(line, where=where, enum=n) for n, (where, line) in enumerate(lines)]
     strength = DEFAULT_STRENGTH if args.strength is None else args.strength
-    paths = []
-    for request in requests:
-        for k in range(args.images_per_prompt):
-            seed = None if request.seed is None else request.seed + k
-            resolved = generator.resolve(request, seed=seed)
-            image = generator.generate(resolved, init_image=init_image, strength=strength)
-            path = generator.save(image, resolved, Path(args.outdir) / f"{len(paths):04d}_{resolved.seed}.png",
-                                  strength=strength if init_image else None)
-            print(f"wrote {path}")
-            paths.append(path)
+    paths, first = [], _next_index(Path(args.outdir))
+    # Image k of a prompt (counting on through --n_iter rounds) uses seed + k.
+    jobs = [(request, round_ * args.images_per_prompt + k) for round_ in range(args.n_iter) for request in requests
+            for k in range(args.images_per_prompt)]
+    for request, k in jobs:
+        resolved = generator.resolve(request, seed=None if request.seed is None else request.seed + k)
+        image = generator.generate(resolved, init_image=init_image, strength=strength)
+        path = generator.save(image, resolved, Path(args.outdir) / f"{first + len(paths):04d}_{resolved.seed}.png",
+                              strength=strength if init_image else None)
+        print(f"wrote {path}")
+        paths.append(path)
     return paths
 
 

@@ -29,7 +29,7 @@ PRECISION_CHOICES = ("float", "fp16", "bf16")
 ALGORITHM_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+def add_common_arguments(parser: argparse.ArgumentParser, *, no_metadata_note: str = "") -> None:
     """The flags merge_lora and svd_merge_lora share (sd-scripts spells them the same in both)."""
     parser.add_argument("--models", nargs="+", default=None, metavar="FILE", help="network files to merge, in order")
     parser.add_argument("--ratios", nargs="+", type=float, default=None, metavar="RATIO",
@@ -38,6 +38,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=PRECISION_CHOICES, default="float",
                         help="precision the inputs are merged in (default: float; --save_precision defaults to it)")
     parser.add_argument("--device", default="cpu", help="device for the maths (cuda to use a GPU)")
+    parser.add_argument("--no_metadata", action="store_true", default=False,
+                        help="write only the minimal ss_* metadata of a LoRA output (network module/dim/alpha/args, "
+                             "ss_v2, ss_base_model_version; modelspec keys if any): no ss_training_comment"
+                             + no_metadata_note)
 
 
 def check_common(args) -> tuple[list[Path], list[float]]:
@@ -213,6 +217,19 @@ def concat_exact(loaded: list[tuple[Path, dict]], ratios: list[float]) -> dict[s
     return _as_state_dict(merged)
 
 
+def shuffle_ranks(weights: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
+    """--shuffle: sd-scripts permutes each merged module's rank axis (down rows and up columns by the same
+    permutation), which leaves up·down, and so ΔW, unchanged; here the permutations are seeded (reproducible)."""
+    generator = torch.Generator().manual_seed(seed)
+    out = dict(weights)
+    for key in sorted(k for k in weights if k.endswith(".lora_down.weight")):
+        name = key.removesuffix(".lora_down.weight")
+        perm = torch.randperm(weights[key].shape[0], generator=generator)
+        out[key] = weights[key][perm]
+        out[f"{name}.lora_up.weight"] = weights[f"{name}.lora_up.weight"][:, perm]
+    return out
+
+
 def _as_state_dict(merged: dict[str, dict]) -> dict[str, torch.Tensor]:
     out = {}
     for name, m in merged.items():
@@ -223,8 +240,9 @@ def _as_state_dict(merged: dict[str, dict]) -> dict[str, torch.Tensor]:
 
 
 def network_metadata(weights: dict[str, torch.Tensor], first: dict[str, str], inputs: list[Path],
-                     ratios: list[float], *, note: str = "merged") -> dict[str, str]:
-    """sd-scripts' minimum LoRA metadata of the result; base model keys come from the first input."""
+                     ratios: list[float], *, note: str = "merged", minimal: bool = False) -> dict[str, str]:
+    """sd-scripts' minimum LoRA metadata of the result; base model keys come from the first input. `minimal`
+    (--no_metadata) keeps only kohya_metadata.MINIMUM_KEYS (and modelspec keys), as sd-scripts writes then."""
     from tools.resize_lora import _common
 
     names = [k.removesuffix(".lora_down.weight") for k in weights if k.endswith(".lora_down.weight")]
@@ -242,6 +260,10 @@ def network_metadata(weights: dict[str, torch.Tensor], first: dict[str, str], in
     metadata.update({"ss_network_module": "networks.lora", "ss_network_dim": _common(map(rank, linear), False),
                      "ss_network_alpha": _common(map(alpha, linear), False), "ss_network_args": json.dumps(net_args),
                      "ss_training_comment": f"{note} from {sources}"})
+    if minimal:
+        from library.formats.kohya_metadata import minimal_metadata
+
+        return minimal_metadata(metadata)
     return metadata
 
 
@@ -255,8 +277,10 @@ def merge_networks(args, inputs: list[Path], ratios: list[float]) -> Path:
     modules = [(path, mods) for path, (mods, _) in loaded]
     with torch.no_grad():
         weights = (concat_exact if args.concat else sum_like_sd_scripts)(modules, ratios)
+        if args.shuffle:
+            weights = shuffle_ranks(weights)
     metadata = network_metadata(weights, loaded[0][1][1], inputs, ratios,
-                                note="concatenated" if args.concat else "merged")
+                                note="concatenated" if args.concat else "merged", minimal=args.no_metadata)
     save_network_file(weights, dst, dtype=dtype, metadata=metadata)
     downs = [w for k, w in weights.items() if k.endswith(".lora_down.weight")]
     ranks = sorted({w.shape[0] for w in downs})
@@ -268,12 +292,16 @@ def merge_networks(args, inputs: list[Path], ratios: list[float]) -> Path:
 
 def _parse(argv) -> argparse.Namespace:
     parser = make_parser(__doc__)
-    add_common_arguments(parser)
+    add_common_arguments(parser, no_metadata_note=". With --sd_model: accepted; has no effect (the merged checkpoint "
+                                                  "keeps its modelspec header)")
     parser.add_argument("--sd_model", default=None, help="base model to merge into (file, diffusers folder, hub id); "
                         "without it the LoRAs are merged into one LoRA")
     parser.add_argument("--v2", action="store_true", default=False, help="insist that --sd_model is SD 2.x")
     parser.add_argument("--concat", action="store_true", default=False,
                         help="LoRA output: concatenate ranks (exact Σ ratio·ΔW; rank = sum of the input ranks)")
+    parser.add_argument("--shuffle", action="store_true", default=False,
+                        help="LoRA output: permute each module's rank order (down rows and up columns alike, seeded) "
+                             "as sd-scripts does; the merged ΔW is unchanged. Has no effect with --sd_model")
     return parser.parse_args(argv)
 
 

@@ -33,6 +33,8 @@ TOOL_OPTIONS = (
     Option("dynamic_param", float, None, "target of --dynamic_method (ratio, or fraction 0-1)", "resize"),
     Option("device", str, "cpu", "device for the SVDs (cuda to use a GPU)", "resize"),
     Option("verbose", bool, False, "print every module's rank and retained norm", "resize"),
+    Option("svd_lowrank_niter", int, 2, "sd-scripts' power iterations for torch.svd_lowrank: accepted; the exact "
+           "SVD is used, so it has no effect", "resize"),
 )
 
 
@@ -146,6 +148,9 @@ def _check_args(args) -> None:
             raise UserError(f"--{flag} is required; e.g. --model in.safetensors --save_to out.safetensors --new_rank 4")
     if not args.save_to.lower().endswith(NETWORK_SUFFIXES):
         raise UserError(f"--save_to {args.save_to}: must end in {', '.join(NETWORK_SUFFIXES)}")
+    from library.safe_write import refuse_input_as_output
+
+    refuse_input_as_output(args.save_to, [args.model], "--save_to")
     for flag in ("new_rank", "new_conv_rank"):
         value = getattr(args, flag)
         if value is not None and value < 1:

@@ -22,11 +22,14 @@ MAX_JSON_LINES = 60  # ss_tag_frequency of a big dataset runs to thousands of li
 @exit_on_user_error
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("file", help=".safetensors file (a .ckpt/.pt has no metadata header)")
+    parser.add_argument("file", nargs="?", help=".safetensors file (a .ckpt/.pt has no metadata header)")
+    parser.add_argument("--model", help="the same file, as sd-scripts' show_metadata.py takes it")
     parser.add_argument("--json", action="store_true",
                         help="print the metadata as one JSON object, values holding JSON objects/arrays unpacked")
     args = parser.parse_args(argv)
-    path = Path(args.file)
+    if bool(args.file) == bool(args.model):
+        raise UserError("give the file once: show_metadata.py FILE (or --model FILE, as in sd-scripts)")
+    path = Path(args.file or args.model)
     metadata = read_metadata(path)
     if metadata is None:
         note = f"{path}: a {path.suffix} torch pickle has no metadata header (only .safetensors files carry one)"

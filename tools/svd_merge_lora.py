@@ -18,14 +18,10 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from library.errors import UserError, exit_on_user_error  # noqa: E402
+from networks.files import is_unet_kernel_name  # noqa: E402
 from tools.merge_lora import (add_common_arguments, check_common, check_network_output, merge_dtypes,  # noqa: E402
                               network_metadata)
 from tools.merge_models import make_parser  # noqa: E402
-
-# SD's UNet 3×3 convolutions (ResNet conv1/conv2, up/down-sampler conv). LoHa and low-rank LoKr store a conv's
-# factors as 2-D matrices over in·k·k columns, so only the layer's name tells a 3×3 kernel from a Linear.
-KERNEL_NAME_ENDINGS = ("_conv1", "_conv2", "_conv")
-
 
 def _stand_in(shape: tuple[int, ...]) -> nn.Module:
     """A weightless (meta) layer of `shape`: the adapter classes read only its kind and sizes."""
@@ -58,7 +54,7 @@ def _guess(name: str, out: int, columns: int) -> list[tuple[int, ...]]:
     linear, shapes = (out, columns), [(out, columns)]
     if columns % 9 == 0:
         kernel = (out, columns // 9, 3, 3)
-        named = name.startswith("lora_unet_") and name.endswith(KERNEL_NAME_ENDINGS)
+        named = is_unet_kernel_name(name)  # LoHa/LoKr conv factors are 2-D: the name decides
         shapes = [kernel, linear] if named else [linear, kernel]
     return shapes
 
@@ -161,7 +157,8 @@ def main(argv=None) -> list:
     clamp = args.clamp_quantile if args.clamp_quantile < 1.0 else None
     weights, report = refactor(deltas, args.new_rank, conv_rank, clamp_quantile=clamp, device=args.device)
     metadata = network_metadata(weights, first_metadata, inputs, ratios,
-                                note=f"svd-merged to rank {args.new_rank} (conv {conv_rank})")
+                                note=f"svd-merged to rank {args.new_rank} (conv {conv_rank})",
+                                minimal=args.no_metadata)
     save_network_file(weights, dst, dtype=dtype, metadata=metadata)
     mean = sum(m.retained for m in report) / len(report)
     print(f"merged {len(inputs)} networks into {len(report)} LoRA modules at rank {args.new_rank} "

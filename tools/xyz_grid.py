@@ -25,7 +25,8 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from library.config.options import Option  # noqa: E402
 from library.errors import UserError, exit_on_user_error  # noqa: E402
-from tools.gen_img import SECTION, check_sampling_defaults, parse_args, setup_from_args  # noqa: E402
+from tools.gen_img import (SECTION, check_output_folder, check_sampling_defaults, parse_args,  # noqa: E402
+                           setup_from_args)
 
 # Axis type -> (label title, value type, SamplePrompt field it overrides; None: acts on the networks).
 AXIS_TYPES: dict[str, tuple[str, type, str | None]] = {
@@ -241,12 +242,23 @@ def _render(generator, base, settings: dict[str, Any]):
 
 def _output_path(args) -> Path:
     if args.outfile:
-        return Path(args.outfile)
+        path = Path(args.outfile)
+        if path.suffix.lower() != ".png":
+            raise UserError(f"--outfile {path}: the grid is a PNG; name it .png")
+        if path.exists() and not _is_png(path):
+            raise UserError(f"--outfile {path}: already exists and is not a PNG; refusing to overwrite it")
+        return path
     if not args.outdir:
         raise UserError("give --outdir DIR (or --outfile grid.png) for the grid")
+    check_output_folder(args.outdir, "--outdir")
     folder = Path(args.outdir)
     return next(folder / f"xyz_grid_{n:04d}.png" for n in range(10_000_000)
                 if not (folder / f"xyz_grid_{n:04d}.png").exists())
+
+
+def _is_png(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass(frozen=True)

@@ -95,3 +95,15 @@ def test_script_run_prints_only_the_error_line(tmp_path):
     proc = subprocess.run([sys.executable, "tools/convert_lora.py", str(tmp_path / "none.safetensors"),
                            str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr
+
+
+def test_convert_never_writes_over_its_input(locon_file, tmp_path, capsys):
+    import shutil
+
+    own = tmp_path / "mine.safetensors"
+    shutil.copy(locon_file, own)
+    before = own.read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        convert_lora.main([str(own), str(own)])
+    assert exit_info.value.code == 2 and "is also an input; refusing to overwrite it" in capsys.readouterr().err
+    assert own.read_bytes() == before

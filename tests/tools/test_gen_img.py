@@ -183,3 +183,26 @@ def test_user_errors_exit_2_with_one_line(tool, argv, message, capsys, tmp_path,
         tool.main(argv)
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and message in err and "\n" not in err, err
+
+
+def test_a_second_run_numbers_on_and_outputs_never_replace_other_files(addons, tmp_path, capsys):
+    first = _gen(addons, tmp_path / "out", "--seed", "4")
+    second = _gen(addons, tmp_path / "out", "--seed", "4")
+    assert [p.name for p in first + second] == ["0000_4.png", "0001_4.png"]
+    (tmp_path / "model.safetensors").write_bytes(b"not a picture")
+    for argv, message in [
+        (["xyz_grid", "--outfile", str(tmp_path / "model.safetensors")], "the grid is a PNG; name it .png"),
+        (["xyz_grid", "--outfile", str(tmp_path / "model.png")], None),
+        (["gen_img", "--outdir", str(tmp_path / "model.safetensors")], "is a file; give a folder for the images"),
+        (["gen_img", "--outdir", str(tmp_path / "x"), "--steps", "0"], "--steps 0: give 1 or more sampling steps"),
+    ]:
+        if message is None:  # an existing file of another kind under a .png name
+            (tmp_path / "model.png").write_bytes(b"not a picture either")
+            message = "already exists and is not a PNG; refusing to overwrite it"
+        tool = xyz_grid if argv[0] == "xyz_grid" else gen_img
+        extra = ["--x", "seed:1,2"] if tool is xyz_grid else []
+        with pytest.raises(SystemExit) as exit_info:
+            tool.main(["--ckpt", addons["ckpt"], "--prompt", "a cat", *BASE, *argv[1:], *extra])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and "Traceback" not in err, err
+    assert (tmp_path / "model.safetensors").read_bytes() == b"not a picture"

@@ -204,3 +204,15 @@ def test_tools_run_as_scripts(locon):
         proc = subprocess.run([sys.executable, tool, str(file)], cwd=ROOT, capture_output=True, text=True)
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
         assert "mycat" in proc.stdout
+
+
+def test_loha_conv_layers_count_as_convs_though_their_factors_are_2d(tiny_parts, tmp_path, capsys):
+    network = _network(tiny_parts, "networks.loha", 4, 1, args=["conv_dim=2", "conv_alpha=1"])
+    convs = [m for m in network.unet_loras if isinstance(m.org_module, torch.nn.Conv2d)
+             and m.org_module.kernel_size != (1, 1)]
+    file = tmp_path / "loha_conv.safetensors"
+    network.save_weights(file)
+    out = _run(check_lora_weights, [file], capsys)
+    assert convs and f"conv 3×3 modules: {len(convs)}" in out
+    assert f"conv rank (conv_dim): 2 ×{len(convs)}" in out or "conv rank (conv_dim): 2;" in out
+    assert "rank (dim): 4;" in out  # no conv rank mixed into the linear ones

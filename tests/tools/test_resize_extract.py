@@ -227,3 +227,15 @@ def test_extract_errors_are_one_line(tiny_files, tmp_path, capsys):
     sd2 = str(tiny_files["tiny-sd2"]["safetensors"])
     _one_line_error(capsys, extract_lora_from_models.main, ["--model_org", base, "--model_tuned", sd2,
                                                             "--save_to", out], "same family")
+
+
+def test_resize_never_writes_over_its_input(rank8, tmp_path, capsys):
+    import shutil
+
+    own = tmp_path / "mine.safetensors"
+    shutil.copy(rank8, own)
+    before = own.read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        resize_lora.main(["--model", str(own), "--save_to", str(own), "--new_rank", "2"])
+    assert exit_info.value.code == 2 and "is also an input; refusing to overwrite it" in capsys.readouterr().err
+    assert own.read_bytes() == before
