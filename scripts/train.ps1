@@ -36,7 +36,6 @@ $max_train_steps = ""                       # when set: train this many steps in
 $save_every_n_epochs = "2"                  # also save every N epochs
 $train_unet_only = "0"                      # 1: train only the U-Net part (less memory)
 $train_text_encoder_only = "0"              # 1: train only the text-encoder part
-$stop_text_encoder_training = ""            # stop training the text encoder at this step
 $noise_offset = ""                          # e.g. 0.1 for very dark/bright images (empty: off)
 $keep_tokens = "0"                          # keep the first N caption tags in place when shuffling
 $min_snr_gamma = ""                         # min-SNR loss weighting, 5 is usual (empty: off)
@@ -152,7 +151,6 @@ Add-Arg "--network_dim" $network_dim
 Add-Arg "--network_alpha" $network_alpha
 Add-Switch "--network_train_unet_only" $train_unet_only
 Add-Switch "--network_train_text_encoder_only" $train_text_encoder_only
-Add-Arg "--stop_text_encoder_training" $stop_text_encoder_training
 Add-Arg "--optimizer_type" $optimizer_type
 Add-Arg "--learning_rate" $lr
 Add-Arg "--unet_lr" $unet_lr

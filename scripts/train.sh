@@ -34,7 +34,6 @@ max_train_steps="${max_train_steps:-}"          # when set: train this many step
 save_every_n_epochs="${save_every_n_epochs:-2}" # also save every N epochs
 train_unet_only="${train_unet_only:-0}"         # 1: train only the U-Net part (less memory)
 train_text_encoder_only="${train_text_encoder_only:-0}" # 1: train only the text-encoder part
-stop_text_encoder_training="${stop_text_encoder_training:-}" # stop training the text encoder at this step
 noise_offset="${noise_offset:-}"                # e.g. 0.1 for very dark/bright images (empty: off)
 keep_tokens="${keep_tokens:-0}"                 # keep the first N caption tags in place when shuffling
 min_snr_gamma="${min_snr_gamma:-}"              # min-SNR loss weighting, 5 is usual (empty: off)
@@ -144,7 +143,6 @@ add_arg "--network_dim" "$network_dim"
 add_arg "--network_alpha" "$network_alpha"
 add_switch "--network_train_unet_only" "$train_unet_only"
 add_switch "--network_train_text_encoder_only" "$train_text_encoder_only"
-add_arg "--stop_text_encoder_training" "$stop_text_encoder_training"
 add_arg "--optimizer_type" "$optimizer_type"
 add_arg "--learning_rate" "$lr"
 add_arg "--unet_lr" "$unet_lr"

@@ -12,7 +12,6 @@ import train_network
 from library.data.demo import make_demo_dataset
 from library.models.checkpoint_io import read_state_dict
 from networks.files import describe_network_file
-from tests.conftest import ROOT
 
 ALGORITHMS = {
     "lora": ["--network_module", "networks.lora"],

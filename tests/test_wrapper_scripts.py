@@ -23,7 +23,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -380,3 +379,23 @@ def test_the_parity_readers_notice_a_difference():
     assert _settings_ps(ps.replace('$network_dim = "32"', '$network_dim = "16"')) != _settings_sh(sh)
     with pytest.raises(AssertionError, match="unrecognised"):
         _statements_ps(ps.replace('Add-Arg "--seed" $seed', 'if ($seed) { Add-Arg "--seed" $seed }'))
+
+
+@pytest.mark.parametrize("model_type, only", [("sd1", "train_unet_only"), ("sd2", "train_text_encoder_only")])
+def test_every_setting_set_gives_flags_the_trainer_accepts(model_type, only):
+    """Each setting given a value must become options train_network.py declares (a wrapper flag the trainer does not
+    know would only fail when a user sets it)."""
+    from library.config.declarations import OPTIONS
+    from library.config.options import NETWORK
+    from library.config.resolve import check_supported, resolve
+
+    values = dict(model_type=model_type, parameterization="1" if model_type == "sd2" else "0", reg_data_dir="reg",
+                  algo="locon", network_weights="w.safetensors", dropout="0.1", max_train_steps="100",
+                  noise_offset="0.05", min_snr_gamma="5", bucket_reso_steps="64", max_data_loader_n_workers="2",
+                  persistent_data_loader_workers="1", lr_warmup_steps="10", save_precision="fp16", save_state="1",
+                  resume="state", multi_gpu="2", extra_args="--gradient_checkpointing", **{only: "1"})
+    launch, train, flags = _split(_print_only("train.sh", **values))
+    assert "--multi_gpu" in launch
+    config = resolve(train, NETWORK, OPTIONS)  # an undeclared flag would exit 2 here
+    check_supported(config, OPTIONS)  # and a declared-but-refused one here
+    assert config.reg_data_dir == "reg" and config.resume == "state" and config.gradient_checkpointing
