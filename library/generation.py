@@ -263,7 +263,7 @@ def save_png(image: Image.Image, path, parameters: str) -> Path:
 def install_embeddings(parts, files: Sequence) -> list[LoadedEmbedding]:
     """Add each file's token(s) to the tokenizer (name = file stem, as A1111) and its vectors to the text encoder."""
     from library.formats.embedding_files import load_embedding
-    from library.methods.ti_method import NewTokenEmbedding
+    from library.methods.ti_method import NewTokenEmbedding, add_new_tokens
 
     if not files:
         return []
@@ -279,25 +279,13 @@ def install_embeddings(parts, files: Sequence) -> list[LoadedEmbedding]:
         tokens = (name, *(f"{name}{i}" for i in range(1, embedding.vectors.shape[0])))
         loaded.append(LoadedEmbedding(path, tokens, _file_shorthash(path, 12) if path.is_file() else "IsADirectory"))
         vectors.append(embedding.vectors)
-    first_id = _add_tokens(parts.tokenizer, [t for e in loaded for t in e.tokens])
+    first_id = add_new_tokens(parts.tokenizer, [t for e in loaded for t in e.tokens],
+                              flag="--textual_inversion_embeddings",
+                              fix="rename the file (its stem is the embedding's name, and two cannot share one)")
     base = parts.text_encoder.get_input_embeddings()
     embedding = NewTokenEmbedding(base, first_id, torch.cat(vectors)).to(base.weight.device)
     parts.text_encoder.set_input_embeddings(embedding)
     return loaded
-
-
-def _add_tokens(tokenizer, tokens: list[str]) -> int:
-    vocab = tokenizer.get_vocab()
-    clash = next((t for t in tokens if t in vocab or tokens.count(t) > 1), None)
-    if clash is not None:
-        raise UserError(f"--textual_inversion_embeddings: the name '{clash}' is already a word of the tokenizer or "
-                        "of another embedding; rename the file (its stem is the embedding's name)")
-    tokenizer.add_tokens(tokens)
-    ids = tokenizer.convert_tokens_to_ids(tokens)
-    if ids != list(range(ids[0], ids[0] + len(tokens))):  # NewTokenEmbedding reads consecutive rows
-        raise UserError(f"--textual_inversion_embeddings: the tokenizer gave ids {ids}, not consecutive ones; "
-                        "use the bundled tokenizer (leave out --tokenizer)")
-    return ids[0]
 
 
 # ---------------------------------------------------------------------------------------------- A1111 infotext

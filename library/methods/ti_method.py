@@ -79,14 +79,16 @@ class TextualInversionMethod(DiffusionMethod):
             raise UserError("--token_string is required: the new word the embedding is trained for "
                             "(e.g. --token_string mychar)")
         if config.output_dir and config.output_name:  # before any training, not after it
-            _refuse_foreign(Path(config.output_dir) / f"{config.output_name}{EMBEDDING_FORMATS.get(config.save_model_as, '')}")
+            suffix = EMBEDDING_FORMATS.get(config.save_model_as, "")
+            _refuse_foreign(Path(config.output_dir) / f"{config.output_name}{suffix}")
         start = _resume_from(config)
         count = _vector_count(config, start)
         self.tokens = [token] + [f"{token}{i}" for i in range(1, count)]
         base = parts.text_encoder.get_input_embeddings()
         # Before the new tokens exist: an init word containing the token must read the base model's own rows.
         vectors = _initial_vectors(config, parts.tokenizer, base.weight.detach(), count, start)
-        first_id = _add_tokens(parts.tokenizer, self.tokens)
+        first_id = add_new_tokens(parts.tokenizer, self.tokens, flag=f"--token_string {token}",
+                                  fix="it has an embedding of its own; choose a made-up word (e.g. 'mychar')")
         self.embedding = NewTokenEmbedding(base, first_id, vectors)
         parts.text_encoder.set_input_embeddings(self.embedding)
         self.step_offset = start.step if start is not None else 0
@@ -179,17 +181,17 @@ def _vector_count(config: RunConfig, start) -> int:
     return start.vectors.shape[0]
 
 
-def _add_tokens(tokenizer, tokens: list[str]) -> int:
-    """Add the new tokens (they must be new: sd-scripts' rule) and return the first one's id."""
+def add_new_tokens(tokenizer, tokens: list[str], *, flag: str, fix: str) -> int:
+    """Add tokens the tokenizer does not know yet (sd-scripts' rule) and return the first one's id: NewTokenEmbedding
+    reads their rows consecutively from there."""
     vocab = tokenizer.get_vocab()
-    known = [t for t in tokens if t in vocab]
-    if known or tokenizer.add_tokens(tokens) != len(tokens):
-        raise UserError(f"--token_string {tokens[0]}: '{(known or tokens)[0]}' is already a token of the tokenizer, "
-                        "so it has an embedding of its own; choose a made-up word (e.g. 'mychar')")
+    clash = next((t for t in tokens if t in vocab or tokens.count(t) > 1), None)
+    if clash is not None or tokenizer.add_tokens(tokens) != len(tokens):
+        raise UserError(f"{flag}: '{clash or tokens[0]}' is already a token of the tokenizer; {fix}")
     ids = tokenizer.convert_tokens_to_ids(tokens)
     if ids != list(range(ids[0], ids[0] + len(tokens))):
-        raise UserError(f"--token_string {tokens[0]}: the tokenizer gave its tokens ids {ids}, not consecutive ones; "
-                        "use a fresh --tokenizer folder")
+        raise UserError(f"{flag}: the tokenizer gave ids {ids}, not consecutive ones; use the bundled tokenizer "
+                        "(leave out --tokenizer)")
     return ids[0]
 
 
