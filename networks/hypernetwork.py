@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from library.errors import UserError
-from library.safe_write import write_atomically
+from library.formats.a1111_pickle import save_pickle
 
 LAYER_FLAG = "--hypernetwork_layer_structure"
 DROPOUT_FLAG = "--hypernetwork_dropout_structure"
@@ -237,7 +237,7 @@ class Hypernetwork(nn.Module):
     def to_a1111(self, *, step: int, name: str, sd_checkpoint: str | None = None,
                  sd_checkpoint_name: str | None = None, optional_info: str | None = None,
                  dtype: torch.dtype = torch.float32) -> dict:
-        """The dict A1 torch.saves: size -> (k state dict, v state dict), plus its settings under string keys."""
+        """The dict A1 saves: size -> (k state dict, v state dict), plus its settings under string keys."""
         data: dict = {size: tuple(_plain_state_dict(m, dtype) for m in self.pair(size)) for size in self.sizes}
         data.update({
             "step": int(step), "name": str(name), "layer_structure": list(self.layer_structure),
@@ -330,9 +330,8 @@ def _difference(expected: dict, found: dict) -> str:
 
 
 def save_hypernetwork(path, network: Hypernetwork, **to_a1111_kwargs) -> Path:
-    """Write the network as A1's .pt atomically; returns the path."""
-    data = network.to_a1111(**to_a1111_kwargs)
-    return write_atomically(path, lambda tmp: torch.save(data, tmp))
+    """Write the network as A1's .pt (one its safe unpickler accepts) atomically; returns the path."""
+    return save_pickle(network.to_a1111(**to_a1111_kwargs), path)
 
 
 def load_hypernetwork(path) -> tuple[Hypernetwork, dict]:

@@ -54,16 +54,17 @@ def read_model(path: Path) -> dict:
 
 def write_model(sd: dict, dst: Path) -> Path:
     """Write atomically, as .safetensors or a Lightning-style .ckpt according to the extension."""
-    import torch
     from safetensors.torch import save_file
 
+    from library.formats.a1111_pickle import save_pickle
     from library.safe_write import write_atomically
 
     # safetensors refuses views and shared storage; a contiguous copy of those is cheap insurance.
     sd = {k: v.contiguous().clone() if not v.is_contiguous() or v.storage_offset() else v for k, v in sd.items()}
     if dst.suffix.lower() == ".safetensors":
         return write_atomically(dst, lambda tmp: save_file(sd, str(tmp), metadata={"format": "pt"}))
-    return write_atomically(dst, lambda tmp: torch.save({"state_dict": sd}, tmp))
+    # A1111's safe unpickler refuses torch.save's extra zip entries; write only the ones it allows.
+    return save_pickle({"state_dict": sd}, dst)
 
 
 def warn_missing(merged) -> None:

@@ -13,6 +13,7 @@ import safetensors.torch
 import torch
 
 from library.errors import UserError
+from library.formats.a1111_pickle import save_pickle
 from library.safe_write import atomic_dir, write_atomically
 
 A1111, KOHYA, DIFFUSERS = "a1111", "kohya", "diffusers"
@@ -45,7 +46,8 @@ def a1111_shorthash(path) -> str | None:
 
 def save_a1111(path, vectors, *, name: str, step: int, sd_checkpoint: str | None = None,
                sd_checkpoint_name: str | None = None, dtype: torch.dtype | None = None) -> Path:
-    """Write the dict A1111's textual-inversion tab saves (a torch pickle; A1111 names it after the file stem)."""
+    """Write the dict A1111's textual-inversion tab saves (a torch pickle A1111's safe unpickler accepts; A1111 names
+    it after the file stem)."""
     path = Path(path)
     if path.suffix.lower() not in PICKLE_SUFFIXES:
         raise UserError(f"A1111 embedding {path} must end in .pt: the layout is a torch pickle of nested dicts, "
@@ -58,11 +60,11 @@ def save_a1111(path, vectors, *, name: str, step: int, sd_checkpoint: str | None
         "sd_checkpoint": sd_checkpoint,
         "sd_checkpoint_name": sd_checkpoint_name,
     }
-    return write_atomically(path, lambda tmp: torch.save(data, tmp))
+    return save_pickle(data, path)
 
 
 def save_kohya(path, vectors, *, metadata: Mapping[str, str] | None = None, dtype: torch.dtype | None = None) -> Path:
-    """Write sd-scripts' {"emb_params": (n, dim)}: .safetensors keeps `metadata`, .pt/.bin (torch.save) drops it."""
+    """Write sd-scripts' {"emb_params": (n, dim)}: .safetensors keeps `metadata`, .pt/.bin (a torch pickle) drops it."""
     path = Path(path)
     tensors = {KOHYA_KEY: _stored(vectors, dtype)}
     suffix = path.suffix.lower()
@@ -70,7 +72,7 @@ def save_kohya(path, vectors, *, metadata: Mapping[str, str] | None = None, dtyp
         meta = dict(metadata) if metadata else None
         return write_atomically(path, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=meta))
     if suffix in PICKLE_SUFFIXES:
-        return write_atomically(path, lambda tmp: torch.save(tensors, tmp))
+        return save_pickle(tensors, path)
     raise UserError(f"embedding file {path} has an unknown extension; name it .safetensors, .pt or .bin")
 
 
@@ -101,8 +103,8 @@ def _stored(vectors: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     if not isinstance(vectors, torch.Tensor) or vectors.dim() not in (1, 2):
         raise ValueError(f"embedding vectors must be a (n, dim) or (dim,) tensor, got {_describe(vectors)}")
     stored = vectors.detach().reshape(-1, vectors.shape[-1]).to("cpu", dtype or vectors.dtype)
-    # clone: a view (e.g. the last rows of a text encoder's embedding matrix) would make torch.save write the whole
-    # storage it shares, and safetensors refuses tensors that share memory.
+    # clone: a view (e.g. the last rows of a text encoder's embedding matrix) shares its storage, which safetensors
+    # refuses and a torch pickle would write whole.
     return stored.contiguous().clone()
 
 

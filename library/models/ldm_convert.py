@@ -7,12 +7,13 @@ ldm -> diffusers uses diffusers' own single-file converters; diffusers ships no 
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Mapping
+from typing import Mapping, TypeVar
 
 import torch
 from diffusers.loaders import single_file_utils as sfu
 
 Tensors = Mapping[str, torch.Tensor]
+V = TypeVar("V")
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -161,6 +162,12 @@ def vae_to_ldm(vae_sd: Tensors, config: dict) -> dict[str, torch.Tensor]:
 def clip_to_ldm(te_sd: Tensors) -> dict[str, torch.Tensor]:
     """CLIPTextModel state dict -> `cond_stage_model.transformer.text_model.*` keys (prefix stripped), as sd-scripts writes."""
     return {"text_model." + k: v for k, v in te_sd.items() if not k.endswith("position_ids")}
+
+
+def clip_to_transformers4(te_sd: Mapping[str, V]) -> dict[str, V]:
+    """CLIPTextModel state dict of transformers >= 5 (`encoder.…`) -> the `text_model.encoder.…` spelling of
+    transformers 4, which diffusers folders on the hub and ComfyUI's diffusers loader use (transformers 5 reads both)."""
+    return {k if k.startswith("text_model.") else "text_model." + k: v for k, v in te_sd.items()}
 
 
 _OPENCLIP_NAMES = (("embeddings.token_embedding.weight", "token_embedding.weight"),

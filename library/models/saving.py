@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from library.errors import UserError
+from library.formats.a1111_pickle import write_pickle
 from library.formats.modelspec import checkpoint_metadata
 from library.models import ldm_convert as lc
 from library.models.checkpoint_io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_safetensors_keys, read_state_dict
@@ -61,7 +66,8 @@ def save_single_file(parts: Components, dst: str | Path, *, precision: str | Non
             meta = checkpoint_metadata(v2=parts.v2, v_parameterization=parts.v_parameterization, title=dst.stem)
             save_file(sd, str(tmp), metadata=meta | (metadata or {}))
         else:
-            torch.save({"state_dict": sd, "epoch": epoch, "global_step": global_step}, tmp)
+            # Not torch.save: A1111's safe unpickler refuses the zip entries torch >= 2.x adds.
+            write_pickle({"state_dict": sd, "epoch": epoch, "global_step": global_step}, tmp)
     return dst
 
 
@@ -83,21 +89,51 @@ def save_diffusers(parts: Components, dst: str | Path, *, precision: str | None 
         vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    original = {m: m.dtype for m in (parts.unet, parts.vae, parts.text_encoder)}
-    try:
-        _set_dtype(original, dtype)
-        with atomic_dir(dst) as tmp:
-            pipe.save_pretrained(tmp, safe_serialization=True)
-    finally:
-        for module, was in original.items():
-            _set_dtype({module: module.dtype}, was)
+    with _cast_temporarily((parts.unet, parts.vae, parts.text_encoder), dtype), atomic_dir(dst) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        _respell_text_encoder(tmp / "text_encoder")
     return dst
 
 
-def _set_dtype(modules: dict, dtype: torch.dtype) -> None:
-    for module, current in modules.items():
-        if current != dtype:
-            module.to(dtype=dtype)
+@contextlib.contextmanager
+def _cast_temporarily(modules, dtype: torch.dtype):
+    """Give the modules' floating-point tensors `dtype` for the save, then put the very same values back.
+
+    Casting the modules back and forth (module.to) would leave a model being trained rounded to fp16/bf16 after every
+    save; swapping each tensor's data keeps the originals untouched (and the parameters the optimizer holds).
+    """
+    originals = []
+    try:
+        for module in modules:
+            for tensor in (*module.parameters(), *module.buffers()):
+                if tensor.is_floating_point() and tensor.dtype != dtype:
+                    originals.append((tensor, tensor.data))
+                    tensor.data = tensor.data.to(dtype)
+        yield
+    finally:
+        for tensor, data in originals:
+            tensor.data = data
+
+
+def _respell_text_encoder(folder: Path) -> None:
+    """Rewrite the text encoder's weights with `text_model.` keys: transformers >= 5 saves them without, and then
+    ComfyUI's diffusers loader (and transformers 4) finds none of them and runs an uninitialised text encoder."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():  # a sharded save: rename in the index and in every shard
+        data = json.loads(index.read_text(encoding="utf-8"))
+        data["weight_map"] = lc.clip_to_transformers4(data["weight_map"])
+        shards = sorted({folder / name for name in data["weight_map"].values()})
+        index.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    else:
+        shards = [folder / "model.safetensors"]
+    for shard in shards:
+        with safe_open(str(shard), framework="pt", device="cpu") as f:
+            metadata = f.metadata()
+            tensors = lc.clip_to_transformers4({key: f.get_tensor(key) for key in f.keys()})
+        # A new name, then a rename: the old file may still be memory-mapped by the tensors just read.
+        respelled = shard.with_name(shard.name + ".respelled")
+        save_file(tensors, str(respelled), metadata=metadata)
+        os.replace(respelled, shard)
 
 
 def save_model(parts: Components, dst: str | Path, *, precision: str | None = "float") -> Path:
