@@ -1,4 +1,5 @@
-"""User-facing errors: one line saying what is wrong, where, and how to fix it; exit code 2, no traceback."""
+"""User-facing errors: one line saying what is wrong, where, and how to fix it; exit code 2, no traceback.
+An interruption (Ctrl+C, SIGTERM) is one line too, with the shell's code for it (130 for Ctrl+C)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sys
 from typing import Callable, TypeVar
 
 USER_ERROR_EXIT_CODE = 2
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for a program stopped by Ctrl+C
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -15,8 +17,17 @@ class UserError(Exception):
     """A mistake in the user's input (a path, a flag, a file). Never a bug in our code."""
 
 
+class Interrupted(Exception):
+    """The user stopped the program; the message says what was (not) saved."""
+
+    def __init__(self, message: str, exit_code: int = INTERRUPTED_EXIT_CODE):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def exit_on_user_error(main: F) -> F:
-    """Wrap an entry point so a UserError prints one line to stderr and exits with code 2."""
+    """Wrap an entry point so a UserError prints one line to stderr and exits with code 2, and an interruption
+    prints one line and exits with code 130."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -25,5 +36,11 @@ def exit_on_user_error(main: F) -> F:
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(USER_ERROR_EXIT_CODE) from None
+        except Interrupted as err:
+            print(err, file=sys.stderr)
+            raise SystemExit(err.exit_code) from None
+        except KeyboardInterrupt:
+            print("interrupted (Ctrl+C); files saved before are intact", file=sys.stderr)
+            raise SystemExit(INTERRUPTED_EXIT_CODE) from None
 
     return wrapper  # type: ignore[return-value]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import random
+from pathlib import Path
 from typing import Callable, Sequence
 
 from library.config.declarations import OPTIONS
 from library.config.resolve import check_supported, options_for, resolve, write_resolved_config
 from library.config.run_config import RunConfig
 from library.console import quiet_libraries
-from library.errors import UserError
+from library.errors import Interrupted, UserError
 
 
 def has_dataset(config: RunConfig) -> bool:
@@ -28,6 +30,14 @@ def dry_run(config: RunConfig) -> None:
 def start(argv: Sequence[str] | None, script: str, description: str, run: Callable[[RunConfig, object], object]):
     """Resolve `argv` for `script`; a dry run prints the plan, a real run checks the data before any weights load,
     saves the resolved options next to its outputs, then calls `run(config, plan)` and returns its result."""
+    try:
+        return _start(argv, script, description, run)
+    except KeyboardInterrupt:
+        # The training loop saves on Ctrl+C itself; one reaching here came before it (options, data, models, cache).
+        raise Interrupted("interrupted during start-up, before training began: no model or state was saved") from None
+
+
+def _start(argv, script, description, run):
     config = resolve(argv, script, OPTIONS, description)
     if config.get("token_string") and not config.output_name:
         config = config.replace(output_name=config.token_string)  # sd-scripts names an embedding after its token
@@ -40,7 +50,10 @@ def start(argv: Sequence[str] | None, script: str, description: str, run: Callab
     plan = plan_run(config)
     print_plan(plan, verbose=False)
     quiet_libraries()
-    if config.output_dir:
+    processes = _processes()
+    config = with_seed(config, processes)
+    if config.output_dir and processes.is_main_process:
+        remove_leftovers(config)
         name = config.output_name or "last"
         path = write_resolved_config(config, options_for(script, OPTIONS).values(), config.output_dir, name)
         print(f"options: {path}")
@@ -54,6 +67,43 @@ def start(argv: Sequence[str] | None, script: str, description: str, run: Callab
         if not isinstance(err, torch.cuda.OutOfMemoryError):
             raise
         raise UserError(out_of_memory_advice("out of GPU memory")) from None
+
+
+def _processes():
+    """accelerate's view of the processes of this run (one, or one per device under `accelerate launch`)."""
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    # The same choice the training loop's Accelerator makes: this state is the one it then uses.
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+
+
+def with_seed(config: RunConfig, processes) -> RunConfig:
+    """The seed the run uses, drawn now when --seed is not given so the saved options hold it (a rerun with them
+    repeats the run), and the same on every process (the main process's, broadcast)."""
+    if config.seed is not None:
+        return config
+    seed = [random.SystemRandom().randint(0, 2**32 - 1)]
+    if processes.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(seed, from_process=0)
+    return config.replace(origin="drawn at random (no --seed)", seed=seed[0])
+
+
+def remove_leftovers(config: RunConfig) -> None:
+    """Hidden temporary files and folders of this run's earlier saves that were killed (kill -9, power loss)."""
+    from library.safe_write import format_bytes, remove_leftovers as remove
+    from library.training.checkpoints import owns_name
+
+    out = Path(config.output_dir)
+    count = freed = 0
+    for folder in (out, out / "sample"):
+        n, size = remove(folder, lambda name: owns_name(name, config.output_name))
+        count, freed = count + n, freed + size
+    if count:
+        print(f"removed {count} leftover(s) of interrupted saves in {out} ({format_bytes(freed)} reclaimed)")
 
 
 def out_of_memory_advice(what: str) -> str:

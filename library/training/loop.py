@@ -6,8 +6,11 @@ boundary) all-reduce, clip, step → log · save · sample. The method decides w
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +23,7 @@ from accelerate.utils import set_seed
 from library.config.run_config import RunConfig
 from library.data.dataset import TrainingDataset
 from library.data.plan import RunPlan
-from library.errors import UserError
+from library.errors import Interrupted, UserError
 from library.training import checkpoints as ck
 from library.training.data_loading import EpochBatchSampler, make_loader
 from library.training.fused_backward import FusedBackward, check_fused_backward
@@ -89,9 +92,10 @@ def train(config: RunConfig, plan: RunPlan, parts, make_method, *, save_ext: str
 
     state = ck.TrainState(0, 1, 0)
     if config.resume:
-        state = ck.TrainState.read(Path(config.resume))
-        accelerator.load_state(config.resume)
-        accelerator.print(f"resumed from {config.resume} at step {state.global_step} (epoch {state.epoch})")
+        folder = ck.resume_folder(Path(config.resume), ck.required_state_files(accelerator), say=accelerator.print)
+        state = ck.TrainState.read(folder)
+        _load_state(accelerator, folder)
+        accelerator.print(f"resumed from {folder} at step {state.global_step} (epoch {state.epoch})")
     sampler = EpochBatchSampler(per_epoch, start_epoch=state.epoch, epochs=epochs, skip=state.batch_in_epoch)
     loader = accelerator.prepare_data_loader(
         make_loader(dataset, sampler, workers=config.max_data_loader_n_workers or 0,
@@ -104,16 +108,70 @@ def train(config: RunConfig, plan: RunPlan, parts, make_method, *, save_ext: str
     reporter.begin(state.global_step)
     loop = _Loop(config, accelerator, method, optimizer, lr_scheduler, reporter, per_epoch, accumulation, max_steps,
                  fused=fused is not None)
+    _run_until_done_or_stopped(loop, loader, state, reporter, fused)
     try:
-        loop.run(loader, state)
+        final = reporter.finish(loop.state)
     except KeyboardInterrupt:
-        reporter.interrupted(loop.state)
-        raise SystemExit(130) from None
-    finally:
-        if fused is not None:
-            fused.remove()
-    final = reporter.finish(loop.state)
+        raise Interrupted(f"interrupted while saving the final files at step {loop.state.global_step}: files saved "
+                          "before are intact (continue with --resume from the last -state folder)") from None
     return TrainingResult(final, loop.state.global_step, loop.losses, method)
+
+
+def _run_until_done_or_stopped(loop, loader, state, reporter, fused) -> None:
+    """Train; on Ctrl+C or SIGTERM save the adapter and a state first, then exit with 128 + the signal number."""
+    with _sigterm_interrupts() as received:
+        try:
+            loop.run(loader, state)
+        except KeyboardInterrupt:
+            step = loop.state.global_step
+            try:
+                reporter.interrupted(loop.state, "terminated (SIGTERM)" if received else "interrupted")
+            except KeyboardInterrupt:
+                raise Interrupted(f"interrupted again while saving at step {step}: that save was dropped, files "
+                                  "saved before are intact (continue with --resume from the last -state folder)"
+                                  ) from None
+            raise SystemExit(128 + (received[0] if received else signal.SIGINT)) from None
+        finally:
+            reporter.bar.close()  # an error message then starts a line of its own, not after the bar
+            if fused is not None:
+                fused.remove()
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `docker stop`, a preempted cloud machine) stops training the way Ctrl+C does."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """While training: SIGTERM raises _Terminated (once; a second one during the save is ignored). Yields the list
+    that holds the signal number once one came. The previous handler is put back afterwards."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield received
+        return
+
+    def handler(signum, frame):
+        if not received:
+            received.append(signum)
+            raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _load_state(accelerator, folder: Path) -> None:
+    """accelerate's load_state; a state from a run with other options (network_dim, optimizer) is one line."""
+    try:
+        accelerator.load_state(str(folder))
+    except (ValueError, KeyError, RuntimeError, EOFError, OSError) as err:
+        if isinstance(err, torch.cuda.OutOfMemoryError):
+            raise
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"--resume {folder}: its state does not fit this run ({first}); resume with the options of "
+                        "the run that saved it (its <output_name>.config.toml)") from None
 
 
 class _Loop:

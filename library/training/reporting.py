@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from tqdm.auto import tqdm
 from library.config.run_config import RunConfig
 from library.errors import UserError
 from library.models.saving import save_dtype
+from library.safe_write import atomic_dir, shared_temp_dir, size_on_disk, space_warning, write_failure
 from library.training import checkpoints as ck
 
 EXTENSIONS = {"safetensors": ".safetensors", "pt": ".pt", "ckpt": ".ckpt", "diffusers": "", "diffusers_safetensors": ""}
@@ -36,6 +38,7 @@ class Reporter:
         self.output_dir = Path(config.output_dir)
         self.name = config.output_name
         self._metadata = None
+        self._sizes: dict[str, int] = {}  # bytes of the last model / state saved, to warn before the next
         self.epoch_losses: list[float] = []
         self.first_step_at = None
         self.prompts = []
@@ -99,11 +102,12 @@ class Reporter:
         self.accelerator.end_training()
         return path
 
-    def interrupted(self, state: ck.TrainState) -> None:
-        """Ctrl+C: keep what was learnt — the adapter and a state to resume from — then stop."""
+    def interrupted(self, state: ck.TrainState, why: str = "interrupted") -> None:
+        """Ctrl+C or SIGTERM: keep what was learnt — the adapter and a state to resume from — then stop."""
         self.bar.close()
+        self.accelerator.print(f"\n{why} at step {state.global_step}: saving before stopping")
         path = self._save(ck.step_name(self.name, state.global_step, self.ext), state, force_state=True)
-        self.accelerator.print(f"\ninterrupted at step {state.global_step}: saved {path} and its -state folder "
+        self.accelerator.print(f"{why} at step {state.global_step}: saved {path} and its -state folder "
                                "(continue with --resume)")
 
     # ------------------------------------------------------------------ saving
@@ -126,22 +130,83 @@ class Reporter:
         path = self.output_dir / file_name
         self.accelerator.wait_for_everyone()
         _check_finite(self.method, state)
-        if self.accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            metadata = self.metadata(state, epoch if epoch is not None else (self.epochs if last else state.epoch))
-            self.method.export(path, dtype=save_dtype(self.config.save_precision, None), metadata=metadata,
-                               epoch=epoch if epoch is not None else state.epoch, global_step=state.global_step)
-            self.accelerator.print(f"saved {path}")
+        self._together(lambda: self._export(path, state, epoch, last), path, main_only=True)
         if force_state or (self.config.save_state if with_state is None else with_state):
             self._save_state(path, state)
         return path
 
+    def _export(self, path: Path, state: ck.TrainState, epoch: int | None, last: bool) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._warn_if_short(path, "model")
+        metadata = self.metadata(state, epoch if epoch is not None else (self.epochs if last else state.epoch))
+        self.method.export(path, dtype=save_dtype(self.config.save_precision, None), metadata=metadata,
+                           epoch=epoch if epoch is not None else state.epoch, global_step=state.global_step)
+        self._sizes["model"] = size_on_disk(path)
+        self.accelerator.print(f"saved {path}")
+
     def _save_state(self, model_path: Path, state: ck.TrainState) -> Path:
+        """accelerate's files and train_state.json, written into a temporary folder every process agrees on, then
+        renamed into place by the main process: a state folder under its real name is always complete."""
         folder = model_path.with_name(_stem(model_path.name, self.ext) + "-state")
-        self.accelerator.save_state(str(folder))
-        if self.accelerator.is_main_process:
-            state.write(folder)
+        tmp = shared_temp_dir(folder)
+
+        def prepare() -> None:
+            self._warn_if_short(folder, "state")
+            shutil.rmtree(tmp, ignore_errors=True)  # what a killed save of this same name left
+            tmp.mkdir(parents=True)
+
+        def publish() -> None:
+            with atomic_dir(folder, temp=tmp) as ready:
+                state.write(ready)
+            self._sizes["state"] = size_on_disk(folder)
+            self.accelerator.print(f"saved {folder}")
+
+        drop = lambda: shutil.rmtree(tmp, ignore_errors=True)  # noqa: E731
+        self._together(prepare, folder, main_only=True, cleanup=drop)
+        self._together(lambda: self.accelerator.save_state(str(tmp)), folder, main_only=False, cleanup=drop)
+        self._together(publish, folder, main_only=True, cleanup=drop)
         return folder
+
+    def _together(self, action, target: Path, *, main_only: bool, cleanup=None) -> None:
+        """Run one part of a save (on the main process, or on each) and stop every process when any failed: one
+        left waiting at the next collective would hang the run. A full disk is one line naming `target`."""
+        error = None
+        if self.accelerator.is_main_process or not main_only:
+            try:
+                action()
+            except Exception as err:  # noqa: BLE001 - re-raised below, as one line when the disk refused the write
+                error = write_failure(err, target) or err
+            except BaseException:  # Ctrl+C / SIGTERM mid-save: drop the partial temporary, then stop as asked
+                if cleanup is not None and self.accelerator.is_main_process:
+                    cleanup()
+                raise
+        if not self._failed_anywhere(error is not None):
+            return
+        if cleanup is not None and self.accelerator.is_main_process:
+            cleanup()
+        if error is not None:
+            raise error
+        raise UserError(f"saving {target} failed on another process (its message is above); files saved before "
+                        "are intact")
+
+    def _failed_anywhere(self, failed: bool) -> bool:
+        if self.accelerator.num_processes == 1:
+            return failed
+        import torch
+
+        flag = torch.tensor([int(failed)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item())
+
+    def _warn_if_short(self, target: Path, kind: str) -> None:
+        """Before a save: warn when the disk has less room than the previous save of this kind took (or, for the
+        first, than the trainable weights and, for a state, their two optimizer moments)."""
+        needed = self._sizes.get(kind)
+        if needed is None:
+            weights = sum(p.numel() * p.element_size() for p in self.method.trainable_params())
+            needed = weights if kind == "model" else 3 * weights
+        warning = space_warning(target, needed)
+        if warning:
+            self.accelerator.print(warning)
 
     def _rotate(self, state: ck.TrainState, *, by_step: bool, epoch: int | None = None) -> None:
         if not self.accelerator.is_main_process:

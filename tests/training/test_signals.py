@@ -1,0 +1,85 @@
+"""Stopping a run from outside: SIGTERM (schedulers, `docker stop`, preemption) saves the adapter and a state like
+Ctrl+C does; Ctrl+C before training began is one line and exit code 130. Real processes, real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from library.data.demo import make_demo_dataset
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+
+REQUIRED = ["optimizer.bin", "scheduler.bin", "custom_checkpoint_0.pkl", "random_states_0.pkl", "train_state.json"]
+
+
+def _start(tmp_path, steps: int) -> subprocess.Popen:
+    make_demo_dataset(tmp_path / "data", count=2, size=32)
+    argv = ["--pretrained_model_name_or_path", "tiny-sd1", "--train_data_dir", str(tmp_path / "data"),
+            "--caption_extension", ".txt", "--resolution", "32", "--output_dir", str(tmp_path / "out"),
+            "--output_name", "net", "--max_train_steps", str(steps), "--network_dim", "4", "--seed", "1",
+            "--max_data_loader_n_workers", "0"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, str(ROOT / "train_network.py"), *argv], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _signal_after(proc: subprocess.Popen, line_start: str, signum: int) -> tuple[str, str]:
+    """Read stdout until a line starting with `line_start`, send `signum`, then collect everything."""
+    watchdog = threading.Timer(300, proc.kill)  # a hung run fails the test instead of hanging it
+    watchdog.start()
+    stderr: list[str] = []
+    reader = threading.Thread(target=lambda: stderr.append(proc.stderr.read()), daemon=True)
+    reader.start()  # the progress bar writes to stderr: keep its pipe drained
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith(line_start):
+                proc.send_signal(signum)
+                break
+        else:
+            raise AssertionError(f"the run ended before printing {line_start!r}:\n{''.join(seen)}")
+        rest = proc.stdout.read()
+        proc.wait(timeout=240)
+        reader.join(timeout=10)
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+    return "".join(seen) + rest, "".join(stderr)
+
+
+def test_sigterm_during_training_saves_the_adapter_and_a_complete_state(tmp_path):
+    proc = _start(tmp_path, steps=100_000)
+    out, err = _signal_after(proc, "first step took", signal.SIGTERM)
+    assert proc.returncode == 128 + signal.SIGTERM, out + err
+    assert "Traceback" not in err
+    said = [line for line in out.splitlines() if line.startswith("terminated (SIGTERM) at step ")]
+    step = int(said[0].split()[4].rstrip(":"))
+    model = tmp_path / "out" / f"net-step{step:08d}.safetensors"
+    assert said[-1] == f"terminated (SIGTERM) at step {step}: saved {model} and its -state folder (continue with --resume)"
+    from safetensors.torch import load_file
+
+    from library.training.checkpoints import state_problem
+
+    assert any(key.endswith("lora_up.weight") for key in load_file(model))
+
+    assert state_problem(tmp_path / "out" / f"net-step{step:08d}-state", REQUIRED) is None
+
+
+def test_ctrl_c_during_start_up_is_one_line_and_exit_code_130(tmp_path):
+    proc = _start(tmp_path, steps=2)
+    # The plan is printed first; libraries, options and models load after it.
+    out, err = _signal_after(proc, "steps: ", signal.SIGINT)
+    assert proc.returncode == 130, out + err
+    assert "Traceback" not in err and "training starts" not in out
+    assert err.strip().splitlines()[-1] == ("interrupted during start-up, before training began: no model or state "
+                                            "was saved")
+    assert not list((tmp_path / "out").glob("*.safetensors"))
