@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Iterable, Mapping
 
+from library.config.checks import range_problem, range_text
 from library.config.suggest import did_you_mean
 from library.errors import UserError
 from networks.injection import NUM_OF_BLOCKS
@@ -13,13 +14,38 @@ NUM_BLOCKS = NUM_OF_BLOCKS * 2 + 1  # 25: sd-scripts' block_dims / block_alphas 
 LR_WEIGHT_PRESETS = ("sine", "cosine", "linear", "reverse_linear", "zeros")
 
 
-def _number_list(kind: type, length: int) -> Callable[[str], list]:
+class OutOfRange(ValueError):
+    """A value of the right type outside its range: the message says what the range is."""
+
+
+def number(kind: type, **bounds) -> Callable[[str], int | float]:
+    """A parser for one int or float within `bounds` (minimum, maximum, above, below: as Option declares them)."""
+    def parse(text: str) -> int | float:
+        value = kind(text)
+        problem = range_problem(value, **bounds)
+        if problem:
+            raise OutOfRange(problem)
+        return value
+    limits = range_text(**bounds)
+    parse.__name__ = f"{kind.__name__} {limits}" if limits else kind.__name__
+    return parse
+
+
+def _number_list(kind: type, length: int, **bounds) -> Callable[[str], list]:
+    one = number(kind, **bounds)
+
     def parse(text: str) -> list:
         values = [kind(v) for v in str(text).split(",") if v.strip()]
         if len(values) != length:
             raise ValueError(f"needs {length} comma-separated values, got {len(values)}")
+        for value in values:
+            try:
+                one(value)
+            except OutOfRange as err:
+                raise OutOfRange(f"values {str(err).replace('must be', 'must each be')} (got {value})") from None
         return values
-    parse.__name__ = f"{length} comma-separated {kind.__name__}s"
+    limits = range_text(**bounds)
+    parse.__name__ = f"{length} comma-separated {kind.__name__}s" + (f", each {limits}" if limits else "")
     return parse
 
 
@@ -36,23 +62,34 @@ def lr_weights(text: str) -> list[float]:
     name, _, offset = text.partition("+")
     if name in LR_WEIGHT_PRESETS:
         base, n = float(offset or 0.0), NUM_OF_BLOCKS
+        if not math.isfinite(base):
+            raise OutOfRange(f"the offset after '+' must be a finite number, got {offset}")
         ramps = {"sine": [math.sin(math.pi * (i / (n - 1)) / 2) for i in range(n)],
                  "linear": [i / (n - 1) for i in range(n)], "zeros": [0.0] * n}
         ramps["cosine"], ramps["reverse_linear"] = ramps["sine"][::-1], ramps["linear"][::-1]
         return [w + base for w in ramps[name]]
     values = [float(v) for v in text.split(",") if v.strip()]
+    for value in values:
+        problem = range_problem(value, minimum=0)
+        if problem:  # a negative weight would make the block's learning rate negative
+            raise OutOfRange(f"weights {problem.replace('must be', 'must each be')} (got {value})")
     # sd-scripts pads a short list with 1.0 and truncates a long one.
     return (values + [1.0] * NUM_OF_BLOCKS)[:NUM_OF_BLOCKS]
 
 
-# Keys every network module accepts (sd-scripts' networks/lora.py create_network).
+# Keys every network module accepts (sd-scripts' networks/lora.py create_network), each with its range: a dim of 0
+# skips the module and an alpha of 0 means alpha = dim (sd-scripts), a dropout is a probability below 1.
 COMMON_ARGS: dict[str, Callable[[str], Any]] = {
-    "conv_dim": int, "conv_alpha": float, "dropout": float, "rank_dropout": float, "module_dropout": float,
-    "block_dims": _number_list(int, NUM_BLOCKS), "block_alphas": _number_list(float, NUM_BLOCKS),
-    "conv_block_dims": _number_list(int, NUM_BLOCKS), "conv_block_alphas": _number_list(float, NUM_BLOCKS),
-    "down_lr_weight": lr_weights, "mid_lr_weight": float, "up_lr_weight": lr_weights,
-    "block_lr_zero_threshold": float, "loraplus_lr_ratio": float, "loraplus_unet_lr_ratio": float,
-    "loraplus_text_encoder_lr_ratio": float, "verbose": boolean,
+    "conv_dim": number(int, minimum=0), "conv_alpha": number(float, minimum=0),
+    "dropout": number(float, minimum=0, below=1), "rank_dropout": number(float, minimum=0, below=1),
+    "module_dropout": number(float, minimum=0, below=1),
+    "block_dims": _number_list(int, NUM_BLOCKS, minimum=0), "block_alphas": _number_list(float, NUM_BLOCKS, minimum=0),
+    "conv_block_dims": _number_list(int, NUM_BLOCKS, minimum=0),
+    "conv_block_alphas": _number_list(float, NUM_BLOCKS, minimum=0),
+    "down_lr_weight": lr_weights, "mid_lr_weight": number(float, minimum=0), "up_lr_weight": lr_weights,
+    "block_lr_zero_threshold": number(float, minimum=0), "loraplus_lr_ratio": number(float, above=0),
+    "loraplus_unet_lr_ratio": number(float, above=0), "loraplus_text_encoder_lr_ratio": number(float, above=0),
+    "verbose": boolean,
 }
 
 
@@ -80,7 +117,37 @@ def parse_network_args(raw: Mapping[str, Any], extra: Mapping[str, Callable[[str
             raise UserError(f"--network_args {key}={value}: {module} has no option '{key}'{did_you_mean(key, accepted)}")
         try:
             typed[key] = value if not isinstance(value, str) and parse in (int, float) else parse(value)
+        except OutOfRange as err:
+            raise UserError(f"--network_args {key}={value}: {key} {err}") from None
         except (TypeError, ValueError) as err:
             kind = getattr(parse, "__name__", "a value")
             raise UserError(f"--network_args {key}={value}: expected {kind} ({err})") from None
+        if not all(math.isfinite(v) for v in _floats(typed[key])):  # float("nan") parses; no argument means it
+            raise UserError(f"--network_args {key}={value}: {key} must be a finite number")
     return typed
+
+
+def _floats(value: Any) -> list[float]:
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [v for v in items if isinstance(v, float)]
+
+
+def check_network_args(items: Iterable[str] | None, module_name: str | None) -> None:
+    """--network_args checked before any weights load: the key=value form, and for the modules of this package
+    (networks.lora, .loha, .lokr) the value of every key the module declares (type and range). Unknown keys are left
+    to create_network, which names them; other modules (lycoris.kohya, ...) read their own arguments."""
+    raw = split_network_args(items)
+    name = module_name or "networks.lora"
+    if not name.startswith("networks."):
+        return
+    import importlib
+
+    try:
+        module = importlib.import_module(name)
+    except ImportError:
+        return  # --network_module names no module of ours: loading it later says so
+    classes = [v for v in vars(module).values() if isinstance(v, type) and getattr(v, "MODULE", None) == name]
+    if classes:
+        extra = getattr(classes[0], "EXTRA_ARGS", None) or {}
+        known = {key: value for key, value in raw.items() if key in COMMON_ARGS or key in extra}
+        parse_network_args(known, extra, module=name)

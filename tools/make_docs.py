@@ -14,6 +14,7 @@ from typing import Iterable
 if __package__ in (None, ""):  # run as `python tools/make_docs.py`: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from library.config.checks import option_range_text  # noqa: E402
 from library.config.config_file import SCRIPT_FILES  # noqa: E402
 from library.config.declarations import NOT_SUPPORTED, OPTIONS  # noqa: E402
 from library.config.options import DB, HYPERNETWORK, NETWORK, TI, IntOrFloat, Option  # noqa: E402
@@ -203,6 +204,8 @@ def script_options(script: str) -> str:
         rows = []
         for opt in opts:
             text = opt.help
+            if option_range_text(opt):
+                text += f"; {option_range_text(opt)}"
             if opt.choices:
                 text += "; choices: " + ", ".join(f"`{c}`" for c in opt.choices)
             if is_refused(opt):

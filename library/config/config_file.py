@@ -103,6 +103,9 @@ def parse_number(text: str, kind: type) -> int | float:
     if kind is int:
         return int(text)
     if kind is IntOrFloat:
+        text = text.strip()
+        if text.endswith("%"):  # sd-scripts' int_or_float: "10%" is the fraction 0.1 of all steps
+            return float(text[:-1]) / 100.0
         number = float(text)
         return int(number) if number.is_integer() and "." not in text and "e" not in text.lower() else number
     return float(text)

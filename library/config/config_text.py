@@ -15,9 +15,16 @@ QUOTES = "\"'"
 TOML_KEY = re.compile(r"""^\s*("[^"]*"|'[^']*'|[A-Za-z0-9_-]+)\s*[=.]""")
 
 
+# Python's parsers recurse once per nesting level: a file nested deeper than this stops them with RecursionError.
+TOO_DEEP = ("arrays or tables are nested too deeply to read (thousands of levels); a config needs only a few "
+            "levels: check the file for runaway brackets")
+
+
 def parse_toml(text: str, file: Path) -> dict:
     try:
         return tomllib.loads(text)
+    except RecursionError:
+        raise UserError(f"{file}: {TOO_DEEP}") from None
     except tomllib.TOMLDecodeError as err:
         message = str(err)
         position = _TOML_POSITION.search(message)
@@ -55,5 +62,7 @@ def parse_json(text: str, file: Path) -> Any:
 
     try:
         return json.loads(text, object_pairs_hook=unique_keys)
+    except RecursionError:
+        raise UserError(f"{file}: {TOO_DEEP}") from None
     except json.JSONDecodeError as err:
         raise UserError(f"{file}:{err.lineno}:{err.colno}: JSON syntax error: {err.msg}") from None

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
+from library.config.checks import check_numbers, check_value
 from library.config.config_text import QUOTES, TOML_KEY, parse_json, parse_toml
+from library.config.declarations import MOST_REPEATS, OPTIONS
+from library.config.options import INPUT_PATH, Option
 from library.config.suggest import did_you_mean
 from library.data.specs import DatasetSpec, SubsetSpec
 from library.data.subsets import IMAGE_EXTENSIONS
@@ -67,6 +70,21 @@ _NOT_DATASET_KEYS = {
     **{name: f"it is a training option: pass --{name} or put it in --config_file"
        for name in ("prior_loss_weight", "max_token_length", "debug_dataset")},
 }
+# Each key's declaration, for its range and text checks: the option of the same name (or its config name), and
+# declarations of the keys only a dataset config has.
+_DECLARED = {o.name: o for o in OPTIONS}
+_KEY_OPTIONS: dict[str, Option] = {
+    **{_OPTION_TO_KEY.get(name, name): _DECLARED[name] for name in DATASET_OPTION_NAMES if name in _DECLARED},
+    "caption_extension": _DECLARED["caption_extension"],
+    "num_repeats": replace(_DECLARED["dataset_repeats"], name="num_repeats",
+                           help="times each image of the subset repeats per epoch"),
+    "network_multiplier": Option("network_multiplier", float, 1.0, "strength of the network for this dataset",
+                                 "dataset"),
+    "image_dir": Option("image_dir", str, None, "folder of the subset's images", "dataset", path=INPUT_PATH),
+    "metadata_file": Option("metadata_file", str, None, "the subset's metadata .json", "dataset", path=INPUT_PATH),
+    "class_tokens": Option("class_tokens", str, None, "caption of images without a caption file", "dataset"),
+}
+
 # sd-scripts' validate_interpolation_fn.
 _INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
 
@@ -136,6 +154,10 @@ def _folder_subsets(base: Path, option: str, is_reg: bool, problems: list[str]) 
             rejected.append(f"'{folder.name}'")
             problems.append(f"--{option}: ignored folder '{folder.name}': its name has no '<repeats>_' prefix")
             continue
+        if repeats > MOST_REPEATS:
+            raise UserError(f"--{option}: folder '{folder.name}' repeats its images {repeats} times; at most "
+                            f"{MOST_REPEATS} (an epoch lists every image that often): rename it with fewer repeats "
+                            "and train more epochs instead")
         if repeats < 1:
             rejected.append(f"'{folder.name}' (repeats {repeats})")
             problems.append(f"--{option}: skipped folder '{folder.name}': repeats {repeats} is less than 1")
@@ -289,6 +311,13 @@ def _check_value(key: str, kind: str, value: Any, where: str) -> Any:
     if key == "resize_interpolation" and converted not in _INTERPOLATIONS:
         raise UserError(f"{where}: resize_interpolation must be one of {', '.join(_INTERPOLATIONS)}, got "
                         f"'{converted}'{did_you_mean(converted, _INTERPOLATIONS)}")
+    option = _KEY_OPTIONS.get(key)
+    if option is not None:
+        place = f"{where}: {key} = {_show(value)}"
+        if kind in (PAIR, RESOLUTION):  # (w, h) or (min, max): each number within the option's range
+            check_numbers(option, converted, place)
+        elif kind in (INT, NUMBER, STR):
+            check_value(option, converted, place)
     return converted
 
 

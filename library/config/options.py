@@ -11,7 +11,22 @@ ALL_SCRIPTS = frozenset({NETWORK, DB, TI, HYPERNETWORK})
 
 
 class IntOrFloat:
-    """Type marker for sd-scripts' int-or-float options (e.g. lr_warmup_steps: a count, or a ratio below 1)."""
+    """Type marker for sd-scripts' int-or-float options (e.g. lr_warmup_steps: a count, a ratio below 1, or '10%')."""
+
+
+# What a string option names (Option.path): the checks its value gets before a run starts (library/config/checks.py).
+INPUT_PATH = "input path"  # a file, folder or hub id that is read: every component at most 255 bytes
+OUTPUT_DIR = "output folder"  # a folder that is written: also neither a file nor under one
+FILE_NAME = "file name"  # one file name, no folders: also not empty, no '/' or '\\'
+
+
+@dataclass(frozen=True)
+class Numbers:
+    """A string option that holds comma-separated numbers ('512,768'): their type and how many (counts)."""
+
+    type: type  # int or float
+    counts: tuple[int, ...]
+    ascending: bool = False  # each number at least the one before (e.g. 'min,max')
 
 
 @dataclass(frozen=True)
@@ -30,6 +45,21 @@ class Option:
     note: str | None = None
     # Defaults that differ per entry script, as sd-scripts' parsers differ: ((script, default), ...).
     per_script: tuple = ()
+    # Constraints on the value, checked by resolve for flags and --config_file alike and by the dataset config for
+    # its keys (library/config/checks.py). For a list (nargs) or Numbers option they apply to every number.
+    minimum: float | None = None  # value >= minimum
+    maximum: float | None = None  # value <= maximum
+    above: float | None = None  # value > above
+    below: float | None = None  # value < below
+    allow_inf: bool = False  # a float may be inf (when that means "no limit"); nan is never a value
+    numbers: Numbers | None = None  # a str option that holds numbers, each checked like an int/float option
+    path: str | None = None  # INPUT_PATH, OUTPUT_DIR or FILE_NAME
+    max_bytes: int | None = None  # most UTF-8 bytes a str value may have (a name other names are built from)
+    pattern: tuple[str, str] | None = None  # (regex the whole str value matches, what it looks like in words)
+    # Rules with another option: (name, value) when this one is set (not None/False): that option must have the
+    # value (None: must be given at all); not_above: this value may not exceed that option's value when both are set.
+    requires: tuple[str, Any] | None = None
+    not_above: str | None = None
 
     def for_script(self, script: str) -> "Option":
         """This option as `script` declares it (its own default, if it has one)."""

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from library.config.checks import check_config, check_value, option_range_text, place, shown_value
 from library.config.config_file import (SCRIPT_FILES, config_path, dump_config, parse_number, read_config_file,
                                         write_config)
 from library.config.options import IntOrFloat, Option
@@ -31,7 +32,9 @@ def build_parser(description: str, options: Mapping[str, Option]) -> argparse.Ar
     groups: dict[str, Any] = {}
     for opt in options.values():
         group = groups.setdefault(opt.section, parser.add_argument_group(opt.section))
-        help_text = opt.help + ("" if opt.default in (None, False, "") else f" (default: {opt.default})")
+        limits = option_range_text(opt)
+        help_text = opt.help + (f"; {limits}" if limits else "")
+        help_text += "" if opt.default in (None, False, "") else f" (default: {opt.default})"
         help_text = help_text.replace("%", "%%")  # argparse formats help with %
         if opt.later:
             help_text += f" [not supported yet: issue #{opt.later}]"
@@ -49,10 +52,16 @@ def _converter(opt: Option):
             try:
                 return parse_number(text, opt.type)
             except ValueError:
-                raise argparse.ArgumentTypeError(f"--{opt.name} expects a number, got {text!r}") from None
+                raise argparse.ArgumentTypeError(f"--{opt.name} expects {_expected(opt)}, got {text!r}") from None
         convert.__name__ = opt.type.__name__
         return convert
     return opt.type
+
+
+def _expected(opt: Option) -> str:
+    if opt.type is IntOrFloat:
+        return "a step count, a fraction below 1 or a percentage (e.g. 100, 0.1 or 10%)"
+    return "a whole number" if opt.type is int else "a number"
 
 
 def resolve(argv: Sequence[str] | None, script: str, options: Iterable[Option], description: str = "") -> RunConfig:
@@ -65,12 +74,16 @@ def resolve(argv: Sequence[str] | None, script: str, options: Iterable[Option], 
     origins: dict[str, str] = {}
     # With --output_config, a config file that does not exist yet is the target to write (sd-scripts), not an input.
     target = given.get("config_file")
+    if target and "config_file" in declared:  # a name no file system takes must not reach open()
+        check_value(declared["config_file"], target, place("config_file", target, "command line"))
     if target and not (given.get("output_config") and not config_path(target).exists()):
         file_values, origins = read_config_file(target, everything, script)
         values |= file_values
     values |= given
     origins |= {name: "command line" for name in given}
     config = RunConfig(values, origins, script)
+    # Every value against its declaration (ranges, names, paths) before anything is read or loaded.
+    check_config(config, declared)
     if config.get("output_config"):
         _output_config(config, declared)
     return config
@@ -84,14 +97,33 @@ def _parse_command_line(argv: list[str], declared: Mapping[str, Option], descrip
             name = token.lstrip("-").split("=", 1)[0]
             raise UserError(f"unknown option --{name}{_suggest_flag(name, declared)}")
         raise UserError(f"unexpected argument {token!r}; every option is a --flag (see --help)")
-    seen: set[str] = set()
+    given = vars(namespace)
+    _warn_repeated(argv, declared, given)
+    return given
+
+
+def _warn_repeated(argv: list[str], declared: Mapping[str, Option], given: Mapping[str, Any]) -> None:
+    """sd-scripts' argparse keeps the last of a repeated flag, and wrappers rely on it: keep it too, but say so."""
+    counts: dict[str, int] = {}
     for token in argv:
-        name = token[2:].split("=", 1)[0] if token.startswith("--") else None
-        if name in declared and not declared[name].nargs:
-            if name in seen:
-                raise UserError(f"--{name} is given twice on the command line; keep one")
-            seen.add(name)
-    return vars(namespace)
+        if token == "--":
+            break
+        if token.startswith("--"):
+            name = _flag_name(token[2:].split("=", 1)[0], declared)
+            if name is not None:
+                counts[name] = counts.get(name, 0) + 1
+    for name, count in counts.items():
+        if count > 1 and not (declared[name].type is bool and not declared[name].nargs):  # a switch: same either way
+            print(f"warning: --{name} is given {count} times on the command line; the last one "
+                  f"({shown_value(given.get(name))}) is used, as in sd-scripts", file=sys.stderr)
+
+
+def _flag_name(name: str, declared: Mapping[str, Option]) -> str | None:
+    """The option a flag names, also when abbreviated as argparse allows (--learning_r for --learning_rate)."""
+    if name in declared:
+        return name
+    matches = [option for option in declared if option.startswith(name)] if name else []
+    return matches[0] if len(matches) == 1 else None
 
 
 def _suggest_flag(name: str, declared: Mapping[str, Option]) -> str:
