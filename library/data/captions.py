@@ -185,10 +185,10 @@ def caption_from_lines(lines: Sequence[str], enable_wildcard: bool) -> str:
 
     Without wildcards: the first line, stripped (a blank first line gives "", not the class tokens).
     With wildcards: every non-blank line, stripped, joined with "\\n" for process_caption to pick from.
-    A file with no lines at all is an error in sd-scripts (an assertion); here a ValueError.
+    A file with no lines at all gives "" (sd-scripts stops with an assertion; the reader reports it instead).
     """
     if not lines:
-        raise ValueError("caption file is empty")
+        return ""
     if enable_wildcard:
         return "\n".join(line.strip() for line in lines if line.strip() != "")
     return lines[0].strip()

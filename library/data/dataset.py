@@ -3,6 +3,9 @@
 Index i of an epoch is one whole batch (sd-scripts' DataLoader runs with batch_size=1 over batches). Randomness
 comes from a Random seeded by (seed, epoch, batch index) — not the global stream sd-scripts draws from — so data
 loader workers and a resumed run see exactly the batches an uninterrupted single-process run sees.
+
+An image that cannot be decoded gives its slot to another image of its bucket (see `_fill`), so every batch keeps
+its size: batches per epoch, optimizer steps and resume positions are those of the plan whatever fails.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 
 from library.data.bucketing import make_batches
 from library.data.captions import process_caption
+from library.data.decode_failures import DataLoadingError, DecodeFailures, nothing_decodes_message
 from library.data.images import (CorruptImageError, color_aug, crop_ltrb, flip_horizontal, load_image,
                                  resize_and_crop, should_flip)
 from library.data.latent_cache import LatentCache, LatentRequest, pixels_to_tensor
@@ -33,7 +37,7 @@ class Batch:
     latents: torch.Tensor | None  # float (B, 4, h, w), unscaled (× 0.18215 at train time); None without a cache
     alpha_masks: torch.Tensor | None  # float (B, H, W) in [0, 1] when a subset has alpha_mask
     image_paths: list[str]
-    skipped: list[str]  # images that could not be decoded (reported, left out of this batch)
+    skipped: list[str]  # images of this batch that could not be decoded (reported; other images took their slots)
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,10 @@ class TrainingDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self.step = 0
         self._batches = self._epoch_batches(0)
+        self._pools = _bucket_pools(plan)
+        known = latent_cache.failed if latent_cache is not None else None
+        self.failures = DecodeFailures((e.path for d in plan.datasets for e in d.entries), strict=plan.strict,
+                                       known=known)
 
     def set_epoch(self, epoch: int) -> None:
         """sd-scripts' 1-based training epoch: reshuffles the buckets and drives caption dropout every n epochs."""
@@ -71,13 +79,64 @@ class TrainingDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Batch:
         rng = random.Random(f"{self.seed}/{self.epoch}/{index}")
-        examples, skipped = [], []
-        for item in self._batches[index]:
-            try:
-                examples.append(self._example(item, rng))
-            except CorruptImageError as err:
-                skipped.append(str(err))
+        items = self._batches[index]
+        examples = [self._try_example(item, rng) for item in items]
+        skipped = [str(item.entry.path) for item, example in zip(items, examples) if example is None]
+        if skipped:
+            examples = self._fill(items, examples, random.Random(f"{self.seed}/{self.epoch}/{index}/fill"))
         return _collate(examples, skipped)
+
+    def _try_example(self, item: _Item, rng: random.Random) -> dict | None:
+        """The item's example, or None when its image cannot be decoded (named once; --strict stops the run)."""
+        if item.entry.path in self.failures:
+            return None
+        try:
+            return self._example(item, rng)
+        except CorruptImageError as err:
+            self.failures.record(err)
+            return None
+
+    def _fill(self, items: list[_Item], examples: list[dict | None], rng: random.Random) -> list[dict]:
+        """Give each failed slot another image of the batch's bucket, so the batch keeps its size and shape.
+
+        When no image of that bucket decodes, the whole batch is made of another bucket's images (a batch holds one
+        bucket; the next in an order drawn from `rng` that has a readable image). Everything depends only on the
+        batch's seed and on which files are broken, so workers, DDP ranks and resumed runs build the same batch.
+        """
+        first = items[0]
+        home = (first.dataset, first.bucket)
+        filled = self._fill_from(self._pools[home], items, examples, rng)
+        if filled is not None:
+            return filled
+        others = [key for key in self._pools if key != home]
+        rng.shuffle(others)
+        for key in others:
+            filled = self._fill_from(self._pools[key], items, [None] * len(items), rng)
+            if filled is not None:
+                return filled
+        count = sum(len(pool) for pool in self._pools.values())
+        raise DataLoadingError(nothing_decodes_message("images of the run", count, self.failures.example()))
+
+    def _fill_from(self, pool: list[_Item], items: list[_Item], examples: list[dict | None],
+                   rng: random.Random) -> list[dict] | None:
+        """`examples` with each None replaced from `pool`: an image of the same kind (training or regularisation)
+        first, the one used least in this batch, in an order drawn from `rng`; None when no image of `pool` decodes."""
+        order = list(pool)
+        rng.shuffle(order)
+        used = {str(item.entry.path): 1 for item, example in zip(items, examples) if example is not None}
+        out = list(examples)
+        for slot, item in enumerate(items):
+            if out[slot] is not None:
+                continue
+            ranked = sorted(order, key=lambda c: (c.entry.is_reg != item.entry.is_reg, used.get(str(c.entry.path), 0)))
+            for candidate in ranked:
+                out[slot] = self._try_example(candidate, rng)
+                if out[slot] is not None:
+                    used[str(candidate.entry.path)] = used.get(str(candidate.entry.path), 0) + 1
+                    break
+            else:
+                return None
+        return out
 
     def _epoch_batches(self, epoch: int) -> list[list[_Item]]:
         batches: list[list[_Item]] = []
@@ -91,17 +150,22 @@ class TrainingDataset(torch.utils.data.Dataset):
 
     def _example(self, item: _Item, rng: random.Random) -> dict:
         subset = item.entry.subset
+        # Decoded (or read from the cache) before the first random draw: an image that fails draws nothing, so the
+        # batch comes out the same whether or not this process already knew the image was broken.
+        if self.latent_cache is not None:
+            original = self.plan.datasets[item.dataset].sizes[item.entry.path]
+            cached = self.latent_cache.get(latent_request(item.entry, item.bucket, item.resized, original))
+        else:
+            image = load_image(item.entry.path, alpha=subset.alpha_mask)
         # sd-scripts' draw order: flip first, then crop, colour, caption.
         flip = subset.flip_aug and should_flip(rng)
         example = {"path": str(item.entry.path), "is_reg": item.entry.is_reg,
                    "multiplier": self.plan.datasets[item.dataset].spec.network_multiplier}
         if self.latent_cache is not None:
-            original = self.plan.datasets[item.dataset].sizes[item.entry.path]
-            cached = self.latent_cache.get(latent_request(item.entry, item.bucket, item.resized, original))
             example["latents"] = cached.flipped if flip else cached.latents
             example["alpha"] = cached.alpha_mask
         else:
-            pixels = prepare_pixels(item.entry, item.bucket, item.resized, rng)
+            pixels = crop_into_bucket(image, item.entry, item.bucket, item.resized, rng)
             if subset.color_aug:
                 pixels[..., :3] = color_aug(np.ascontiguousarray(pixels[..., :3]), rng)
             if flip:
@@ -121,12 +185,25 @@ def _items(number: int, dataset: DatasetPlan) -> dict[int, _Item]:
             for key, entry in enumerate(dataset.entries)}
 
 
+def _bucket_pools(plan: RunPlan) -> dict[tuple[int, tuple[int, int]], list[_Item]]:
+    """(dataset, bucket) -> each image of that bucket once: the images that may fill a broken image's slot."""
+    pools = {}
+    for number, dataset in enumerate(plan.datasets):
+        items = _items(number, dataset)
+        for bucket, keys in dataset.assignment.entries.items():
+            if keys:
+                pools[(number, tuple(bucket))] = [items[key] for key in dict.fromkeys(keys)]
+    return pools
+
+
 def prepare_pixels(entry: ImageEntry, bucket, resized, rng: random.Random | None = None) -> np.ndarray:
     """The image resized and cropped into its bucket (uint8 HxWxC; a 4th channel when the subset uses alpha masks)."""
-    subset = entry.subset
-    image = load_image(entry.path, alpha=subset.alpha_mask)
-    pixels, _, _ = resize_and_crop(image, bucket, resized, random_crop=subset.random_crop,
-                                   rng=rng or random.Random(0), interpolation=subset.resize_interpolation)
+    return crop_into_bucket(load_image(entry.path, alpha=entry.subset.alpha_mask), entry, bucket, resized, rng)
+
+
+def crop_into_bucket(image, entry: ImageEntry, bucket, resized, rng: random.Random | None = None) -> np.ndarray:
+    pixels, _, _ = resize_and_crop(image, bucket, resized, random_crop=entry.subset.random_crop,
+                                   rng=rng or random.Random(0), interpolation=entry.subset.resize_interpolation)
     return pixels
 
 

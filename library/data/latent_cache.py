@@ -30,6 +30,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from library.data.images import CorruptImageError
 from library.errors import UserError
 from library.safe_write import atomic_file
 
@@ -146,6 +147,8 @@ class LatentCache:
         self.skip_check = skip_check
         self.latent_stride = latent_stride
         self._memory: dict[Path, dict[str, np.ndarray]] = {}
+        # Images that could not be decoded while encoding (path -> reason): get() refuses them, nothing is stored.
+        self.failed: dict[Path, str] = {}
 
     def missing(self, requests: Iterable[LatentRequest]) -> list[LatentRequest]:
         """The requests whose entry is absent or stale, in order."""
@@ -153,26 +156,51 @@ class LatentCache:
 
     def encode_missing(self, requests: Iterable[LatentRequest], vae, *, batch_size: int, generator: torch.Generator,
                        device: torch.device | str, dtype: torch.dtype,
-                       progress: Callable[[int], None] | None = None) -> int:
+                       progress: Callable[[int], None] | None = None,
+                       on_failure: Callable[[CorruptImageError], None] | None = None) -> int:
         """Encode every absent or stale entry and store it; returns how many images were encoded.
 
         Each VAE call samples `latent_dist` once with `generator` (sd-scripts samples, it does not take the mean);
         with flip_aug the mirrored batch is encoded right after its batch, drawing the next noise from the same
-        generator. `progress` (e.g. tqdm's update) is called with the size of each finished batch.
+        generator. `progress` (e.g. tqdm's update) is called with the size of each finished batch. An image that
+        cannot be decoded raises CorruptImageError, or with `on_failure` is left out of its batch, remembered in
+        `failed` and passed to `on_failure` (which may raise to stop).
         """
         todo = self._missing_with_keys(requests)
         keys = {id(request): key for request, key in todo}
+        encoded = 0
         for batch in plan_batches([request for request, _ in todo], batch_size):
-            encoded = self._encode_batch(batch, vae, generator, device, dtype)
-            for request, arrays in zip(batch, encoded):
-                arrays[OUR_KEY + self._suffix(request)] = np.array(keys[id(request)] or self._key(request))
-                self._store(request, arrays)
+            loaded = self._load_batch(batch, on_failure)
+            if loaded:
+                readable = [request for request, _ in loaded]
+                arrays_list = self._encode_batch(readable, [pixels for _, pixels in loaded], vae, generator, device,
+                                                 dtype)
+                for request, arrays in zip(readable, arrays_list):
+                    arrays[OUR_KEY + self._suffix(request)] = np.array(keys[id(request)] or self._key(request))
+                    self._store(request, arrays)
+                    self.failed.pop(Path(request.image_path), None)  # fixed since an earlier call
+                encoded += len(readable)
             if progress is not None:
                 progress(len(batch))
-        return len(todo)
+        return encoded
+
+    def _load_batch(self, batch: Sequence[LatentRequest],
+                    on_failure: Callable[[CorruptImageError], None] | None) -> list[tuple[LatentRequest, np.ndarray]]:
+        loaded = []
+        for request in batch:
+            try:
+                loaded.append((request, _checked_pixels(request)))
+            except CorruptImageError as err:
+                if on_failure is None:
+                    raise
+                self.failed[Path(request.image_path)] = err.reason
+                on_failure(err)
+        return loaded
 
     def get(self, request: LatentRequest) -> CachedLatents:
         """The cached entry of `request` (call encode_missing first); float32 copies the caller may modify."""
+        if Path(request.image_path) in self.failed:
+            raise CorruptImageError(request.image_path, self.failed[Path(request.image_path)])
         sfx = self._suffix(request)
         with self._entries(request) as entries:
             if entries is None or f"latents{sfx}" not in entries:
@@ -191,7 +219,11 @@ class LatentCache:
         """(request, its key) for each request to encode; the key is None where skip_check spared computing it."""
         todo = []
         for request in requests:
-            key = None if self.skip_check else self._key(request)
+            try:
+                key = None if self.skip_check else self._key(request)
+            except OSError:  # the image went away or cannot be read: encoding it reports that, as a decode failure
+                todo.append((request, None))
+                continue
             if not self._is_cached(request, key):
                 todo.append((request, key))
         return todo
@@ -212,9 +244,9 @@ class LatentCache:
         except _READ_ERRORS:
             return False
 
-    def _encode_batch(self, batch: Sequence[LatentRequest], vae, generator, device, dtype) -> list[dict]:
-        """Encode one batch (and its mirror with flip_aug); the arrays to store for each request."""
-        pixels = [_checked_pixels(request) for request in batch]
+    def _encode_batch(self, batch: Sequence[LatentRequest], pixels: Sequence[np.ndarray], vae, generator, device,
+                      dtype) -> list[dict]:
+        """Encode one batch of prepared pixels (and its mirror with flip_aug); the arrays to store for each request."""
         x = torch.stack([pixels_to_tensor(p) for p in pixels]).to(device=device, dtype=dtype)
         with torch.no_grad():
             latents = vae.encode(x).latent_dist.sample(generator=generator).float().cpu()

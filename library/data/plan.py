@@ -47,6 +47,7 @@ class RunPlan:
     gradient_accumulation_steps: int = 1
     max_train_steps: int = 0
     max_train_epochs: int | None = None
+    strict: bool = False  # --strict: an image that fails to decode during training stops the run too
 
     @property
     def batches_per_epoch(self) -> int:
@@ -82,7 +83,7 @@ def plan_run(options: Mapping, *, script: str = "network", verify: bool = False)
         details = "; ".join(problems[:3]) or "no subset holds images"
         raise UserError(f"no usable training images ({details})")
     return RunPlan(datasets, problems, options.get("gradient_accumulation_steps") or 1,
-                   options.get("max_train_steps") or 0, options.get("max_train_epochs"))
+                   options.get("max_train_steps") or 0, options.get("max_train_epochs"), strict)
 
 
 def text_encoder_trained(options: Mapping, script: str) -> bool:
@@ -106,11 +107,24 @@ def _plan_dataset(spec: DatasetSpec, problems: list[str], strict: bool, verify: 
     if reg and not train:
         problems.append("regularisation images without training images in one dataset: they are not used")
     entries = train + balance_regularisation(train, reg)
+    _check_epoch_size(spec, entries)
     buckets = make_buckets(spec.resolution, enable_bucket=spec.enable_bucket, min_bucket_reso=spec.min_bucket_reso,
                            max_bucket_reso=spec.max_bucket_reso, bucket_reso_steps=spec.bucket_reso_steps,
                            bucket_no_upscale=spec.bucket_no_upscale)
     assignment = assign_buckets(buckets, ((i, sizes[e.path], e.num_repeats) for i, e in enumerate(entries)))
     return DatasetPlan(spec, entries, sizes, assignment)
+
+
+# One epoch lists every image once per repeat; past this the plan alone would need gigabytes of memory.
+MOST_EPOCH_ENTRIES = 50_000_000
+
+
+def _check_epoch_size(spec: DatasetSpec, entries: list[ImageEntry]) -> None:
+    total = sum(e.num_repeats for e in entries)
+    if total > MOST_EPOCH_ENTRIES:
+        raise UserError(f"{len(entries)} images with their num_repeats make {total:,} images per epoch, more than "
+                        f"{MOST_EPOCH_ENTRIES:,} (the plan alone would not fit in memory); lower num_repeats "
+                        "(folder prefix or dataset config) and use --max_train_epochs for longer training")
 
 
 def _readable(entries: list[ImageEntry], sizes: dict, problems: list[str], strict: bool, verify: bool) -> list[ImageEntry]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass, replace
@@ -11,6 +12,7 @@ from typing import Any, Sequence
 from library.data.captions import caption_from_lines, fallback_caption, metadata_caption
 from library.data.images import IMAGE_EXTENSIONS
 from library.data.specs import SubsetSpec
+from library.config.config_text import TOO_DEEP
 from library.errors import UserError
 
 
@@ -29,10 +31,6 @@ class ImageEntry:
     image_size: tuple[int, int] | None = None  # fine-tuning metadata: the original (width, height)
     tags: str | None = None  # fine-tuning tags that sd-scripts counts for ss_tag_frequency
     own_caption: bool = True  # False when the caption is the folder's class tokens (no caption file)
-
-
-class CaptionFileError(ValueError):
-    """A caption file that exists but cannot be used: not UTF-8, or empty."""
 
 
 def list_subset_images(subset: SubsetSpec) -> tuple[list[ImageEntry], list[str]]:
@@ -65,23 +63,33 @@ def caption_candidates(image: Path, caption_extension: str) -> list[Path]:
     return [image.parent / name for name in names]
 
 
-def read_caption(image: Path, caption_extension: str, enable_wildcard: bool) -> str | None:
-    """The image's caption file text (see captions.caption_from_lines), or None when it has no caption file."""
+def read_caption(image: Path, caption_extension: str, enable_wildcard: bool) -> tuple[str | None, str | None]:
+    """The image's caption file text (see captions.caption_from_lines), or None when it has no caption file; and a
+    problem to report, or None.
+
+    A caption file never drops its image: an empty one gives the empty caption, and one that is not UTF-8 gives
+    what can be read of it (the bytes that are not UTF-8 are left out), each with a problem naming the file.
+    sd-scripts stops the whole run at either file; we train the image, as its users expect.
+    """
     for candidate in caption_candidates(image, caption_extension):
         if not candidate.is_file():
             continue
+        raw = candidate.read_bytes()
+        # Decoded as a text-mode file reads (universal newlines), so lines split exactly as readlines() splits them;
+        # utf-8-sig: a BOM from Windows editors would otherwise start the first tag (sd-scripts keeps it).
+        lines = io.StringIO(raw.decode("utf-8-sig", errors="ignore"), newline=None).readlines()
+        caption = caption_from_lines(lines, enable_wildcard)
+        problem = None
         try:
-            # utf-8-sig: a BOM from Windows editors would otherwise start the first tag (sd-scripts keeps it).
-            with open(candidate, encoding="utf-8-sig") as handle:
-                lines = handle.readlines()
+            raw.decode("utf-8-sig")
         except UnicodeDecodeError as err:
-            raise CaptionFileError(f"caption file {candidate} is not UTF-8 text (bad byte at offset {err.start}): "
-                                   "save it as UTF-8") from None
-        try:
-            return caption_from_lines(lines, enable_wildcard)
-        except ValueError:
-            raise CaptionFileError(f"caption file {candidate} is empty: write a caption or delete it") from None
-    return None
+            problem = (f"caption file {candidate} is not UTF-8 text (bad byte at offset {err.start}): {image.name} "
+                       f"trains with the text that could be read ({caption!r}); save the file as UTF-8")
+        if problem is None and not "".join(lines).strip():
+            problem = (f"caption file {candidate} is empty: {image.name} trains with an empty caption; write a "
+                       "caption, or delete the file to use the class tokens")
+        return caption, problem
+    return None, None
 
 
 def _list_folder(subset: SubsetSpec) -> tuple[list[ImageEntry], list[str]]:
@@ -95,11 +103,9 @@ def _list_folder(subset: SubsetSpec) -> tuple[list[ImageEntry], list[str]]:
         return [], [f"no images in '{folder}' (looked for {kinds}): subset ignored"]
     entries, problems, missing = [], [], []
     for image in images:
-        try:
-            caption = read_caption(image, subset.caption_extension, subset.enable_wildcard)
-        except CaptionFileError as err:
-            problems.append(f"{err}; image {image.name} skipped")
-            continue
+        caption, problem = read_caption(image, subset.caption_extension, subset.enable_wildcard)
+        if problem is not None:
+            problems.append(problem)
         if caption is None:
             missing.append(image.name)
         entries.append(ImageEntry(image, fallback_caption(caption, subset), subset, subset.is_reg, subset.num_repeats,
@@ -178,6 +184,8 @@ def _decode_json(file: Path, text: str, line: int | None = None) -> Any:
     except json.JSONDecodeError as err:
         position = f"{line}:{err.colno}" if line else f"{err.lineno}:{err.colno}"
         raise UserError(f"{file}:{position}: JSON syntax error: {err.msg}") from None
+    except RecursionError:
+        raise UserError(f"{file}: {TOO_DEEP}") from None
 
 
 def _metadata_image(key: str, image_dir: str | None, file: Path) -> Path | None:

@@ -90,19 +90,33 @@ def test_utf8_bom_is_not_part_of_the_caption(tmp_path):
     assert entries[0].caption == "sks dog"
 
 
-def test_unreadable_caption_files_are_problems_not_crashes(tmp_path):
-    for name in ("a", "b", "c"):
+def test_empty_or_non_utf8_caption_files_keep_their_image_and_are_named(tmp_path):
+    for name in ("a", "b", "c", "d"):
         _image(tmp_path / f"{name}.png")
-    (tmp_path / "a.txt").write_bytes(b"caf\xe9 latin-1")
+    (tmp_path / "a.txt").write_bytes(b"caf\xe9 latin-1, red\r\nsecond line")
     (tmp_path / "b.txt").write_text("")
     (tmp_path / "c.txt").write_text("fine")
-    entries, problems = list_subset_images(_subset(tmp_path))
-    assert [e.path.name for e in entries] == ["c.png"]
+    (tmp_path / "d.txt").write_text(" \n\n")
+    entries, problems = list_subset_images(_subset(tmp_path, class_tokens="sks dog"))
+    # every image trains: the empty file with the empty caption (not the class tokens), the Latin-1 one with the
+    # text that could be read
+    assert [(e.path.name, e.caption) for e in entries] == [("a.png", "caf latin-1, red"), ("b.png", ""),
+                                                           ("c.png", "fine"), ("d.png", "")]
     assert problems == [
-        f"caption file {tmp_path / 'a.txt'} is not UTF-8 text (bad byte at offset 3): save it as UTF-8; "
-        "image a.png skipped",
-        f"caption file {tmp_path / 'b.txt'} is empty: write a caption or delete it; image b.png skipped",
+        f"caption file {tmp_path / 'a.txt'} is not UTF-8 text (bad byte at offset 3): a.png trains with the text "
+        "that could be read ('caf latin-1, red'); save the file as UTF-8",
+        f"caption file {tmp_path / 'b.txt'} is empty: b.png trains with an empty caption; write a caption, or "
+        "delete the file to use the class tokens",
+        f"caption file {tmp_path / 'd.txt'} is empty: d.png trains with an empty caption; write a caption, or "
+        "delete the file to use the class tokens",
     ]
+
+
+def test_non_utf8_caption_lines_split_as_a_text_file_reads_them(tmp_path):
+    _image(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_bytes(b"\xff one\rtwo\r\n\r\nthree\n")
+    entries, _ = list_subset_images(_subset(tmp_path, enable_wildcard=True))
+    assert entries[0].caption == "one\ntwo\nthree"
 
 
 def test_missing_folder_is_a_user_error(tmp_path):
