@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+import toml
 import torch
 from safetensors.torch import load_file
 
@@ -27,7 +28,7 @@ def _free_port() -> int:
 def _argv(data, out, *extra):
     return ["--pretrained_model_name_or_path", "tiny-sd1", "--train_data_dir", str(data), "--caption_extension", ".txt",
             "--resolution", "32", "--output_dir", str(out), "--output_name", "net", "--train_batch_size", "1",
-            "--max_train_steps", "4", "--learning_rate", "1e-3", "--network_dim", "4", "--seed", "5",
+            "--max_train_steps", "4", "--learning_rate", "1e-3", "--network_dim", "4",
             "--max_data_loader_n_workers", "0", "--lr_scheduler", "constant", *extra]
 
 
@@ -43,8 +44,10 @@ def test_two_cpu_processes_match_one_process_over_the_same_global_batch(tmp_path
                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), worker, str(ddp_out),
                           *_argv(data, ddp_out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
+    # Unseeded: the ranks must share the main process's drawn seed, and the saved options must hold it.
+    seed = toml.load(ddp_out / "net.config.toml")["training"]["seed"]
     single = subprocess.run([sys.executable, worker, str(single_out), *_argv(data, single_out,
-                             "--gradient_accumulation_steps", "2")], cwd=ROOT, env=env, capture_output=True,
+                             "--gradient_accumulation_steps", "2", "--seed", str(seed))], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
     rank0, rank1 = load_file(str(ddp_out / "rank0.safetensors")), load_file(str(ddp_out / "rank1.safetensors"))

@@ -46,3 +46,18 @@ def test_running_out_of_memory_is_one_line_with_what_to_change(tmp_path, capsys,
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith(f"error: {what}: try --gradient_checkpointing, --cache_latents")
+
+
+def test_a_token_string_that_cannot_name_the_output_file_is_refused_before_the_run(tmp_path, capsys):
+    from library.config.options import TI
+
+    make_demo_dataset(tmp_path / "data", count=2, size=32)
+    ran = []
+    main = exit_on_user_error(lambda argv: start(argv, TI, "test", lambda config, plan: ran.append(config)))
+    with pytest.raises(SystemExit) as exit_info:
+        # sd-scripts names the embedding file after its token when --output_name is not given
+        main(["--train_data_dir", str(tmp_path / "data"), "--caption_extension", ".txt",
+              "--output_dir", str(tmp_path / "out"), "--token_string", "my/char"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and not ran and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: --token_string my/char (used as --output_name): is a file name, not a path")

@@ -6,11 +6,16 @@ import random
 from pathlib import Path
 from typing import Callable, Sequence
 
+from library.config.checks import check_value
 from library.config.declarations import OPTIONS
 from library.config.resolve import check_supported, options_for, resolve, write_resolved_config
 from library.config.run_config import RunConfig
 from library.console import quiet_libraries
 from library.errors import Interrupted, UserError
+
+
+def declared_option(name: str):
+    return next(o for o in OPTIONS if o.name == name)
 
 
 def has_dataset(config: RunConfig) -> bool:
@@ -41,6 +46,8 @@ def _start(argv, script, description, run):
     config = resolve(argv, script, OPTIONS, description)
     if config.get("token_string") and not config.output_name:
         config = config.replace(output_name=config.token_string)  # sd-scripts names an embedding after its token
+        check_value(declared_option("output_name"), config.output_name,
+                    f"--token_string {config.token_string} (used as --output_name)")
     if config.dry_run:
         dry_run(config)
         return None
