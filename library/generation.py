@@ -103,7 +103,7 @@ class Generator:
         weights, _ = read_network_file(path)
         network = network_from_weights(weight, str(path), self.parts.text_encoder, self.parts.unet,
                                        weights_sd=weights, for_inference=True)
-        network.load_state_dict_flexible(weights)
+        network.load_state_dict_flexible(weights, source=str(path))
         network.set_multiplier(weight)
         network.requires_grad_(False).eval().to(self.device, self.setup.dtype)
         return LoadedNetwork(path, float(weight), network, path.stem, _file_shorthash(path, 12, addnet=True))

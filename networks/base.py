@@ -43,7 +43,11 @@ class AdapterModule(nn.Module):
 
     @property
     def scale(self) -> float:
-        return float(self.alpha) / self.dim
+        return alpha_value(self.alpha) / self.dim
+
+    def parameter_factors(self) -> list[nn.Parameter]:
+        """The tensors ΔW is a product of, each appearing once: scaling each by r^(1/n) scales ΔW by r."""
+        return list(self.parameters())
 
     # -------------------------------------------------------------- wiring
     def apply_to(self) -> None:
@@ -92,6 +96,20 @@ class AdapterModule(nn.Module):
 
     def org_weight_shape(self) -> torch.Size:
         return self.org_module.weight.shape
+
+
+def alpha_value(alpha: torch.Tensor) -> float:
+    """The alpha buffer as a number, read from the device only when the buffer changed (moved, cast or loaded):
+    float() of a GPU tensor waits for the device, and every forward needs the scale."""
+    try:
+        version = alpha._version
+    except RuntimeError:  # an inference-mode tensor has no version counter
+        return float(alpha)
+    cached = getattr(alpha, "_host_value", None)
+    if cached is None or cached[0] != version:
+        cached = (version, float(alpha))
+        alpha._host_value = cached  # on the tensor itself: .to() and load_state_dict give a new one or a new version
+    return cached[1]
 
 
 def kaiming_init_(weight: torch.Tensor) -> None:

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from library.errors import UserError
 from library.models.checkpoint_io import read_safetensors_keys, read_state_dict
+from library.formats.a1111_pickle import write_pickle
 from library.safe_write import atomic_file
 from networks.registry import all_module_classes
 
@@ -44,11 +45,107 @@ class NetworkFileInfo:
     module_args: dict[str, Any] = field(default_factory=dict)
 
 
-def read_network_file(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_network_file(path, *, check: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors (text-encoder names in sd-scripts' spelling) and metadata of a network file. Files that hold no
+    adapters are refused, and so (unless `check` is False: inspection) are files with tensors we do not read."""
     weights, metadata = read_state_dict(path)
     weights = {canonical_key(k): v for k, v in weights.items() if isinstance(v, torch.Tensor)}
-    describe_network_file(weights, source=str(path))  # refuses files that hold no adapters
+    info = describe_network_file(weights, source=str(path))
+    if check:
+        refuse_unknown_tensors(weights, info, source=str(path))
     return weights, metadata
+
+
+def tensor_names(module_class) -> set[str]:
+    """What one adapter of `module_class` stores: its weight names and alpha."""
+    return set(module_class.WEIGHT_NAMES) | {"alpha"}
+
+
+def unknown_tensors(weights: dict[str, torch.Tensor], info: NetworkFileInfo) -> list[str]:
+    """Keys that no adapter of the file's algorithm reads (DoRA's dora_scale, another algorithm's modules, stray
+    keys). Loading would silently drop them, so what loads would be another network than the file's."""
+    names = tensor_names(info.module_class)
+    weighted = {canonical_key(key).partition(".")[0] for key in weights if not key.endswith(".alpha")}
+    unknown = []
+    for key in weights:
+        module, _, rest = canonical_key(key).partition(".")
+        if module in info.dims and rest in names:
+            continue
+        if rest == "alpha" and module not in weighted:
+            continue  # an alpha without weights changes nothing
+        unknown.append(key)
+    return unknown
+
+
+def refuse_unknown_tensors(weights: dict[str, torch.Tensor], info: NetworkFileInfo, *, source: str) -> None:
+    unknown = unknown_tensors(weights, info)
+    if unknown:
+        raise UserError(not_understood(source, unknown, len(weights), what_it_is(unknown, info.algorithm)))
+
+
+def not_understood(source: str, keys: list[str], total: int, what: str) -> str:
+    """The one line for a file with tensors we cannot load as they are meant: how many, which, what it is."""
+    examples = ", ".join(_examples(keys))
+    return (f"{source}: {len(keys)} of its {total} tensors are not understood (e.g. {examples}): {what}; "
+            "nothing was loaded")
+
+
+def _examples(keys: list[str], count: int = 3) -> list[str]:
+    # Weights before alphas, one key per module first, so the examples name as many modules as they can.
+    ordered = sorted(keys, key=lambda key: (key.endswith(".alpha"), key))
+    modules: dict[str, str] = {}
+    for key in ordered:
+        modules.setdefault(key.partition(".")[0], key)
+    chosen = list(modules.values())[:count]
+    return chosen + [key for key in ordered if key not in chosen][:count - len(chosen)]
+
+
+# Tensor names of adapters we do not implement -> what a file holding them is.
+_FOREIGN_TENSORS = (
+    (("dora_scale",), "DoRA (dora_scale) is not supported yet: use a file trained without DoRA "
+                      "(weight decomposition, dora_wd)"),
+    (("lora_mid.weight",), "a LoCon with Tucker decomposition (lora_mid, LyCORIS use_tucker/use_cp), which "
+                           "networks.lora does not read: train without use_tucker"),
+    (("diff", "diff_b"), "LyCORIS full/diff weights (diff), which are not supported"),
+    (("w_norm", "b_norm"), "LyCORIS norm-layer weights (w_norm/b_norm, train_norm), which are not supported"),
+    (("oft_blocks", "oft_diag", "oft_R"), "OFT/BOFT weights, which are not supported"),
+    (("on_input", "weight"), "(IA)³ or full-weight tensors, which are not supported"),
+)
+
+
+def what_it_is(keys: list[str], algorithm: str) -> str:
+    """A guess at what holds these keys, saying what to do about it."""
+    rests = {canonical_key(k).partition(".")[2] for k in keys}
+    for names, text in _FOREIGN_TENSORS:
+        if rests & set(names):
+            return text
+    if any(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys):
+        return "a LoRA in the diffusers/PEFT layout: convert it with tools/convert_lora.py --to kohya first"
+    if any(k.startswith("bundle_emb.") for k in keys):
+        return ("textual-inversion embeddings bundled into the network (bundle_emb.*), which are not supported: "
+                "save the embeddings as their own files")
+    for cls in all_module_classes():
+        if cls.ALGORITHM != algorithm and rests & set(cls.WEIGHT_NAMES):
+            return (f"it mixes {cls.ALGORITHM} modules into a {algorithm} network; one algorithm per file is read "
+                    "(merge them into the model one file at a time)")
+    return "tensors this project does not read (a file of another tool or adapter type?)"
+
+
+# Module names of models other than SD 1.x/2.x in sd-scripts' layout -> what the file is.
+SDXL_TEXT_ENCODER_PREFIXES = ("lora_te1_", "lora_te2_")
+LDM_UNET_PREFIXES = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
+
+
+def other_model_hint(module_names: list[str]) -> str:
+    """Why modules name no layer of this SD 1.x/2.x model, saying what to do about it."""
+    if any(name.startswith(SDXL_TEXT_ENCODER_PREFIXES) for name in module_names):
+        return ("an SDXL network (lora_te1_/lora_te2_: two text encoders), but this is an SD 1.x/2.x model: "
+                "use it with an SDXL model")
+    if any(name.startswith(LDM_UNET_PREFIXES) for name in module_names):
+        return ("its UNet modules use the original (LDM) names input_blocks/middle_block/output_blocks, as SDXL "
+                "networks do; SD 1.x/2.x networks name them down_blocks/mid_block/up_blocks: use it with the model "
+                "it was trained for")
+    return "is it for another base model (SD 1.x vs 2.x, SDXL) or a different text encoder? use it with that model"
 
 
 def describe_network_file(weights: dict[str, torch.Tensor], *, source: str) -> NetworkFileInfo:
@@ -90,7 +187,7 @@ def save_network_file(state_dict: dict[str, torch.Tensor], file, *, dtype=None,
             metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = model_hashes(tensors, metadata)
             save_file(tensors, str(tmp), metadata=metadata)
         else:
-            torch.save(tensors, tmp)
+            write_pickle(tensors, tmp)  # not torch.save: A1111's safe unpickler refuses its extra zip entries
     return file
 
 

@@ -43,10 +43,20 @@ def unet_targets(unet: nn.Module, *, include_conv: bool) -> Iterator[Target]:
             yield from _children(UNET_PREFIX, name, module)
 
 
+def every_layer(text_encoder: nn.Module | None, unet: nn.Module | None) -> Iterator[Target]:
+    """Every Linear and Conv2d of the model under the names a network file would give it: what a file made with
+    other targets (LyCORIS presets that adapt conv_in, time_embedding, ...) can name, in the model's order."""
+    if text_encoder is not None:
+        path = "" if any(n.startswith("text_model.") for n, _ in text_encoder.named_modules()) else "text_model"
+        yield from _children(TEXT_ENCODER_PREFIX, path, text_encoder)
+    if unet is not None:
+        yield from _children(UNET_PREFIX, "", unet)
+
+
 def _children(prefix: str, path: str, module: nn.Module) -> Iterator[Target]:
     for child_name, child in module.named_modules():
         if isinstance(child, (nn.Linear, nn.Conv2d)):
-            lora_name = f"{prefix}.{path}.{child_name}".replace(".", "_")
+            lora_name = ".".join(part for part in (prefix, path, child_name) if part).replace(".", "_")
             is_kernel = isinstance(child, nn.Conv2d) and child.kernel_size != (1, 1)
             yield Target(lora_name, child, is_kernel)
 

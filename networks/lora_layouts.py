@@ -8,7 +8,7 @@ import re
 import torch
 
 from library.errors import UserError
-from networks.files import NetworkFileInfo, canonical_key, describe_network_file
+from networks.files import NetworkFileInfo, canonical_key, describe_network_file, refuse_unknown_tensors
 from networks.injection import TEXT_ENCODER_PREFIX, UNET_PREFIX, text_encoder_targets, unet_targets
 
 PEFT_UNET = "unet"
@@ -32,6 +32,7 @@ def kohya_to_peft(sd: dict[str, torch.Tensor], *, source: str = "state dict"
         raise UserError(f"{source}: a {info.algorithm} network; only LoRA/LoCon (lora_up/lora_down) files have a "
                         "diffusers/peft form")
     _refuse_extras(sd, info, source)
+    refuse_unknown_tensors(sd, info, source=source)  # stray keys of no module (bundle_emb.*, …)
     unet_sd, te_sd = {}, {}
     for name, rank in info.dims.items():
         component, path = peft_module_path(name, source=source)

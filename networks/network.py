@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Iterable
 
 import torch
@@ -9,7 +10,8 @@ from torch import nn
 
 from library.errors import UserError
 from networks.args import NUM_BLOCKS, parse_network_args
-from networks.injection import NUM_OF_BLOCKS, Target, block_index, text_encoder_targets, unet_targets
+from networks.injection import (NUM_OF_BLOCKS, UNET_PREFIX, Target, block_index, every_layer,
+                                text_encoder_targets, unet_targets)
 
 
 class AdapterNetwork(nn.Module):
@@ -23,6 +25,9 @@ class AdapterNetwork(nn.Module):
         self.text_encoder_loras = text_encoder_loras
         self.unet_loras = unet_loras
         self.options = dict(options or {})
+        self.layer_names: frozenset[str] = frozenset()  # every layer of the model a file may name (build_network)
+        self.dropped: set[str] = set()  # adapters apply_to left out (--network_train_unet_only / _text_encoder_only)
+        self.unmatched: list[str] = []
         for lora in text_encoder_loras + unet_loras:
             self.add_module(lora.lora_name, lora)
 
@@ -41,6 +46,7 @@ class AdapterNetwork(nn.Module):
     def _drop(self, loras: list) -> None:
         for lora in loras:
             delattr(self, lora.lora_name)
+            self.dropped.add(lora.lora_name)
 
     def restore(self) -> None:
         for lora in self.text_encoder_loras + self.unet_loras:
@@ -139,19 +145,32 @@ class AdapterNetwork(nn.Module):
             return 1.0 if mid is None else mid
         return 1.0 if up is None else up[index - NUM_OF_BLOCKS - 1]
 
-    def apply_max_norm_regularization(self, max_norm_value, device):
-        """Scale down adapters whose ΔW norm exceeds max_norm (sd-scripts' --scale_weight_norms)."""
-        keys_scaled, norms = 0, []
-        with torch.no_grad():
-            for lora in self.text_encoder_loras + self.unet_loras:
-                norm = lora.delta_weight().norm().clamp(min=max_norm_value / 2)
-                ratio = torch.clamp(norm, max=max_norm_value) / norm
-                if ratio < 1:
-                    keys_scaled += 1
-                    for param in lora.parameters():
-                        param.mul_(ratio.to(param) ** (1 / len(list(lora.parameters()))))
-                norms.append(float(norm * ratio))
-        return keys_scaled, sum(norms) / max(1, len(norms)), max(norms, default=0.0)
+    @torch.no_grad()
+    def scale_weight_norms(self, max_norm: float) -> torch.Tensor:
+        """--scale_weight_norms (sd-scripts' max-norm regularisation), without waiting for the device: every adapter
+        whose ‖ΔW‖ (alpha/dim included) exceeds max_norm has each of its n factors scaled by (max_norm/‖ΔW‖)^(1/n)
+        (LoRA: up and down by the square root, as sd-scripts; LoHa/LoKr: every factor, as LyCORIS). Returns a
+        device tensor [modules scaled, mean norm, largest norm], the norms after scaling."""
+        loras = self.text_encoder_loras + self.unet_loras
+        if not loras:
+            return torch.zeros(3)
+        norms = torch.stack([lora.delta_weight().float().norm() for lora in loras])
+        # sd-scripts' rule: norms under max_norm/2 are never touched, those above are brought down to max_norm.
+        clamped = norms.clamp(min=max_norm / 2)
+        ratios = clamped.clamp(max=max_norm) / clamped
+        for lora, ratio in zip(loras, ratios):
+            factors = lora.parameter_factors()
+            # Multiplying by exactly 1 changes nothing, so no per-module branch (and no device sync) is needed.
+            step = ratio ** (1.0 / len(factors))
+            for factor in factors:
+                factor.mul_(step.to(factor.dtype))
+        scaled = norms * ratios
+        return torch.stack([(ratios < 1).sum().float(), scaled.mean(), scaled.max()])
+
+    def apply_max_norm_regularization(self, max_norm_value, device=None):
+        """sd-scripts' network API: (keys scaled, mean norm, max norm) as numbers (this waits for the device)."""
+        keys_scaled, mean_norm, max_norm = self.scale_weight_norms(float(max_norm_value)).tolist()
+        return int(keys_scaled), mean_norm, max_norm
 
     # ------------------------------------------------------------------ files
     def save_weights(self, file, dtype=None, metadata: dict[str, str] | None = None) -> None:
@@ -163,21 +182,88 @@ class AdapterNetwork(nn.Module):
         from networks.files import read_network_file
 
         weights, _ = read_network_file(file)
-        return self.load_state_dict_flexible(weights)
+        return self.load_state_dict_flexible(weights, source=str(file))
 
-    def load_state_dict_flexible(self, weights: dict[str, torch.Tensor]):
-        """Load adapter tensors, accepting 2-D or 1×1 4-D forms of the same weight (SD 2.x proj_in/out)."""
+    def load_state_dict_flexible(self, weights: dict[str, torch.Tensor], *, source: str = "the weights"):
+        """Load adapter tensors, accepting 2-D or 1×1 4-D forms of the same weight (SD 2.x proj_in/out). Tensors this
+        network cannot hold as they are meant are refused (sd-scripts' strict=False would drop them); modules the
+        file does not have keep their weights, as in sd-scripts."""
         from networks.files import canonical_key
 
         own = self.state_dict()
+        weights = {canonical_key(key): value for key, value in weights.items()}
+        _check_tensors(self, weights, own, source)
         adapted = {}
         for key, value in weights.items():
-            key = canonical_key(key)
             target = own.get(key)
-            if target is not None and value.shape != target.shape and value.numel() == target.numel():
+            if target is None:
+                continue  # an alpha without weights, or an adapter this run does not train (warned)
+            if value.shape != target.shape:
+                if value.numel() != target.numel():
+                    raise UserError(f"{source}: {key} has shape {tuple(value.shape)} but this network's is "
+                                    f"{tuple(target.shape)}: the file is for another base model (SD 1.x vs 2.x) or "
+                                    "was trained with another rank or network_args (with --network_weights, add "
+                                    "--dim_from_weights)")
                 value = value.reshape(target.shape)
             adapted[key] = value
         return self.load_state_dict(adapted, strict=False)
+
+
+def _check_tensors(network: AdapterNetwork, weights: dict[str, torch.Tensor], own: dict, source: str) -> None:
+    """Refuse tensors the network cannot hold as they are meant, each kind with its own fix; warn about adapters
+    this run leaves out on purpose."""
+    from networks.files import not_understood, tensor_names, what_it_is
+
+    here = {lora.lora_name for lora in network.text_encoder_loras + network.unet_loras}
+    names = tensor_names(network.module_class)
+    weighted = {key.partition(".")[0] for key in weights if not key.endswith(".alpha")}
+    foreign, unknown, not_adapted, layout, dropped = [], [], [], [], []
+    for key in weights:
+        if key in own:
+            continue
+        module, _, rest = key.partition(".")
+        if rest == "alpha" and module not in weighted:
+            continue  # an alpha without weights changes nothing
+        known = module in here or module in network.dropped or module in network.layer_names
+        if known and rest not in names:
+            foreign.append(key)
+        elif module in here:
+            layout.append(key)
+        elif module in network.dropped:
+            dropped.append(key)
+        elif module in network.layer_names:
+            not_adapted.append(key)
+        else:
+            unknown.append(key)
+    total, algorithm = len(weights), network.module_class.ALGORITHM
+    if foreign:
+        raise UserError(not_understood(source, foreign, total, what_it_is(foreign, algorithm)))
+    if unknown:
+        modules = sorted({key.partition(".")[0] for key in unknown})
+        raise UserError(not_understood(source, unknown, total, _absent_modules(modules)))
+    if not_adapted or layout:
+        keys = not_adapted + layout
+        raise UserError(f"{source}: {len(keys)} of its {total} tensors do not fit this network (e.g. "
+                        f"{', '.join(sorted(keys)[:3])}): the file adapts other layers or stores them in another "
+                        "layout; with --network_weights add --dim_from_weights (layers, ranks and network_args from "
+                        "the file) or give the network_args it was trained with (conv_dim, block_dims, ...)")
+    incomplete = sorted(key for key in own if key.partition(".")[0] in weighted and key not in weights
+                        and not key.endswith(".alpha"))
+    if incomplete:
+        raise UserError(f"{source}: {incomplete[0]} is missing ({len(incomplete)} tensors of its modules are): the "
+                        "file is damaged; re-save or re-train it")
+    if dropped:
+        modules = len({key.partition(".")[0] for key in dropped})
+        print(f"warning: {source}: {modules} of its modules are not trained in this run "
+              "(--network_train_unet_only / --network_train_text_encoder_only), so they are not loaded and will not "
+              "be in the saved network", file=sys.stderr)
+
+
+def _absent_modules(modules: list[str]) -> str:
+    from networks.files import other_model_hint
+
+    count = f"{len(modules)} module{'s' if len(modules) != 1 else ''}"
+    return f"they adapt {count} this model does not have; {other_model_hint(modules)}"
 
 
 def build_network(module_class, multiplier, network_dim, network_alpha, text_encoder, unet, *, neuron_dropout=None,
@@ -214,10 +300,19 @@ def build_network(module_class, multiplier, network_dim, network_alpha, text_enc
             loras.append(module_class(target.lora_name, target.module, multiplier, d, a, **kwargs))
         return loras
 
-    encoders = text_encoder if isinstance(text_encoder, (list, tuple)) else [text_encoder]
-    te_loras = [lora for te in encoders if te is not None for lora in make(text_encoder_targets(te), False)]
-    unet_loras = make(unet_targets(unet, include_conv=include_conv), True) if unet is not None else []
-    return AdapterNetwork(module_class, te_loras, unet_loras, multiplier=multiplier, options=opts)
+    encoders = [te for te in (text_encoder if isinstance(text_encoder, (list, tuple)) else [text_encoder])
+                if te is not None]
+    layers = [target for te in encoders for target in every_layer(te, None)] + list(every_layer(None, unet))
+    if modules_dim is not None:
+        # A file names its layers: any Linear/Conv2d of the model, as other loaders (A1111, ComfyUI) apply them.
+        te_loras = make([t for t in layers if not t.lora_name.startswith(UNET_PREFIX)], False)
+        unet_loras = make([t for t in layers if t.lora_name.startswith(UNET_PREFIX)], True)
+    else:
+        te_loras = [lora for te in encoders for lora in make(text_encoder_targets(te), False)]
+        unet_loras = make(unet_targets(unet, include_conv=include_conv), True) if unet is not None else []
+    network = AdapterNetwork(module_class, te_loras, unet_loras, multiplier=multiplier, options=opts)
+    network.layer_names = frozenset(target.lora_name for target in layers)
+    return network
 
 
 def _block_dims(opts, dim, alpha, conv_dim, conv_alpha):
@@ -240,7 +335,7 @@ def _module_kwargs(module_class, opts: dict) -> dict:
 def network_from_weights(multiplier, file, text_encoder, unet, *, weights_sd=None, for_inference=False,
                          module_class=None, **network_args) -> AdapterNetwork:
     """A network shaped like a saved file: algorithm, per-module dims and alphas read from its tensors."""
-    from networks.files import describe_network_file, read_network_file
+    from networks.files import canonical_key, describe_network_file, not_understood, other_model_hint, read_network_file
 
     if weights_sd is None:
         weights_sd, _ = read_network_file(file)
@@ -254,8 +349,11 @@ def network_from_weights(multiplier, file, text_encoder, unet, *, weights_sd=Non
     missing = sorted(set(info.dims) - found)
     if not found:
         raise UserError(f"{file}: none of its {len(info.dims)} adapters matches this model's layers "
-                        f"(first: {missing[0] if missing else '-'}); is it for another base model family?")
-    network.unmatched = missing
+                        f"(first: {missing[0] if missing else '-'}); {other_model_hint(missing)}")
+    if missing:
+        # Loading the rest would be another network than the file's (sd-scripts skips them silently).
+        keys = [key for key in weights_sd if canonical_key(key).partition(".")[0] in missing]
+        raise UserError(not_understood(str(file), keys, len(weights_sd), _absent_modules(missing)))
     return network
 
 

@@ -88,7 +88,7 @@ def _refuse_foreign(path: Path, keys: list[str], others: list) -> None:
 def network_summary(path: Path, verbose: bool) -> list[str]:
     from networks.files import describe_network_file, read_network_file
 
-    weights, metadata = read_network_file(path)
+    weights, metadata = read_network_file(path, check=False)  # described, with what we do not read named below
     info = describe_network_file(weights, source=str(path))
     modules = _grouped(weights, info.dims)
     algorithm = ALGORITHM_NAMES.get(info.algorithm, info.algorithm)
@@ -116,6 +116,7 @@ def network_summary(path: Path, verbose: bool) -> list[str]:
     lines.append(f"  dtype: {_tally(str(v.dtype).removeprefix('torch.') for v in weights.values())}")
     lines.append(f"  base model: {_base_model(metadata, modules, info.algorithm)}")
     lines += _untrained_note(modules, info.module_class)
+    lines += _unknown_note(weights, info)
     lines += _metadata_lines(path, metadata)
     if verbose:
         lines.append("  per module (tensor shape, mean |w|):")
@@ -180,6 +181,16 @@ def _untrained_note(modules: dict, module_class) -> list[str]:
         return []
     return [f"  warning: {zero} of {len(modules)} modules have an all-zero weight tensor, so they change nothing "
             f"(an untrained network's up weights start at zero)"]
+
+
+def _unknown_note(weights: dict[str, torch.Tensor], info) -> list[str]:
+    from networks.files import unknown_tensors, what_it_is
+
+    unknown = unknown_tensors(weights, info)
+    if not unknown:
+        return []
+    return [f"  warning: {len(unknown)} tensors are not read by this project (e.g. {', '.join(sorted(unknown)[:3])}):"
+            f" {what_it_is(unknown, info.algorithm)}; training, merging and generation refuse the file"]
 
 
 def _metadata_lines(path: Path, metadata: dict[str, str]) -> list[str]:

@@ -107,14 +107,8 @@ def merge_file_into(parts, path: Path, ratio: float, device: str) -> str:
     network = network_from_weights(ratio, path, parts.text_encoder, parts.unet, weights_sd=weights,
                                    for_inference=True)
     network.to(device)
-    result = network.load_state_dict_flexible(weights)
-    missing = [k for k in result.missing_keys if not k.endswith(".alpha")]  # no alpha means alpha = rank
-    if missing:
-        raise UserError(f"{path}: {missing[0]} is missing; the file is damaged (re-save or re-train it)")
+    network.load_state_dict_flexible(weights, source=str(path))  # refuses tensors it cannot merge as meant
     network.merge_to(parts.text_encoder, parts.unet)
-    if network.unmatched:
-        print(f"warning: {path.name}: {len(network.unmatched)} modules match no layer of the model and were skipped "
-              f"(first: {network.unmatched[0]})", file=sys.stderr)
     name = "LoCon" if info.algorithm == "lora" and info.conv_modules else ALGORITHM_NAMES.get(info.algorithm,
                                                                                               info.algorithm)
     te, unet = len(network.text_encoder_loras), len(network.unet_loras)

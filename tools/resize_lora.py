@@ -166,7 +166,7 @@ def _check_args(args) -> None:
 def read_lora(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The file's tensors under their own names (kept on saving), refusing LoHa/LoKr and non-network files."""
     from library.models.checkpoint_io import read_state_dict
-    from networks.files import describe_network_file
+    from networks.files import describe_network_file, refuse_unknown_tensors
 
     weights, metadata = read_state_dict(path)
     weights = {k: v for k, v in weights.items() if isinstance(v, torch.Tensor)}
@@ -174,6 +174,8 @@ def read_lora(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if info.algorithm != "lora":
         raise UserError(f"{path}: a {info.algorithm} network; resize supports LoRA/LoCon (lora_up/lora_down) files "
                         "only")
+    # Kept as they are, tensors we do not read (DoRA's dora_scale) would no longer fit the resized factors.
+    refuse_unknown_tensors(weights, info, source=str(path))
     return {k: v.float() for k, v in weights.items()}, dict(metadata)
 
 

@@ -64,14 +64,12 @@ def module_delta(info, name: str, weights: dict[str, torch.Tensor], source: Path
     for shape in layer_shapes(name, weights):
         module = info.module_class(name, _stand_in(shape), 1.0, info.dims[name], info.alphas[name],
                                    **info.module_args)
-        tensors = {k: v for k, v in weights.items() if k != "alpha"}  # the module was built with the file's alpha
+        # The module was built with the file's alpha (or alpha = rank where the file has none).
+        tensors = {**{k: v for k, v in weights.items() if k != "alpha"}, "alpha": module.alpha}
         try:
-            result = module.load_state_dict(tensors, strict=False)
+            module.load_state_dict(tensors, strict=True)
         except RuntimeError:
-            continue  # factors shaped for another layer shape: try the next candidate
-        missing = [k for k in result.missing_keys if k != "alpha"]
-        if missing or result.unexpected_keys:
-            continue
+            continue  # factors shaped or named for another layer shape: try the next candidate
         with torch.no_grad():
             return module.delta_weight().float()
     raise UserError(f"{source}: cannot rebuild ΔW of {name} from its {info.algorithm} tensors "

@@ -54,6 +54,10 @@ class DiffusionMethod:
     def after_step(self, global_step: int) -> None:
         """Called after optimizer step `global_step`."""
 
+    def step_logs(self) -> dict[str, float]:
+        """Extra scalars for the step just taken, logged with the loss; none by default."""
+        return {}
+
     def checkpoint_objects(self) -> list:
         """What `--save_state` saves besides optimizer, scheduler and RNG (objects with state_dict/load_state_dict)."""
         return []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -27,8 +28,8 @@ class NetworkMethod(DiffusionMethod):
         module_name = config.network_module or "networks.lora"
         _merge_base_weights(config, parts, module_name)
         if config.network_weights and config.dim_from_weights:
-            self.network = load_network_module(module_name).create_network_from_weights(
-                1.0, config.network_weights, parts.vae, parts.text_encoder, parts.unet)
+            self.network = _network_only(load_network_module(module_name).create_network_from_weights(
+                1.0, config.network_weights, parts.vae, parts.text_encoder, parts.unet))
         else:
             self.network = create_network(module_name, 1.0, config.network_dim, config.network_alpha, parts.vae,
                                           parts.text_encoder, parts.unet, neuron_dropout=config.network_dropout,
@@ -45,6 +46,27 @@ class NetworkMethod(DiffusionMethod):
         self.network.prepare_grad_etc(parts.text_encoder, parts.unet)
         super().__init__(config, parts, device, weight_dtype, plan, train_text_encoder=train_text_encoder)
         self._gradient_checkpointing()
+        self.max_norm = _max_norm(config, self.network, module_name)
+        self._norm_stats = None  # [keys scaled, mean norm, max norm] of the last step, on the device
+
+    def after_step(self, global_step: int) -> None:
+        if self.max_norm:
+            # sd-scripts applies max-norm regularisation after every optimizer step; ours queues it on the device.
+            scale = getattr(self.network, "scale_weight_norms", None)
+            if scale is not None:
+                self._norm_stats = scale(self.max_norm)
+            else:  # a third-party network module (sd-scripts' API returns numbers)
+                self._norm_stats = self.network.apply_max_norm_regularization(self.max_norm, self.device)
+
+    def step_logs(self) -> dict[str, float]:
+        """Scalars to log for the step just taken, under sd-scripts' TensorBoard names (read after the loss, so the
+        device has already finished them)."""
+        if self._norm_stats is None:
+            return {}
+        stats = self._norm_stats
+        keys_scaled, mean_norm, max_norm = stats.tolist() if isinstance(stats, torch.Tensor) else stats
+        return {"max_norm/keys_scaled": int(keys_scaled), "max_norm/max_key_norm": float(max_norm),
+                "norm/avg_key_norm": float(mean_norm)}
 
     def _gradient_checkpointing(self) -> None:
         if not self.config.gradient_checkpointing:
@@ -84,7 +106,30 @@ def _merge_base_weights(config: RunConfig, parts: Components, module_name: str) 
         raise UserError(f"--base_weights_multiplier needs one value per --base_weights file ({len(files)})")
     module = load_network_module(module_name)
     for file, multiplier in zip(files, multipliers):
-        merged = module.create_network_from_weights(multiplier, file, parts.vae, parts.text_encoder, parts.unet,
-                                                    for_inference=True)
-        merged.merge_to(parts.text_encoder, parts.unet, None)
+        built = module.create_network_from_weights(multiplier, file, parts.vae, parts.text_encoder, parts.unet,
+                                                   for_inference=True)
+        # sd-scripts' modules return (network, weights); ours return the network, whose load_weights checks the file.
+        merged, weights = built if isinstance(built, tuple) else (built, None)
+        if weights is None:
+            merged.load_weights(file)
+        merged.merge_to(parts.text_encoder, parts.unet, weights)
         print(f"merged --base_weights {file} × {multiplier}")
+
+
+def _network_only(built):
+    """sd-scripts' create_network_from_weights returns (network, weights); ours returns the network."""
+    return built[0] if isinstance(built, tuple) else built
+
+
+def _max_norm(config: RunConfig, network, module_name: str) -> float | None:
+    """--scale_weight_norms as a positive number (None: off), refused where it cannot be applied."""
+    value = config.get("scale_weight_norms")
+    if not value:
+        return None  # sd-scripts: 0 or unset turns it off
+    if not math.isfinite(value) or value < 0:
+        raise UserError(f"--scale_weight_norms {value}: give a positive norm (about 1), or leave it out to turn "
+                        "max-norm regularisation off")
+    if not hasattr(network, "scale_weight_norms") and not hasattr(network, "apply_max_norm_regularization"):
+        raise UserError(f"--scale_weight_norms: --network_module {module_name} cannot apply max-norm "
+                        "regularisation (it has no apply_max_norm_regularization); drop the flag")
+    return float(value)

@@ -73,6 +73,7 @@ class Reporter:
         self.bar.set_postfix(loss=f"{loss:.4f}", avg=f"{average:.4f}", lr=f"{lrs[-1]:.2e}")
         logs = {"loss/current": loss, "loss/average": average}
         logs |= {f"lr/{name}": lr for name, lr in zip(self.descriptions, lrs)}
+        logs |= self.method.step_logs()  # e.g. max-norm figures; the step's work is done, so reading them waits not
         self.accelerator.log(logs, step=state.global_step)
         every = self.config.save_every_n_steps
         if every and state.global_step % every == 0 and state.global_step < self.max_steps:

@@ -211,9 +211,8 @@ def test_writer_refuses_what_a1111_could_not_load(tmp_path, value):
         write_pickle({"x": value}, io.BytesIO())
 
 
-# ---- writers in files this change does not own: switch them to write_pickle, then drop the xfail markers --------
+# ---- the other .pt/.ckpt writers: LoRA --save_model_as pt, tools/merge_models.py ----------------------------------
 
-@pytest.mark.xfail(strict=True, raises=A1111Refused, reason="networks/files.py still writes .pt networks with torch.save")
 def test_lora_pt_passes(tmp_path):
     from networks.files import save_network_file
 
