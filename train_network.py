@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Train a LoRA / LoCon / LoHa / LoKr network on Stable Diffusion 1.x/2.x with sd-scripts' options and configs:
-`accelerate launch train_network.py --config_file lora.toml` (or plain flags). --dry_run prints the plan."""
+`python launch.py train_network.py --config_file lora.toml` (or plain flags). --dry_run prints the plan."""
 
 from library.config.options import NETWORK
 from library.errors import exit_on_user_error

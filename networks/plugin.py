@@ -7,6 +7,8 @@ from types import ModuleType
 
 from library.errors import UserError
 from networks.args import split_network_args
+from networks.plugin_trees import text_encoder_view, unet_view
+from networks.registry import ALGORITHMS
 
 REQUIRED = ("create_network", "create_network_from_weights")
 
@@ -25,9 +27,32 @@ def load_network_module(name: str) -> ModuleType:
     return module
 
 
+def is_ours(name: str) -> bool:
+    """Whether --network_module names one of our adapter modules (they take the models as they are)."""
+    return name in {path.partition(":")[0] for path in ALGORITHMS.values()}
+
+
+def network_trees(name: str, text_encoder, unet):
+    """The text encoder and UNet to hand the module: ours take the models; one written for sd-scripts gets views
+    with sd-scripts' module paths and class names, so it builds and names its adapters as under sd-scripts."""
+    if is_ours(name):
+        return text_encoder, unet
+    return text_encoder_view(text_encoder), unet_view(unet)
+
+
 def create_network(name: str, multiplier: float, network_dim, network_alpha, vae, text_encoder, unet, *,
                    neuron_dropout=None, network_args=None):
     """Call the module the way sd-scripts' train_network does: --network_args as string keyword arguments."""
     kwargs = split_network_args(network_args)
+    text_encoder, unet = network_trees(name, text_encoder, unet)
     return load_network_module(name).create_network(multiplier, network_dim, network_alpha, vae, text_encoder, unet,
                                                     neuron_dropout=neuron_dropout, **kwargs)
+
+
+def create_network_from_weights(name: str, multiplier: float, file, vae, text_encoder, unet, **kwargs):
+    """The module's network shaped like a saved file. sd-scripts' modules return (network, weights), ours the
+    network; this returns (network, weights or None) for both."""
+    text_encoder, unet = network_trees(name, text_encoder, unet)
+    built = load_network_module(name).create_network_from_weights(multiplier, str(file), vae, text_encoder, unet,
+                                                                  **kwargs)
+    return built if isinstance(built, tuple) else (built, None)

@@ -189,7 +189,8 @@ if ($NetArgs.Count -gt 0) {
   $TrainArgs.AddRange($NetArgs)
 }
 $python = if ($env:PYTHON) { $env:PYTHON } else { "python" }
-$cmd = @($python, "-m", "accelerate.commands.launch") + @($LaunchArgs) + @("train_network.py") + @($TrainArgs)
+# launch.py is `accelerate launch` (same options) that keeps the trainer's one-line errors and exit code.
+$cmd = @($python, "launch.py") + @($LaunchArgs) + @("train_network.py") + @($TrainArgs)
 
 if ($env:SD_TRAINER_PRINT_ONLY -eq "1") {
   $cmd | ForEach-Object { Write-Output $_ }

@@ -179,7 +179,8 @@ add_extra "$extra_args"
 if [[ ${#net_args[@]} -gt 0 ]]; then
   args+=("--network_args" "${net_args[@]}")
 fi
-cmd=("${PYTHON:-python}" -m accelerate.commands.launch "${launch_args[@]}" train_network.py "${args[@]}")
+# launch.py is `accelerate launch` (same options) that keeps the trainer's one-line errors and exit code.
+cmd=("${PYTHON:-python}" launch.py "${launch_args[@]}" train_network.py "${args[@]}")
 
 if [[ "${SD_TRAINER_PRINT_ONLY:-}" == "1" ]]; then
   printf '%s\n' "${cmd[@]}"

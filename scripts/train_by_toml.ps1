@@ -50,7 +50,8 @@ Add-Extra $extra_args
 # END ARGUMENTS
 
 $python = if ($env:PYTHON) { $env:PYTHON } else { "python" }
-$cmd = @($python, "-m", "accelerate.commands.launch") + @($LaunchArgs) + @($script) + @($TrainArgs)
+# launch.py is `accelerate launch` (same options) that keeps the trainer's one-line errors and exit code.
+$cmd = @($python, "launch.py") + @($LaunchArgs) + @($script) + @($TrainArgs)
 
 if ($env:SD_TRAINER_PRINT_ONLY -eq "1") {
   $cmd | ForEach-Object { Write-Output $_ }

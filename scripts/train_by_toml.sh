@@ -41,7 +41,8 @@ add_arg "--sample_prompts" "$sample_prompts"
 add_extra "$extra_args"
 # END ARGUMENTS
 
-cmd=("${PYTHON:-python}" -m accelerate.commands.launch "${launch_args[@]}" "$script" "${args[@]}")
+# launch.py is `accelerate launch` (same options) that keeps the trainer's one-line errors and exit code.
+cmd=("${PYTHON:-python}" launch.py "${launch_args[@]}" "$script" "${args[@]}")
 
 if [[ "${SD_TRAINER_PRINT_ONLY:-}" == "1" ]]; then
   printf '%s\n' "${cmd[@]}"

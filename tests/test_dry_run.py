@@ -135,7 +135,7 @@ def test_folders_without_a_repeat_prefix_get_the_convention_explained(tmp_path, 
 
 @pytest.mark.parametrize("argv_or_toml, phrase", [
     (["--netwrok_dim", "8"], "unknown option --netwrok_dim (did you mean '--network_dim'?)"),
-    ('[dataset_arguments]\ncaption_extention = ".txt"\n', "(did you mean 'caption_extension'?)"),
+    ('[dataset_arguments]\ncaption_extnsion = ".txt"\n', "(did you mean 'caption_extension'?)"),
 ])
 def test_typos_fail_with_did_you_mean_and_exit_2(argv_or_toml, phrase, tmp_path, capsys):
     argv = argv_or_toml

@@ -1,6 +1,6 @@
 """The lora-scripts style wrappers in scripts/: train.sh, train_by_toml.sh, tensorboard.sh and their .ps1 twins.
 
-The bash scripts are run for real (a tiny LoRA run through `accelerate launch`) and in print-only mode
+The bash scripts are run for real (a tiny LoRA run through launch.py, our `accelerate launch`) and in print-only mode
 (SD_TRAINER_PRINT_ONLY=1: the command, one argument per line, nothing run).
 
 PowerShell (pwsh) is NOT available on the machines these tests run on, so the .ps1 files are never executed here.
@@ -60,9 +60,9 @@ def _print_only(script_name: str, /, **overrides) -> list[str]:
 
 def _split(lines: list[str], entry: str = "train_network.py") -> tuple[list[str], list[str], dict[str, list[str]]]:
     """Printed command -> (launcher part, trainer arguments, {--flag: [values]})."""
-    assert lines[:3] == [sys.executable, "-m", "accelerate.commands.launch"], lines[:3]
+    assert lines[:2] == [sys.executable, "launch.py"], lines[:2]
     at = lines.index(entry)
-    launch, train = lines[3:at], lines[at + 1:]
+    launch, train = lines[2:at], lines[at + 1:]
     flags: dict[str, list[str]] = {}
     current = None
     for item in train:
@@ -92,13 +92,21 @@ def test_train_sh_trains_the_tiny_model_end_to_end(demo_data, tmp_path):
     out, logs = tmp_path / "out", tmp_path / "logs"
     result = _run("train.sh", train_data_dir=demo_data, output_dir=out, logging_dir=logs, **TINY_RUN)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "Running: " in result.stdout and "accelerate.commands.launch" in result.stdout
+    assert "Running: " in result.stdout and " launch.py " in result.stdout
     weights = load_file(str(out / "wrapped.safetensors"))
     assert weights and all(key.startswith("lora_") for key in weights)
     assert any(key.startswith("lora_unet_") for key in weights) and any(key.startswith("lora_te_") for key in weights)
     assert list(logs.rglob("events.out.tfevents.*")), sorted(map(str, logs.rglob("*")))
     # --log_prefix is the output name, as in lora-scripts
     assert any(p.name.startswith("wrapped") for p in logs.iterdir())
+
+
+def test_train_sh_bad_option_is_the_trainers_one_line_and_exit_code_2(tmp_path):
+    result = _run("train.sh", train_data_dir=tmp_path, output_dir=tmp_path / "out", extra_args="--network_dimm 4",
+                  timeout=120, **TINY_RUN)
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "CalledProcessError" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "error: unknown option --network_dimm (did you mean '--network_dim'?)"
 
 
 def test_train_sh_default_command_matches_lora_scripts_conventions():

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from library.config.options import FILE_NAME, INPUT_PATH, OUTPUT_DIR, IntOrFloat, Option
+from library.config.problems import raise_problems
 from library.errors import UserError
 
 NAME_MAX = 255  # bytes per path component on ext4, NTFS (UTF-16 units), APFS, ...
@@ -155,8 +156,9 @@ def check_output_folder(value: str, place: str) -> None:
 
 # --- between options ---
 
-def check_relations(config: Mapping[str, Any], declared: Mapping[str, Option], origin) -> None:
+def relation_problems(config: Mapping[str, Any], declared: Mapping[str, Option], origin) -> list[str]:
     """Option.requires (another option must be set, or have one value) and Option.not_above (a bound by another)."""
+    problems = []
     for opt in declared.values():
         value = config.get(opt.name)
         if opt.requires and value not in (None, False) and opt.requires[0] in declared:
@@ -165,30 +167,57 @@ def check_relations(config: Mapping[str, Any], declared: Mapping[str, Option], o
             if (have is None) if wanted is None else (have != wanted):
                 need = f"--{other}" + ("" if wanted is None else f" {wanted}")
                 now = "is not given" if have is None else f"is {have!r} ({origin(other)})"
-                raise UserError(f"--{opt.name} ({origin(opt.name)}) needs {need}, but --{other} {now}: add {need}, "
+                problems.append(f"--{opt.name} ({origin(opt.name)}) needs {need}, but --{other} {now}: add {need}, "
                                 f"or drop --{opt.name}")
         if opt.not_above and value is not None and config.get(opt.not_above) is not None:
             high = config[opt.not_above]
             if value > high:
-                raise UserError(f"--{opt.name} {value} ({origin(opt.name)}) is above --{opt.not_above} {high} "
+                problems.append(f"--{opt.name} {value} ({origin(opt.name)}) is above --{opt.not_above} {high} "
                                 f"({origin(opt.not_above)}); lower --{opt.name} or raise --{opt.not_above}")
+    return problems
+
+
+def check_relations(config: Mapping[str, Any], declared: Mapping[str, Option], origin) -> None:
+    raise_problems(relation_problems(config, declared, origin))
 
 
 # --- a whole resolved config ---
 
-def check_config(config, declared: Mapping[str, Option]) -> None:
-    """Every value of a resolved RunConfig against its declaration, then the rules between options."""
+def config_problems(config, declared: Mapping[str, Option]) -> list[str]:
+    """Every value of a resolved RunConfig against its declaration, then the rules between options: all problems."""
+    return list(value_problems(config, declared).values()) + rule_problems(config, declared)
+
+
+def value_problems(config, declared: Mapping[str, Option]) -> dict[str, str]:
+    """{option: what is wrong with its value} for each value that breaks its declaration."""
+    problems = {}
     for name, opt in declared.items():
         value = config.get(name)
         if value is not None:
-            check_value(opt, value, place(name, value, config.origin(name)))
-    check_relations(config, declared, config.origin)
+            try:
+                check_value(opt, value, place(name, value, config.origin(name)))
+            except UserError as err:
+                problems[name] = str(err)
+    return problems
+
+
+def rule_problems(config, declared: Mapping[str, Option]) -> list[str]:
+    """The rules between options, and the adapter module's own network_args keys."""
+    problems = relation_problems(config, declared, config.origin)
     from_weights = config.get("dim_from_weights") and config.get("network_weights")  # the file's layout: args unused
     if "network_args" in declared and config.get("network_args") and not from_weights:
         # key=value strings whose keys and ranges the adapter module declares (networks/args.py); imports torch
         from networks.args import check_network_args
 
-        check_network_args(config.get("network_args"), config.get("network_module"))
+        try:
+            check_network_args(config.get("network_args"), config.get("network_module"))
+        except UserError as err:
+            problems.append(str(err))
+    return problems
+
+
+def check_config(config, declared: Mapping[str, Option]) -> None:
+    raise_problems(config_problems(config, declared))
 
 
 def place(name: str, value: Any, origin: str) -> str:
@@ -211,6 +240,6 @@ def shown_value(value: Any) -> str:
         text = text.replace("\0", "\\x00")
         if not text or text != text.strip() or " " in text:
             text = repr(text)
-        if len(text) > 80:
-            text = text[:60] + "..."
+        if len(text) > 300:  # paths are shown whole; only runaway values are cut
+            text = text[:280] + "..."
     return text

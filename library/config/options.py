@@ -60,6 +60,13 @@ class Option:
     # value (None: must be given at all); not_above: this value may not exceed that option's value when both are set.
     requires: tuple[str, Any] | None = None
     not_above: str | None = None
+    # Values a config file may hold that mean "leave it at the default" (GUIs write max_token_length = 75 and
+    # dynamo_backend = "no"); empty strings, false and out-of-range zeros count too (config_file.is_off).
+    off: tuple = ()
+    # (option, values) this one acts only with: that option set (values None) or set to one of `values`. Without it
+    # a value here changes nothing, so it is accepted even where the option itself is not supported (GUIs write
+    # huggingface_repo_type = "model" with an empty huggingface_repo_id).
+    inert_without: tuple[str, tuple | None] | None = None
 
     def for_script(self, script: str) -> "Option":
         """This option as `script` declares it (its own default, if it has one)."""

@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from library.config.checks import check_config, check_value, option_range_text, place, shown_value
-from library.config.config_file import (SCRIPT_FILES, config_path, dump_config, parse_number, read_config_file,
-                                        write_config)
+from library.config.checks import check_value, option_range_text, place, rule_problems, shown_value, value_problems
+from library.config.config_file import (SCRIPT_FILES, ConfigFile, config_path, dump_config, load_config_file,
+                                        parse_number, write_config)
 from library.config.options import IntOrFloat, Option
+from library.config.problems import raise_problems
 from library.config.run_config import RunConfig
 from library.config.suggest import did_you_mean
 from library.errors import UserError
@@ -65,28 +66,94 @@ def _expected(opt: Option) -> str:
 
 
 def resolve(argv: Sequence[str] | None, script: str, options: Iterable[Option], description: str = "") -> RunConfig:
-    """Resolve the run's options. `--output_config` writes them as TOML and exits here."""
+    """Resolve the run's options: every problem of the file and the flags in one error. `--output_config` writes
+    them as TOML and exits here."""
     argv = list(sys.argv[1:] if argv is None else argv)
     everything = {o.name: o for o in options}
     declared = options_for(script, everything.values())
     given = _parse_command_line(argv, declared, description)
     values = {name: opt.default for name, opt in declared.items()}
     origins: dict[str, str] = {}
+    problems: list[str] = []
+    notes: list[str] = []
+    loaded = None
     # With --output_config, a config file that does not exist yet is the target to write (sd-scripts), not an input.
     target = given.get("config_file")
     if target and "config_file" in declared:  # a name no file system takes must not reach open()
         check_value(declared["config_file"], target, place("config_file", target, "command line"))
     if target and not (given.get("output_config") and not config_path(target).exists()):
-        file_values, origins = read_config_file(target, everything, script)
-        values |= file_values
+        loaded = load_config_file(target, everything, script)
+        values |= loaded.values
+        origins |= loaded.origins
+        problems += loaded.problems
+        notes += _ignored_note(loaded)
     values |= given
     origins |= {name: "command line" for name in given}
+    notes += _old_spelling(values, origins, declared)
     config = RunConfig(values, origins, script)
     # Every value against its declaration (ranges, names, paths) before anything is read or loaded.
-    check_config(config, declared)
+    bad_values = value_problems(config, declared)
+    problems += [*bad_values.values(), *rule_problems(config, declared)]
+    if not config.get("output_config"):  # sd-scripts writes them all; a bad value is named once, for its value
+        problems += unsupported_problems(config, [o for o in declared.values() if o.name not in bad_values],
+                                         include_later=False)
+    raise_problems(problems, loaded.path if loaded else None)
+    notes += _inert_note(config, declared)
+    for note in notes:
+        print(note, file=sys.stderr)
     if config.get("output_config"):
         _output_config(config, declared)
     return config
+
+
+def _ignored_note(loaded: ConfigFile) -> list[str]:
+    """One line naming the GUI keys ignored, by the tool that writes them."""
+    if not loaded.ignored:
+        return []
+    count = sum(len(keys) for keys in loaded.ignored.values())
+    groups = "; ".join(f"{source}: {', '.join(keys)}" for source, keys in loaded.ignored.items())
+    return [f"note: {loaded.path}: ignoring {count} GUI key{'s' if count > 1 else ''} that sd-scripts does not read "
+            f"either ({groups})"]
+
+
+def _old_spelling(values: dict[str, Any], origins: dict[str, str], declared: Mapping[str, Option]) -> list[str]:
+    """sd-scripts still reads --caption_extention, its old misspelling, and lets it win over --caption_extension."""
+    old = values.get("caption_extention")
+    if old is None or "caption_extension" not in declared:
+        return []
+    where = origins.get("caption_extention", "default")
+    also = ""
+    if origins.get("caption_extension") and values.get("caption_extension") != old:
+        also = (f"; it wins over caption_extension = {shown_value(values['caption_extension'])} "
+                f"({origins['caption_extension']}), as in sd-scripts")
+    values["caption_extension"], values["caption_extention"] = old, None
+    origins["caption_extension"] = origins.pop("caption_extention", where)
+    place_text = "--caption_extention" if where == "command line" else f"{where}: caption_extention"
+    return [f"warning: {place_text} is sd-scripts' old misspelling of caption_extension; read as caption_extension "
+            f"= {shown_value(old)}{also}; rename it to caption_extension"]
+
+
+def _inert_note(config: RunConfig, declared: Mapping[str, Option]) -> list[str]:
+    """One line per option that others act only with: set here, but changing nothing without it."""
+    inert: dict[tuple, list[str]] = {}
+    for opt in declared.values():
+        if opt.inert_without and config.is_set(opt.name) and config[opt.name] != opt.default and is_inert(opt, config):
+            inert.setdefault(opt.inert_without, []).append(opt.name)
+    notes = []
+    for (other, active), names in inert.items():
+        condition = f"{other} set" if active is None else f"{other} = {' or '.join(active)}"
+        notes.append(f"note: {', '.join(names)} act{'s' if len(names) == 1 else ''} only with {condition}, and it is "
+                     "not: ignored")
+    return notes
+
+
+def is_inert(opt: Option, config: Mapping[str, Any]) -> bool:
+    """Whether `opt` changes nothing in this run because the option it acts with is not set (Option.inert_without)."""
+    if not opt.inert_without:
+        return False
+    other, active = opt.inert_without
+    have = config.get(other)
+    return have in (None, False, "") if active is None else have not in active
 
 
 def _parse_command_line(argv: list[str], declared: Mapping[str, Option], description: str) -> dict[str, Any]:
@@ -159,14 +226,23 @@ def write_resolved_config(config: RunConfig, declared: Iterable[Option], output_
 
 
 def check_supported(config: RunConfig, declared: Iterable[Option], *, include_later: bool = True) -> None:
-    """Refuse a run that sets an option we accept for compatibility but do not implement yet — naming it.
+    """Refuse a run that sets options we accept for compatibility but do not implement yet — naming all of them.
 
     `include_later=False` (dry runs) refuses only options that will never work as given (those with a note)."""
+    raise_problems(unsupported_problems(config, declared, include_later=include_later))
+
+
+def unsupported_problems(config: RunConfig, declared: Iterable[Option], *, include_later: bool = True) -> list[str]:
+    """One message per option set to a value other than its default that we do not implement (an option that acts
+    only with another one that is not set changes nothing and passes)."""
+    problems = []
     for opt in declared:
         refused = opt.note or (include_later and opt.later)
-        if refused and opt.name in config and config.is_set(opt.name) and config[opt.name] != opt.default:
+        if refused and opt.name in config and config.is_set(opt.name) and config[opt.name] != opt.default \
+                and not is_inert(opt, config):
             why = opt.note or f"is not supported yet (it lands with issue #{opt.later})"
-            raise UserError(f"--{opt.name} (from {config.origin(opt.name)}) {why}; remove it to run now")
+            problems.append(f"--{opt.name} (from {config.origin(opt.name)}) {why}; remove it to run now")
+    return problems
 
 
 def parse_tool_args(argv: Sequence[str] | None, description: str, options: Iterable[Option], names: Iterable[str],

@@ -33,8 +33,9 @@ def dry_run(config: RunConfig) -> None:
 
 
 def start(argv: Sequence[str] | None, script: str, description: str, run: Callable[[RunConfig, object], object]):
-    """Resolve `argv` for `script`; a dry run prints the plan, a real run checks the data before any weights load,
-    saves the resolved options next to its outputs, then calls `run(config, plan)` and returns its result."""
+    """Resolve `argv` for `script`; a dry run prints the plan, a real run checks the base model's header, then the
+    data before any weights load, then calls `run(config, plan)` (whose load_base_model saves the resolved options
+    once the models are loaded) and returns its result."""
     try:
         return _start(argv, script, description, run)
     except KeyboardInterrupt:
@@ -52,18 +53,17 @@ def _start(argv, script, description, run):
         dry_run(config)
         return None
     check_supported(config, OPTIONS)
+    quiet_libraries()
+    # The base model's header first: a LoRA or a truncated download is refused in seconds, not after the scan.
+    check_base_model(config)
     from library.data.plan import plan_run, print_plan
 
     plan = plan_run(config)
     print_plan(plan, verbose=False)
-    quiet_libraries()
     processes = _processes()
     config = with_seed(config, processes)
     if config.output_dir and processes.is_main_process:
         remove_leftovers(config)
-        name = config.output_name or "last"
-        path = write_resolved_config(config, options_for(script, OPTIONS).values(), config.output_dir, name)
-        print(f"options: {path}")
     try:
         return run(config, plan)
     except MemoryError:
@@ -120,8 +120,18 @@ def out_of_memory_advice(what: str) -> str:
             "--fused_backward_pass; then run again (or --resume from the last --save_state)")
 
 
+def check_base_model(config: RunConfig) -> None:
+    """Refuse a wrong --pretrained_model_name_or_path from its header alone, before anything is scanned (a missing
+    one is reported by load_base_model, which every run calls)."""
+    from library.models.detect import check_base_model as check
+
+    if config.pretrained_model_name_or_path:
+        check(config.pretrained_model_name_or_path)
+
+
 def load_base_model(config: RunConfig):
-    """The model every script starts from (--pretrained_model_name_or_path, --vae, --tokenizer), described."""
+    """The model every script starts from (--pretrained_model_name_or_path, --vae, --tokenizer), described; with it
+    loaded the run really starts, so the resolved options (seed included) are saved next to the outputs now."""
     from library.models.loading import load_components
 
     if not config.pretrained_model_name_or_path:
@@ -130,4 +140,14 @@ def load_base_model(config: RunConfig):
     parts = load_components(config.pretrained_model_name_or_path, v2=config.v2,
                             v_parameterization=config.v_parameterization, vae=config.vae, tokenizer=config.tokenizer)
     print(parts.describe())
+    save_resolved_options(config)
     return parts
+
+
+def save_resolved_options(config: RunConfig) -> None:
+    """`<output_name>.config.toml` in --output_dir: every resolved option, a --config_file that repeats the run.
+    Written by the main process only, once the models have loaded: a run refused before that leaves none."""
+    if config.output_dir and _processes().is_main_process:
+        name = config.output_name or "last"
+        path = write_resolved_config(config, options_for(config.script, OPTIONS).values(), config.output_dir, name)
+        print(f"options: {path}")

@@ -19,7 +19,7 @@ class NetworkMethod(DiffusionMethod):
 
     def __init__(self, config: RunConfig, parts: Components, device: torch.device, weight_dtype: torch.dtype,
                  plan: RunPlan | None = None):
-        from networks.plugin import create_network, load_network_module
+        from networks.plugin import create_network, create_network_from_weights
 
         train_unet = not config.network_train_text_encoder_only
         train_text_encoder = not config.network_train_unet_only
@@ -28,15 +28,15 @@ class NetworkMethod(DiffusionMethod):
         module_name = config.network_module or "networks.lora"
         _merge_base_weights(config, parts, module_name)
         if config.network_weights and config.dim_from_weights:
-            self.network = _network_only(load_network_module(module_name).create_network_from_weights(
-                1.0, config.network_weights, parts.vae, parts.text_encoder, parts.unet))
+            self.network, _ = create_network_from_weights(module_name, 1.0, config.network_weights, parts.vae,
+                                                          parts.text_encoder, parts.unet)
         else:
             self.network = create_network(module_name, 1.0, config.network_dim, config.network_alpha, parts.vae,
                                           parts.text_encoder, parts.unet, neuron_dropout=config.network_dropout,
                                           network_args=config.network_args)
         self.network.apply_to(parts.text_encoder, parts.unet, train_text_encoder, train_unet)
         if config.network_weights:
-            self.network.load_weights(config.network_weights)
+            _load_weights(self.network, config.network_weights, module_name)
         for module in (parts.unet, parts.vae, parts.text_encoder):
             module.requires_grad_(False).to(device=device, dtype=weight_dtype)
         if config.no_half_vae:  # the SD VAE overflows in fp16; sd-scripts keeps it in float32 on request
@@ -98,27 +98,38 @@ class NetworkMethod(DiffusionMethod):
 
 def _merge_base_weights(config: RunConfig, parts: Components, module_name: str) -> None:
     """--base_weights: merge other networks into the base model before training (sd-scripts)."""
-    from networks.plugin import load_network_module
+    from networks.plugin import create_network_from_weights
 
     files = config.base_weights or []
     multipliers = config.base_weights_multiplier or [1.0] * len(files)
     if len(multipliers) != len(files):
         raise UserError(f"--base_weights_multiplier needs one value per --base_weights file ({len(files)})")
-    module = load_network_module(module_name)
     for file, multiplier in zip(files, multipliers):
-        built = module.create_network_from_weights(multiplier, file, parts.vae, parts.text_encoder, parts.unet,
-                                                   for_inference=True)
+        merged, weights = create_network_from_weights(module_name, multiplier, file, parts.vae, parts.text_encoder,
+                                                      parts.unet, for_inference=True)
         # sd-scripts' modules return (network, weights); ours return the network, whose load_weights checks the file.
-        merged, weights = built if isinstance(built, tuple) else (built, None)
         if weights is None:
             merged.load_weights(file)
-        merged.merge_to(parts.text_encoder, parts.unet, weights)
+        base = next(parts.unet.parameters())
+        # sd-scripts' call: merge_to(text_encoder, unet, weights, dtype, device) (LyCORIS requires all five)
+        merged.merge_to(parts.text_encoder, parts.unet, weights, base.dtype, base.device)
         print(f"merged --base_weights {file} × {multiplier}")
 
 
-def _network_only(built):
-    """sd-scripts' create_network_from_weights returns (network, weights); ours returns the network."""
-    return built[0] if isinstance(built, tuple) else built
+def _load_weights(network, file, module_name: str) -> None:
+    """--network_weights. Ours refuse a file that does not fit; a module written for sd-scripts loads with
+    strict=False, so tensors it had no place for are refused here rather than silently dropped."""
+    from networks.plugin import is_ours
+
+    result = network.load_weights(str(file))
+    if is_ours(module_name):
+        return
+    unexpected = list(result.get("unexpected keys", []) if isinstance(result, dict)
+                      else getattr(result, "unexpected_keys", None) or [])
+    if unexpected:
+        raise UserError(f"--network_weights {file}: {len(unexpected)} of its tensors fit no module --network_module "
+                        f"{module_name} built (first: {unexpected[0]}); build it with the file's --network_args "
+                        "(algo, preset, conv_dim) or add --dim_from_weights")
 
 
 def _max_norm(config: RunConfig, network, module_name: str) -> float | None:

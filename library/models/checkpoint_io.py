@@ -207,6 +207,7 @@ class _StubUnpickler(pickle.Unpickler):
 def _load_with_stubs(path: Path) -> dict[str, object]:
     stub_pickle = SimpleNamespace(Unpickler=_StubUnpickler, load=lambda f, **kw: _StubUnpickler(f, **kw).load(), __name__="stub_pickle")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=stub_pickle)
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=stub_pickle,
+                          mmap=zipfile.is_zipfile(path))
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, AttributeError) as err:
         raise UserError(f"{path}: cannot be read safely ({err}); convert it to .safetensors with a trusted tool first") from None

@@ -2,9 +2,57 @@
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
 from typing import Iterable
 
+from library.errors import UserError
+from library.models.checkpoint_io import CHECKPOINT_SUFFIXES, open_checkpoint
 from library.models.ldm_convert import CLIP_PREFIX, OPENCLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
+from library.models.tiny import TINY_MODELS
+
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+SDXL_PHRASE = "SDXL is not supported yet (SD 1.x/2.x only)"
+
+
+def check_base_model(source: str) -> None:
+    """Refuse at once a base model that is not an SD 1.x/2.x model, from headers only (a file's tensor names, a
+    folder's model_index.json): the trainers call it before the dataset scan, the loader before it loads."""
+    source = str(source)
+    path = Path(source).expanduser()
+    if source in TINY_MODELS:
+        return
+    if path.is_dir():
+        _check_diffusers_folder(path, str(path))
+    elif path.exists():
+        # Reads the names and shapes only: a .safetensors header, a zipped .ckpt's pickle (tensor data memory-mapped).
+        with open_checkpoint(path) as file:
+            kind = foreign_kind([*file.meta, *file.non_tensor_keys], file.non_tensor_keys)
+        if kind:
+            raise UserError(f"{path}: this file is {kind}")
+    elif not is_hub_id(source):
+        raise UserError(f"{source}: no such file or folder; pass a .safetensors/.ckpt file, a diffusers folder, "
+                        f"a hub id, or {' / '.join(TINY_MODELS)} for a built-in demo model")
+
+
+def is_hub_id(source: str) -> bool:
+    """`owner/name` that is not a local path: a Hugging Face Hub model id."""
+    return bool(HUB_ID.match(source)) and Path(source).suffix.lower() not in CHECKPOINT_SUFFIXES
+
+
+def _check_diffusers_folder(root: Path, source: str) -> None:
+    index = root / "model_index.json"
+    if not index.is_file():
+        hint = " (it looks like one part of a model; pass its parent folder)" if (root / "config.json").is_file() else ""
+        raise UserError(f"{source}: folder is not a diffusers model (no model_index.json){hint}; "
+                        "pass the model folder, or a .safetensors/.ckpt file")
+    try:
+        pipeline = json.loads(index.read_text()).get("_class_name", "")
+    except (OSError, ValueError, AttributeError):
+        return  # the loader reports what it cannot read, part by part
+    if "XL" in str(pipeline):
+        raise UserError(f"{source}: this folder is an SDXL model ({pipeline}); {SDXL_PHRASE}")
 
 
 def foreign_kind(keys: Iterable[str], values: dict | None = None) -> str | None:
@@ -19,7 +67,7 @@ def foreign_kind(keys: Iterable[str], values: dict | None = None) -> str | None:
     if has("emb_params", "string_to_param", "string_to_token", "clip_l", "clip_g") and len(keys) < 16:
         return "a textual-inversion embedding, not a base model"
     if starts("conditioner.embedders.", "model.diffusion_model.label_emb") and starts("conditioner."):
-        return "an SDXL checkpoint; SDXL is not supported yet (SD 1.x/2.x only)"
+        return f"an SDXL checkpoint; {SDXL_PHRASE}"
     if not starts(UNET_PREFIX):
         if starts(VAE_PREFIX, "encoder.", "decoder.") and not starts(CLIP_PREFIX, OPENCLIP_PREFIX):
             return "a VAE, not a full model (pass it as --vae)"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -15,14 +14,13 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from library.errors import UserError
 from library.models import ldm_convert as lc
-from library.models.checkpoint_io import CHECKPOINT_SUFFIXES, TensorFile, open_checkpoint, read_state_dict
+from library.models.checkpoint_io import TensorFile, open_checkpoint, read_state_dict
 from library.models.components import Components
-from library.models.detect import foreign_kind, has_openclip_text_encoder
+from library.models.detect import check_base_model, has_openclip_text_encoder, is_hub_id
 from library.models.ldm_configs import infer_text_config, infer_unet_config, infer_vae_config
 from library.models.tiny import TINY_MODELS, build_tiny
 from library.models.tokenizer import load_tokenizer
 
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 VAE_TOP_LEVEL = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 
 
@@ -38,17 +36,16 @@ def load_components(
     """Load a base model. `v2=True` insists on SD 2.x (an SD 1.x file is then an error); otherwise it is detected."""
     source = str(source)
     path = Path(source).expanduser()
+    # The same header check the trainers run before the dataset scan: a wrong kind of file fails here, unread.
+    check_base_model(source)
     if source in TINY_MODELS:
         parts = build_tiny(source, tokenizer=load_tokenizer(TINY_MODELS[source], tokenizer))
     elif path.is_dir():
         parts = _load_diffusers(str(path), tokenizer, local=True)
     elif path.exists():
         parts = _load_single_file(path, tokenizer, dtype)
-    elif HUB_ID.match(source) and path.suffix.lower() not in CHECKPOINT_SUFFIXES:
+    else:  # a hub id: check_base_model refused every other missing path
         parts = _load_diffusers(source, tokenizer, local=False)
-    else:
-        raise UserError(f"{source}: no such file or folder; pass a .safetensors/.ckpt file, a diffusers folder, "
-                        f"a hub id, or {' / '.join(TINY_MODELS)} for a built-in demo model")
     if v2 and not parts.v2:
         raise UserError(f"{source}: --v2 was given but this is an SD 1.x model (CLIP ViT-L text encoder); drop --v2")
     parts.v_parameterization = parts.v_parameterization or v_parameterization
@@ -73,9 +70,6 @@ def load_components(
 def _load_single_file(path: Path, tokenizer: str | None, dtype: torch.dtype) -> Components:
     with open_checkpoint(path) as file:
         meta = file.meta
-        kind = foreign_kind([*meta, *file.non_tensor_keys], file.non_tensor_keys)
-        if kind:
-            raise UserError(f"{path}: this file is {kind}")
         src = str(path)
         extras: dict[str, torch.Tensor] = {}
         if has_openclip_text_encoder(meta):
@@ -172,10 +166,6 @@ def _vae_from_ldm(ldm_vae: dict[str, torch.Tensor], source: str, dtype: torch.dt
 
 def _load_diffusers(source: str, tokenizer: str | None, *, local: bool) -> Components:
     root = Path(source)
-    if local and not (root / "model_index.json").is_file():
-        hint = " (it looks like one part of a model; pass its parent folder)" if (root / "config.json").is_file() else ""
-        raise UserError(f"{source}: folder is not a diffusers model (no model_index.json){hint}; "
-                        "pass the model folder, or a .safetensors/.ckpt file")
     kwargs = {"local_files_only": local}
     try:
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs)

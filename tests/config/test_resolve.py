@@ -86,7 +86,7 @@ def test_misspelt_flag_suggests():
 
 def test_wrong_types_say_what_was_expected(tmp_path):
     for text, phrase in [('learning_rate = "fast"', "learning_rate must be a number, got 'fast'"),
-                         ("shuffle_caption = 1", "shuffle_caption must be true or false, got 1"),
+                         ("shuffle_caption = 2", "shuffle_caption must be true or false, got 2"),
                          ('mixed_precision = "fp8"', "mixed_precision must be one of no, fp16, bf16, got 'fp8'")]:
         cfg = _toml(tmp_path, text + "\n")
         with pytest.raises(UserError, match=phrase):

@@ -38,6 +38,11 @@ def _bad_inputs(tmp: Path, tiny_files) -> dict[str, tuple[Path, str]]:
     sdxl = tmp / "sdxl.safetensors"
     save_file({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(2),
                "model.diffusion_model.label_emb.0.0.weight": torch.zeros(2, 2)}, str(sdxl))
+    vae = tmp / "vae.safetensors"
+    save_file({"encoder.conv_in.weight": torch.zeros(2, 3, 3, 3), "decoder.conv_in.weight": torch.zeros(2, 4, 3, 3)},
+              str(vae))
+    (tmp / "sdxl_folder").mkdir()
+    (tmp / "sdxl_folder" / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
     return {
         "missing": (tmp / "nope" / "model.safetensors", "no such file"),
         "no_model_index": (tmp / "no_index", "no model_index.json"),
@@ -48,11 +53,13 @@ def _bad_inputs(tmp: Path, tiny_files) -> dict[str, tuple[Path, str]]:
         "truncated_ckpt": (truncated_ckpt, "truncated or corrupt"),
         "unknown_architecture": (unknown, "unknown architecture"),
         "sdxl": (sdxl, "SDXL is not supported yet"),
+        "vae": (vae, "a VAE, not a full model"),
+        "sdxl_folder": (tmp / "sdxl_folder", "SDXL is not supported yet"),
     }
 
 
 CASES = ["missing", "no_model_index", "lora", "embedding_pt", "embedding_safetensors", "truncated", "truncated_ckpt",
-         "unknown_architecture", "sdxl"]
+         "unknown_architecture", "sdxl", "vae", "sdxl_folder"]
 
 
 @pytest.mark.parametrize("case", CASES)

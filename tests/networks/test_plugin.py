@@ -25,15 +25,16 @@ def test_lycoris_kohya_plugs_in_with_the_same_calls(tiny_parts, tmp_path, monkey
     from lycoris.kohya import LycorisNetworkKohya
 
     parts = copy.deepcopy(tiny_parts["tiny-sd1"])
-    # lycoris-lora's default preset stops on a diffusers UNet (compatibility notes, item 3), so use attn-mlp;
-    # presets are class state, so every attribute a preset sets is restored after the test.
+    # LyCORIS' default preset (test_lycoris_kohya.py has every documented one); presets are class state, so every
+    # attribute a preset sets is restored after the test.
     for attr in ("ENABLE_CONV", "UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME",
                  "TEXT_ENCODER_TARGET_REPLACE_MODULE", "TEXT_ENCODER_TARGET_REPLACE_NAME", "MODULE_ALGO_MAP",
                  "NAME_ALGO_MAP", "USE_FNMATCH", "TARGET_EXCLUDE_NAME"):
         monkeypatch.setattr(LycorisNetworkKohya, attr, getattr(LycorisNetworkKohya, attr))
     network = create_network("lycoris.kohya", 1.0, 4, 1, parts.vae, parts.text_encoder, parts.unet,
-                             network_args=["algo=loha", "preset=attn-mlp"])
+                             network_args=["algo=loha"])
     network.apply_to(parts.text_encoder, parts.unet, True, True)
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in {lora.lora_name for lora in network.loras}
     params = network.prepare_optimizer_params(1e-5, 1e-4, 1e-4)
     groups = params[0] if isinstance(params, tuple) else params
     assert sum(p.numel() for g in groups for p in g["params"]) > 0
