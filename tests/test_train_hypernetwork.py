@@ -21,9 +21,9 @@ def data(tmp_path):
     return tmp_path
 
 
-def _flags(data, out, *extra, steps=2, lr="1e-3", sizes="32,64"):
+def _flags(data, out, *extra, steps=2, lr="1e-3", sizes="32,64", resolution="32"):
     return ["--pretrained_model_name_or_path", "tiny-sd1", "--train_data_dir", str(data / "train"),
-            "--caption_extension", ".txt", "--resolution", "32", "--output_dir", str(out), "--output_name", "hn",
+            "--caption_extension", ".txt", "--resolution", resolution, "--output_dir", str(out), "--output_name", "hn",
             "--train_batch_size", "2", "--max_train_steps", str(steps), "--learning_rate", lr, "--seed", "3",
             "--max_data_loader_n_workers", "0", "--hypernetwork_sizes", sizes, *extra]
 
@@ -88,9 +88,11 @@ def test_mistakes_end_with_one_line(data, tmp_path, capsys, extra, message):
 
 def test_training_lowers_the_loss_against_an_untrained_twin(data, tmp_path):
     # Noise and timesteps depend only on (seed, epoch, batch), so a run at lr 0 sees exactly the same draws.
+    # 128 px images: 16x16 latents (the tiny VAE downsamples 8x, like SD's), enough positions to learn from.
+    make_demo_dataset(data / "train", count=4, size=128, folder="2_sks shape")
     flags = ["--cache_latents", "--optimizer_type", "AdamW"]
-    trained = train_hypernetwork.main(_flags(data, tmp_path / "a", *flags, steps=200))
-    control = train_hypernetwork.main(_flags(data, tmp_path / "b", *flags, lr="0", steps=200))
+    trained = train_hypernetwork.main(_flags(data, tmp_path / "a", *flags, steps=200, resolution="128"))
+    control = train_hypernetwork.main(_flags(data, tmp_path / "b", *flags, lr="0", steps=200, resolution="128"))
     last = slice(-50, None)
     ratio = sum(trained.losses[last]) / sum(control.losses[last])
     assert ratio < 0.85, ratio

@@ -26,9 +26,9 @@ def data(tmp_path):
     return tmp_path
 
 
-def _flags(data, out, *extra, steps=2, lr="1e-2", token="mychar", init_word="circle shape"):
+def _flags(data, out, *extra, steps=2, lr="1e-2", token="mychar", init_word="circle shape", resolution="32"):
     return ["--pretrained_model_name_or_path", "tiny-sd1", "--train_data_dir", str(data / "train"),
-            "--caption_extension", ".txt", "--resolution", "32", "--output_dir", str(out), "--train_batch_size", "2",
+            "--caption_extension", ".txt", "--resolution", resolution, "--output_dir", str(out), "--train_batch_size", "2",
             "--max_train_steps", str(steps), "--learning_rate", lr, "--seed", "3",
             "--max_data_loader_n_workers", "0", "--token_string", token, "--init_word", init_word, *extra]
 
@@ -160,12 +160,16 @@ def test_training_lowers_the_loss_against_an_untrained_twin(data, tmp_path):
     # Noise and timesteps depend only on (seed, epoch, batch), so a run at lr 0 sees exactly the same draws: any
     # difference in its losses is what the embedding learnt. The tiny random model barely listens to its captions,
     # so the gain is small, but it is the same every run.
+    # 128 px images: 16x16 latents (the tiny VAE downsamples 8x, like SD's), enough positions to learn from.
+    make_demo_dataset(data / "train", count=4, size=128, folder="2_mychar shape")
+    for caption in (data / "train" / "2_mychar shape").glob("*.txt"):
+        caption.write_text(caption.read_text().replace("sks shape", "mychar"))
     flags = ["--cache_latents", "--optimizer_type", "AdamW"]
-    trained = train_textual_inversion.main(_flags(data, tmp_path / "a", *flags, lr="5e-2", steps=200))
-    control = train_textual_inversion.main(_flags(data, tmp_path / "b", *flags, lr="0", steps=200))
+    trained = train_textual_inversion.main(_flags(data, tmp_path / "a", *flags, lr="5e-2", steps=200, resolution="128"))
+    control = train_textual_inversion.main(_flags(data, tmp_path / "b", *flags, lr="0", steps=200, resolution="128"))
     last = slice(-50, None)
     ratio = sum(trained.losses[last]) / sum(control.losses[last])
-    assert ratio < 0.997, ratio
+    assert ratio < 0.999, ratio  # 0.998 with the 8x tiny VAE (whatever the lr); exactly 1.0 if nothing is learnt
 
 
 def test_init_word_may_contain_the_token_and_the_token_matches_in_any_case(data, tiny_parts, tmp_path):

@@ -159,6 +159,54 @@ def make_buckets(resolution: Reso, *, enable_bucket: bool, min_bucket_reso: int 
                    tuple(make_bucket_resolutions(resolution, min_bucket_reso, max_bucket_reso, bucket_reso_steps)))
 
 
+# SD's VAE downscale: a latent is (side // 8) wide, the VAE rounding down.
+VAE_STRIDE = 8
+# sd-scripts' SD 1.x/2.x scripts call verify_bucket_reso_steps(64): an AssertionError for other steps.
+SD_SCRIPTS_STEPS = 64
+
+
+def rounding_notes(resolution: Reso, *, enable_bucket: bool, min_bucket_reso: int = 256, max_bucket_reso: int = 1024,
+                   bucket_reso_steps: int = 64, bucket_no_upscale: bool = False) -> list[str]:
+    """One warning line per setting that is not a multiple of what it steps by, saying what is done instead.
+
+    sd-scripts rounds silently (resolution, no_upscale buckets), warns (min/max_bucket_reso) or asserts
+    (bucket_reso_steps % 64); we do the same rounding and say so. Call after `make_buckets` accepted the settings.
+    """
+    width, height = resolution
+    steps = bucket_reso_steps
+    if not enable_bucket:
+        # sd-scripts ignores the bucket settings here and trains at exactly this size; only the VAE rounds.
+        if width % VAE_STRIDE or height % VAE_STRIDE:
+            return [f"resolution {width}x{height} is not a multiple of {VAE_STRIDE}: used as is (as in sd-scripts), "
+                    f"images are cropped to {width}x{height} and the VAE rounds their latents down to "
+                    f"{width // VAE_STRIDE}x{height // VAE_STRIDE}"]
+        return []
+    notes = []
+    if width % steps or height % steps:
+        if bucket_no_upscale:
+            notes.append(f"resolution {width}x{height} is not a multiple of bucket_reso_steps {steps}: with "
+                         f"bucket_no_upscale only its area ({width * height} px) is used and every bucket side is "
+                         f"rounded down to a multiple of {steps}, the image cropped (as in sd-scripts); a {width}x"
+                         f"{height} image gets the {width - width % steps}x{height - height % steps} bucket")
+        else:
+            side = int(math.sqrt(width * height) // steps) * steps
+            notes.append(f"resolution {width}x{height} is not a multiple of bucket_reso_steps {steps}: the buckets "
+                         f"keep its area ({width * height} px) with every side rounded down to a multiple of {steps} "
+                         f"(as in sd-scripts); the square bucket is {side}x{side}")
+    if not bucket_no_upscale:  # with it min/max are not used (sd-scripts says so too)
+        low, high = adjust_bucket_reso_range(resolution, min_bucket_reso, max_bucket_reso, steps)
+        if low != min_bucket_reso:
+            notes.append(f"min_bucket_reso {min_bucket_reso} is not a multiple of bucket_reso_steps {steps}: "
+                         f"rounded down to {low} (as in sd-scripts)")
+        if high != max_bucket_reso:
+            notes.append(f"max_bucket_reso {max_bucket_reso} is not a multiple of bucket_reso_steps {steps}: "
+                         f"rounded up to {high} (as in sd-scripts)")
+    if steps % SD_SCRIPTS_STEPS:
+        notes.append(f"bucket_reso_steps {steps} is not a multiple of {SD_SCRIPTS_STEPS}: sd-scripts refuses it for "
+                     "SD 1.x/2.x; accepted here, as the UNet takes latent sides that are not a multiple of 8")
+    return notes
+
+
 @dataclass
 class BucketAssignment:
     """Images assigned to buckets: per-image choices and, per bucket (sorted by resolution), the entries.

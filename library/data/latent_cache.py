@@ -137,7 +137,7 @@ class LatentCache:
     """Options `cache_latents` (memory), `cache_latents_to_disk` (to_disk), `skip_cache_check` (skip_check).
 
     `vae_identity` names the VAE and its precision (e.g. model path + dtype); it is part of every entry's key.
-    `latent_stride` is the VAE's downscale factor (8 for SD; the tiny test VAE has 2).
+    `latent_stride` is the VAE's downscale factor (8 for SD and for the tiny models).
     """
 
     def __init__(self, *, to_disk: bool, vae_identity: str, skip_check: bool = False,

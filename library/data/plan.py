@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Mapping
 
 from library.config.dataset_config import DatasetSupport, dataset_specs_from_dirs, load_dataset_config
-from library.data.bucketing import BucketAssignment, assign_buckets, make_buckets
+from library.data.bucketing import BucketAssignment, assign_buckets, make_buckets, rounding_notes
 from library.data.cache_rules import check_cache_options
 from library.data.images import CorruptImageError, image_size, verify_image
 from library.data.specs import DatasetSpec
@@ -111,6 +111,12 @@ def _plan_dataset(spec: DatasetSpec, problems: list[str], strict: bool, verify: 
     buckets = make_buckets(spec.resolution, enable_bucket=spec.enable_bucket, min_bucket_reso=spec.min_bucket_reso,
                            max_bucket_reso=spec.max_bucket_reso, bucket_reso_steps=spec.bucket_reso_steps,
                            bucket_no_upscale=spec.bucket_no_upscale)
+    for note in rounding_notes(spec.resolution, enable_bucket=spec.enable_bucket, min_bucket_reso=spec.min_bucket_reso,
+                               max_bucket_reso=spec.max_bucket_reso, bucket_reso_steps=spec.bucket_reso_steps,
+                               bucket_no_upscale=spec.bucket_no_upscale):
+        # Datasets sharing the settings would repeat the line.
+        if note not in problems:
+            problems.append(note)
     assignment = assign_buckets(buckets, ((i, sizes[e.path], e.num_repeats) for i, e in enumerate(entries)))
     return DatasetPlan(spec, entries, sizes, assignment)
 

@@ -11,16 +11,23 @@ from library.models.ldm_configs import make_text_config, make_unet_config, make_
 
 TINY_MODELS = {"tiny-sd1": False, "tiny-sd2": True}
 TINY_WIDTH = 32
+TINY_VAE_CHANNELS = [32, 32, 64, 64]  # 4 levels, 3 downsamples: SD's latent stride of 8
 
 
 def tiny_configs(v2: bool) -> tuple[dict, dict, dict]:
-    """UNet, VAE and CLIP text configs of the tiny models: SD's structure (3 levels, 2 layers each) at width 32/64."""
+    """UNet, VAE and CLIP text configs of the tiny models: SD's structure at width 32/64.
+
+    The UNet has 3 levels (SD has 4) so 32 px images (4x4 latents) still go down to 1x1. The VAE has SD's 4 levels,
+    hence SD's 8x downsampling: a real config's `resolution = 512` gives 64x64 latents and caches in seconds.
+    """
     unet = make_unet_config(
         in_channels=4, out_channels=4, block_out_channels=[32, 64, 64], layers_per_block=2,
         attention_levels=[True, True, False], transformer_depth=1, cross_attention_dim=TINY_WIDTH,
         use_linear_projection=v2, v2=v2,
     )
-    vae = make_vae_config(in_channels=3, out_channels=3, block_out_channels=[32, 64], layers_per_block=1, latent_channels=4)
+    # SD's VAE is [128, 256, 512, 512] x 2 layers; 32 is the narrowest GroupNorm(32) allows at full resolution.
+    vae = make_vae_config(in_channels=3, out_channels=3, block_out_channels=TINY_VAE_CHANNELS, layers_per_block=1,
+                          latent_channels=4)
     text = make_text_config(vocab_size=49408, hidden_size=TINY_WIDTH, num_layers=2, intermediate_size=64,
                             max_positions=77, v2=v2)
     return unet, vae, text

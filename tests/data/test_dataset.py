@@ -125,7 +125,7 @@ def test_cached_latents_replace_pixels(tmp_path):
 
     plan = _plan(tmp_path, "--flip_aug", count=3)
     vae = build_tiny("tiny-sd1").vae
-    cache = LatentCache(to_disk=True, vae_identity="tiny-sd1/fp32", latent_stride=2)
+    cache = LatentCache(to_disk=True, vae_identity="tiny-sd1/fp32")
     requests = latent_requests(plan)
     assert cache.encode_missing(requests, vae, batch_size=2, generator=torch.Generator().manual_seed(0),
                                 device="cpu", dtype=torch.float32) == 3

@@ -202,9 +202,9 @@ def _encode(cache, requests, **kwargs):
 def test_the_latent_cache_leaves_out_a_broken_image_and_the_dataset_fills_its_slots(tmp_path, capsys, to_disk):
     plan, folder = _plan(tmp_path, "--flip_aug", repeats=2)
     broken = truncate(folder / "img002.png")
-    cache = LatentCache(to_disk=to_disk, vae_identity="tiny-sd1/fp32", latent_stride=2)
+    cache = LatentCache(to_disk=to_disk, vae_identity="tiny-sd1/fp32")
     with pytest.raises(CorruptImageError):  # callers that do not handle failures still see them
-        _encode(LatentCache(to_disk=False, vae_identity="tiny-sd1/fp32", latent_stride=2), latent_requests(plan))
+        _encode(LatentCache(to_disk=False, vae_identity="tiny-sd1/fp32"), latent_requests(plan))
     failures = DecodeFailures([])
     assert _encode(cache, latent_requests(plan), on_failure=failures.record) == 3
     assert cache.failed == {broken: "image file is truncated"}
@@ -223,7 +223,7 @@ def test_the_latent_cache_leaves_out_a_broken_image_and_the_dataset_fills_its_sl
 def test_an_image_deleted_after_the_plan_is_a_decode_failure_for_the_cache(tmp_path):
     plan, folder = _plan(tmp_path, repeats=1)
     (folder / "img000.png").unlink()
-    cache = LatentCache(to_disk=True, vae_identity="tiny-sd1/fp32", latent_stride=2)
+    cache = LatentCache(to_disk=True, vae_identity="tiny-sd1/fp32")
     seen = []
     assert _encode(cache, latent_requests(plan), on_failure=seen.append) == 3
     assert [err.path for err in seen] == [str(folder / "img000.png")]

@@ -16,7 +16,7 @@ from library.data.latent_cache import (
 )
 from library.errors import UserError
 
-STRIDE = 2  # the tiny VAE has two levels: one 2x downsample
+STRIDE = 8  # the tiny VAE has SD's four levels: three 2x downsamples
 VAE_ID = "tiny-sd1/vae float32"
 
 
@@ -91,13 +91,13 @@ def test_names_and_keys_match_sd_scripts(images, vae):
     encode(new_cache(), [request(images[2], flip=True, alpha=True)], vae)
     with np.load(images[2].with_name("c_0048x0032_sd.npz")) as npz:
         arrays = {name: npz[name] for name in npz.files}
-    assert sorted(arrays) == ["alpha_mask_16x24", "crop_ltrb_16x24", "latents_16x24", "latents_flipped_16x24",
-                              "original_size_16x24", "sd_trainer_key_16x24"]
-    assert arrays["latents_16x24"].dtype == np.float32 and arrays["latents_16x24"].shape == (4, 16, 24)
-    assert arrays["latents_flipped_16x24"].dtype == np.float32 and arrays["latents_flipped_16x24"].shape == (4, 16, 24)
-    assert arrays["alpha_mask_16x24"].dtype == np.float32 and arrays["alpha_mask_16x24"].shape == (32, 48)
-    assert arrays["original_size_16x24"].tolist() == [48, 32] and arrays["original_size_16x24"].dtype == np.int64
-    assert arrays["crop_ltrb_16x24"].tolist() == [0, 0, 48, 32] and arrays["crop_ltrb_16x24"].dtype == np.int64
+    assert sorted(arrays) == ["alpha_mask_4x6", "crop_ltrb_4x6", "latents_4x6", "latents_flipped_4x6",
+                              "original_size_4x6", "sd_trainer_key_4x6"]
+    assert arrays["latents_4x6"].dtype == np.float32 and arrays["latents_4x6"].shape == (4, 4, 6)
+    assert arrays["latents_flipped_4x6"].dtype == np.float32 and arrays["latents_flipped_4x6"].shape == (4, 4, 6)
+    assert arrays["alpha_mask_4x6"].dtype == np.float32 and arrays["alpha_mask_4x6"].shape == (32, 48)
+    assert arrays["original_size_4x6"].tolist() == [48, 32] and arrays["original_size_4x6"].dtype == np.int64
+    assert arrays["crop_ltrb_4x6"].tolist() == [0, 0, 48, 32] and arrays["crop_ltrb_4x6"].dtype == np.int64
 
 
 def test_pixels_normalised_like_sd_scripts_image_transforms():
@@ -184,7 +184,7 @@ def test_a_new_bucket_adds_an_entry_and_keeps_the_other(images, vae):
     encode(new_cache(), [request(images[2])], vae)
     encode(new_cache(), [request(images[2], bucket=(32, 32))], vae)
     with np.load(npz_path(images[2], (48, 32))) as npz:
-        assert {"latents_16x24", "latents_16x16", "sd_trainer_key_16x24", "sd_trainer_key_16x16"} <= set(npz.files)
+        assert {"latents_4x6", "latents_4x4", "sd_trainer_key_4x6", "sd_trainer_key_4x4"} <= set(npz.files)
     assert new_cache().missing([request(images[2]), request(images[2], bucket=(32, 32))]) == []
 
 
@@ -192,29 +192,29 @@ def test_flip_turned_off_drops_the_stale_flipped_latents(images, vae):
     encode(new_cache(), [request(images[0], flip=True)], vae)
     assert encode(new_cache(), [request(images[0])], vae) == 1
     with np.load(npz_path(images[0], (32, 32))) as npz:
-        assert "latents_flipped_16x16" not in npz.files
+        assert "latents_flipped_4x4" not in npz.files
 
 
 def _write_sd_scripts_file(image: Path, latents: np.ndarray) -> Path:
     """An npz as sd-scripts' save_latents_to_disk writes it: its keys, none of ours."""
     path = npz_path(image, (32, 32))
-    np.savez(path, latents_16x16=latents, original_size_16x16=np.array([32, 32]),
-             crop_ltrb_16x16=np.array([0, 0, 32, 32]))
+    np.savez(path, latents_4x4=latents, original_size_4x4=np.array([32, 32]),
+             crop_ltrb_4x4=np.array([0, 0, 32, 32]))
     return path
 
 
 def test_a_file_without_our_key_is_re_encoded(images, vae):
-    foreign = np.zeros((4, 16, 16), dtype=np.float32)
+    foreign = np.zeros((4, 4, 4), dtype=np.float32)
     path = _write_sd_scripts_file(images[0], foreign)
     cache = new_cache()
     assert encode(cache, [request(images[0])], vae) == 1
     with np.load(path) as npz:
-        assert "sd_trainer_key_16x16" in npz.files
+        assert "sd_trainer_key_4x4" in npz.files
     assert not torch.equal(cache.get(request(images[0])).latents, torch.from_numpy(foreign))
 
 
 def test_skip_cache_check_trusts_existing_entries(images, vae):
-    foreign = np.full((4, 16, 16), 0.5, dtype=np.float32)
+    foreign = np.full((4, 4, 4), 0.5, dtype=np.float32)
     _write_sd_scripts_file(images[0], foreign)
     cache = new_cache(skip_check=True)
     assert encode(cache, [request(images[0]), request(images[1])], vae) == 1  # only b.png had no file
