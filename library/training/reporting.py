@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 import time
@@ -58,9 +59,10 @@ class Reporter:
         # Everything before the first step (imports, model loading, latent caching) as one figure, timed from the
         # process's own start so the figure is what the user waited.
         self.accelerator.print(f"training starts {time.time() - psutil.Process().create_time():.1f} s after launch")
-        self.loop_started = time.time()
         if self.config.sample_at_first:
             self._sample(step=step, epoch=None)
+        self.loop_started = time.time()  # after the first samples: "first step took" is the step alone
+        self.aside = 0.0  # seconds spent saving and sampling since the first step, left out of s/step
 
     def after_step(self, state: ck.TrainState, loss: float, lr_scheduler) -> None:
         if self.first_step_at is None:
@@ -75,29 +77,41 @@ class Reporter:
         logs |= {f"lr/{name}": lr for name, lr in zip(self.descriptions, lrs)}
         logs |= self.method.step_logs()  # e.g. max-norm figures; the step's work is done, so reading them waits not
         self.accelerator.log(logs, step=state.global_step)
-        every = self.config.save_every_n_steps
-        if every and state.global_step % every == 0 and state.global_step < self.max_steps:
-            self._save(ck.step_name(self.name, state.global_step, self.ext), state)
-            self._rotate(state, by_step=True)
-        if self._should_sample(step=state.global_step, epoch=None):
-            self._sample(step=state.global_step, epoch=None)
+        with self._set_aside():
+            every = self.config.save_every_n_steps
+            if every and state.global_step % every == 0 and state.global_step < self.max_steps:
+                self._save(ck.step_name(self.name, state.global_step, self.ext), state)
+                self._rotate(state, by_step=True)
+            if self._should_sample(step=state.global_step, epoch=None):
+                self._sample(step=state.global_step, epoch=None)
 
     def after_epoch(self, state: ck.TrainState, epoch: int) -> None:
         if self.epoch_losses:
             self.accelerator.log({"loss/epoch": sum(self.epoch_losses) / len(self.epoch_losses)}, step=epoch)
         self.epoch_losses = []
-        every = self.config.save_every_n_epochs
-        if every and epoch % every == 0 and epoch < self.epochs:
-            self._save(ck.epoch_name(self.name, epoch, self.ext), state, epoch=epoch)
-            self._rotate(state, by_step=False, epoch=epoch)
-        if self._should_sample(step=state.global_step, epoch=epoch):
-            self._sample(step=state.global_step, epoch=epoch)
+        with self._set_aside():
+            every = self.config.save_every_n_epochs
+            if every and epoch % every == 0 and epoch < self.epochs:
+                self._save(ck.epoch_name(self.name, epoch, self.ext), state, epoch=epoch)
+                self._rotate(state, by_step=False, epoch=epoch)
+            if self._should_sample(step=state.global_step, epoch=epoch):
+                self._sample(step=state.global_step, epoch=epoch)
+
+    @contextlib.contextmanager
+    def _set_aside(self):
+        """Time saves and samples take: the s/step figure is the training steps' own pace."""
+        started = time.time()
+        try:
+            yield
+        finally:
+            self.aside += time.time() - started
 
     def finish(self, state: ck.TrainState) -> Path | None:
         self.bar.close()
         if self.first_step_at is not None and state.global_step > 1:
-            pace = (time.time() - self.first_step_at) / (state.global_step - 1)
-            self.accelerator.print(f"trained {state.global_step} steps: {pace:.3f} s/step after the first step")
+            pace = (time.time() - self.first_step_at - self.aside) / (state.global_step - 1)
+            self.accelerator.print(f"trained {state.global_step} steps: {pace:.3f} s/step after the first step "
+                                   f"(saving and sampling, {self.aside:.1f} s, left out)")
         path = self._save(ck.last_name(self.name, self.ext), state, last=True,
                           with_state=self.config.save_state or self.config.save_state_on_train_end)
         self.accelerator.end_training()
