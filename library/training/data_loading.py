@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -50,9 +51,17 @@ def _single(items):
     return items[0]
 
 
+def _worker_ignores_sigterm(_worker_id: int) -> None:
+    # A SIGTERM sent to the whole process group (timeout, Slurm's scancel, a terminal closing) must reach only the
+    # main process, which saves before stopping; a worker killed by it would abort that save. Workers still exit
+    # when the loader shuts down or the main process dies (torch's watchdog).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(dataset: TrainingDataset, sampler: EpochBatchSampler, *, workers: int, persistent: bool,
                 batches_per_step: int = 1) -> DataLoader:
     workers = max(0, min(workers, (os.cpu_count() or 1)))
     indexed = EpochIndexedDataset(dataset, batches_per_step=batches_per_step)
     return DataLoader(indexed, batch_size=1, sampler=sampler, collate_fn=_single,
-                      num_workers=workers, persistent_workers=persistent and workers > 0)
+                      num_workers=workers, persistent_workers=persistent and workers > 0,
+                      worker_init_fn=_worker_ignores_sigterm if workers > 0 else None)

@@ -19,18 +19,19 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 REQUIRED = ["optimizer.bin", "scheduler.bin", "custom_checkpoint_0.pkl", "random_states_0.pkl", "train_state.json"]
 
 
-def _start(tmp_path, steps: int) -> subprocess.Popen:
+def _start(tmp_path, steps: int, workers: int = 0) -> subprocess.Popen:
     make_demo_dataset(tmp_path / "data", count=2, size=32)
     argv = ["--pretrained_model_name_or_path", "tiny-sd1", "--train_data_dir", str(tmp_path / "data"),
             "--caption_extension", ".txt", "--resolution", "32", "--output_dir", str(tmp_path / "out"),
             "--output_name", "net", "--max_train_steps", str(steps), "--network_dim", "4", "--seed", "1",
-            "--max_data_loader_n_workers", "0"]
+            "--max_data_loader_n_workers", str(workers), *(["--persistent_data_loader_workers"] if workers else [])]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    # A session of its own, so a signal can go to the run's whole process group (its loader workers too).
     return subprocess.Popen([sys.executable, str(ROOT / "train_network.py"), *argv], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def _signal_after(proc: subprocess.Popen, line_start: str, signum: int) -> tuple[str, str]:
+def _signal_after(proc: subprocess.Popen, line_start: str, signum: int, *, group: bool = False) -> tuple[str, str]:
     """Read stdout until a line starting with `line_start`, send `signum`, then collect everything."""
     watchdog = threading.Timer(300, proc.kill)  # a hung run fails the test instead of hanging it
     watchdog.start()
@@ -42,7 +43,7 @@ def _signal_after(proc: subprocess.Popen, line_start: str, signum: int) -> tuple
         for line in proc.stdout:
             seen.append(line)
             if line.startswith(line_start):
-                proc.send_signal(signum)
+                os.killpg(proc.pid, signum) if group else proc.send_signal(signum)
                 break
         else:
             raise AssertionError(f"the run ended before printing {line_start!r}:\n{''.join(seen)}")
@@ -56,9 +57,12 @@ def _signal_after(proc: subprocess.Popen, line_start: str, signum: int) -> tuple
     return "".join(seen) + rest, "".join(stderr)
 
 
-def test_sigterm_during_training_saves_the_adapter_and_a_complete_state(tmp_path):
-    proc = _start(tmp_path, steps=100_000)
-    out, err = _signal_after(proc, "first step took", signal.SIGTERM)
+# `docker stop` signals the main process; timeout, Slurm's scancel or a closing terminal signal the whole group,
+# data-loader workers included, and a worker killed by it must not abort the save.
+@pytest.mark.parametrize("workers, group", [(0, False), (2, True)], ids=["main process", "process group, 2 workers"])
+def test_sigterm_during_training_saves_the_adapter_and_a_complete_state(tmp_path, workers, group):
+    proc = _start(tmp_path, steps=100_000, workers=workers)
+    out, err = _signal_after(proc, "first step took", signal.SIGTERM, group=group)
     assert proc.returncode == 128 + signal.SIGTERM, out + err
     assert "Traceback" not in err
     said = [line for line in out.splitlines() if line.startswith("terminated (SIGTERM) at step ")]
