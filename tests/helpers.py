@@ -34,3 +34,11 @@ def assert_same_tensors(a: dict, b: dict) -> None:
         assert a[key].dtype == b[key].dtype, key
         assert a[key].shape == b[key].shape, key
         assert torch.equal(a[key], b[key]), key
+
+
+def tiny_lora_flags(data, out, *extra, steps: int, seed: int | None = None) -> list[str]:
+    """A short LoRA run on tiny-sd1 (32 px, rank 4, no loader workers) writing `net*` files into `out`."""
+    return ["--pretrained_model_name_or_path", "tiny-sd1", "--train_data_dir", str(data), "--caption_extension", ".txt",
+            "--resolution", "32", "--output_dir", str(out), "--output_name", "net", "--max_train_steps", str(steps),
+            "--learning_rate", "1e-3", "--network_dim", "4", "--max_data_loader_n_workers", "0",
+            *(["--seed", str(seed)] if seed is not None else []), *extra]

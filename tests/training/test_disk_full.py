@@ -13,6 +13,7 @@ import pytest
 
 import train_network
 from library.data.demo import make_demo_dataset
+from tests.helpers import tiny_lora_flags
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -26,9 +27,7 @@ def data(tmp_path):
 
 
 def _flags(data, out, *extra, steps=2):
-    return ["--pretrained_model_name_or_path", "tiny-sd1", "--train_data_dir", str(data), "--caption_extension", ".txt",
-            "--resolution", "32", "--output_dir", str(out), "--output_name", "net", "--max_train_steps", str(steps),
-            "--learning_rate", "1e-3", "--network_dim", "4", "--max_data_loader_n_workers", "0", "--seed", "2", *extra]
+    return tiny_lora_flags(data, out, *extra, steps=steps, seed=2)
 
 
 def _files(root: Path) -> dict[str, bytes]:
