@@ -27,7 +27,6 @@ class AdapterNetwork(nn.Module):
         self.options = dict(options or {})
         self.layer_names: frozenset[str] = frozenset()  # every layer of the model a file may name (build_network)
         self.dropped: set[str] = set()  # adapters apply_to left out (--network_train_unet_only / _text_encoder_only)
-        self.unmatched: list[str] = []
         for lora in text_encoder_loras + unet_loras:
             self.add_module(lora.lora_name, lora)
 

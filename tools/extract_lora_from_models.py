@@ -126,8 +126,8 @@ def save_extracted(weights: dict[str, torch.Tensor], parts, args) -> Path:
     network = lora.create_network_from_weights(1.0, args.save_to, None, parts.text_encoder, parts.unet,
                                                weights_sd=weights)
     result = network.load_state_dict_flexible(weights)
-    if result.missing_keys or result.unexpected_keys or network.unmatched:
-        raise RuntimeError(f"extracted tensors do not fit the LoRA network: {result}, {network.unmatched[:3]}")
+    if result.missing_keys or result.unexpected_keys:
+        raise RuntimeError(f"extracted tensors do not fit the LoRA network: {result}")
     network.save_weights(args.save_to, save_dtype(args.save_precision), lora_metadata(parts, args))
     return Path(args.save_to)
 

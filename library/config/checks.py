@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from library.config.options import FILE_NAME, INPUT_PATH, OUTPUT_DIR, IntOrFloat, Option
-from library.config.problems import raise_problems
 from library.errors import UserError
 
 NAME_MAX = 255  # bytes per path component on ext4, NTFS (UTF-16 units), APFS, ...
@@ -177,16 +176,7 @@ def relation_problems(config: Mapping[str, Any], declared: Mapping[str, Option],
     return problems
 
 
-def check_relations(config: Mapping[str, Any], declared: Mapping[str, Option], origin) -> None:
-    raise_problems(relation_problems(config, declared, origin))
-
-
 # --- a whole resolved config ---
-
-def config_problems(config, declared: Mapping[str, Option]) -> list[str]:
-    """Every value of a resolved RunConfig against its declaration, then the rules between options: all problems."""
-    return list(value_problems(config, declared).values()) + rule_problems(config, declared)
-
 
 def value_problems(config, declared: Mapping[str, Option]) -> dict[str, str]:
     """{option: what is wrong with its value} for each value that breaks its declaration."""
@@ -214,10 +204,6 @@ def rule_problems(config, declared: Mapping[str, Option]) -> list[str]:
         except UserError as err:
             problems.append(str(err))
     return problems
-
-
-def check_config(config, declared: Mapping[str, Option]) -> None:
-    raise_problems(config_problems(config, declared))
 
 
 def place(name: str, value: Any, origin: str) -> str:

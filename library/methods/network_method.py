@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -133,13 +132,10 @@ def _load_weights(network, file, module_name: str) -> None:
 
 
 def _max_norm(config: RunConfig, network, module_name: str) -> float | None:
-    """--scale_weight_norms as a positive number (None: off), refused where it cannot be applied."""
+    """--scale_weight_norms (None: off), refused where it cannot be applied; its range is checked with the options."""
     value = config.get("scale_weight_norms")
     if not value:
         return None  # sd-scripts: 0 or unset turns it off
-    if not math.isfinite(value) or value < 0:
-        raise UserError(f"--scale_weight_norms {value}: give a positive norm (about 1), or leave it out to turn "
-                        "max-norm regularisation off")
     if not hasattr(network, "scale_weight_norms") and not hasattr(network, "apply_max_norm_regularization"):
         raise UserError(f"--scale_weight_norms: --network_module {module_name} cannot apply max-norm "
                         "regularisation (it has no apply_max_norm_regularization); drop the flag")

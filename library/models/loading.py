@@ -16,7 +16,7 @@ from library.errors import UserError
 from library.models import ldm_convert as lc
 from library.models.checkpoint_io import TensorFile, open_checkpoint, read_state_dict
 from library.models.components import Components
-from library.models.detect import check_base_model, has_openclip_text_encoder, is_hub_id
+from library.models.detect import check_base_model, has_openclip_text_encoder
 from library.models.ldm_configs import infer_text_config, infer_unet_config, infer_vae_config
 from library.models.tiny import TINY_MODELS, build_tiny
 from library.models.tokenizer import load_tokenizer
