@@ -12,8 +12,8 @@ from library.config.run_config import RunConfig
 from library.data.dataset import Batch
 from library.data.plan import RunPlan
 from library.models.components import Components
-from library.training.losses import training_loss
-from library.training.noise import LATENT_SCALE, draw_noise, make_noise_scheduler, target_for
+from library.training.losses import LossSettings, training_loss
+from library.training.noise import LATENT_SCALE, NoiseSettings, draw_noise, make_noise_scheduler, target_for
 from library.training.text_encoding import PromptEncoder
 
 CAPTION_RANDOMNESS = ("shuffle_caption", "caption_dropout_rate", "caption_dropout_every_n_epochs",
@@ -34,6 +34,9 @@ class DiffusionMethod:
         self.train_text_encoder = train_text_encoder
         self.scheduler = make_noise_scheduler(v_parameterization=parts.v_parameterization,
                                               zero_terminal_snr=bool(config.zero_terminal_snr))
+        # Read once: loss() runs every step.
+        self.noise_settings = NoiseSettings.from_config(config)
+        self.loss_settings = LossSettings.from_config(config)
         self._text_cache: dict[str, torch.Tensor] = {}
         subsets = [s for d in plan.datasets for s in d.spec.subsets] if plan is not None else []
         self._fixed_captions = plan is not None and not any(_varies(s) for s in subsets)
@@ -70,13 +73,13 @@ class DiffusionMethod:
     def loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         latents = self._latents(batch, generator) * LATENT_SCALE
         hidden = self._hidden_states(batch.captions)
-        draw = draw_noise(self.scheduler, latents, self.config, generator)
+        draw = draw_noise(self.scheduler, latents, self.noise_settings, generator)
         pred = self.parts.unet(draw.noisy_latents, draw.timesteps, hidden).sample
         target = target_for(self.scheduler, latents, draw.noise, draw.timesteps,
                             v_parameterization=self.parts.v_parameterization)
         mask = batch.alpha_masks if self.config.get("alpha_mask") else None
         loss, _ = training_loss(pred, target, draw.timesteps, batch.is_reg.to(self.device), self.scheduler,
-                                self.config, v_parameterization=self.parts.v_parameterization, loss_mask=mask)
+                                self.loss_settings, v_parameterization=self.parts.v_parameterization, loss_mask=mask)
         return loss
 
     def _hidden_states(self, captions: list[str]) -> torch.Tensor:

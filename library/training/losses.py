@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
+
+from library.config.settings import settings_from_config
 
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
@@ -15,19 +18,33 @@ HUBER_SCHEDULES = ("constant", "exponential", "snr")
 _SNR_CAP = 1000.0
 
 
-def _option(options: Mapping[str, Any], name: str, default: Any) -> Any:
-    """An option's value; missing or None means sd-scripts' default."""
-    value = options.get(name)
-    return default if value is None else value
+@dataclass(frozen=True)
+class LossSettings:
+    """The options the loss reads, built once per run instead of looked up by name per step (defaults: declared).
+
+    None means off for min_snr_gamma and v_pred_like_loss; so does a falsy value, as in sd-scripts.
+    """
+
+    loss_type: str
+    huber_schedule: str
+    huber_c: float
+    huber_scale: float
+    prior_loss_weight: float
+    min_snr_gamma: float | None
+    scale_v_pred_loss_like_noise_pred: bool
+    v_pred_like_loss: float | None
+    debiased_estimation_loss: bool
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "LossSettings":
+        return settings_from_config(cls, config)
 
 
-def huber_c_for(timesteps: torch.Tensor, scheduler: DDPMScheduler, options: Mapping[str, Any]) -> torch.Tensor | None:
+def huber_c_for(timesteps: torch.Tensor, scheduler: DDPMScheduler, settings: LossSettings) -> torch.Tensor | None:
     """sd-scripts' get_huber_threshold_if_needed: the per-sample Huber parameter, None for l2/l1."""
-    if _option(options, "loss_type", "l2") not in ("huber", "smooth_l1"):
+    if settings.loss_type not in ("huber", "smooth_l1"):
         return None
-    schedule = _option(options, "huber_schedule", "snr")
-    huber_c = _option(options, "huber_c", 0.1)
-    huber_scale = _option(options, "huber_scale", 1.0)
+    schedule, huber_c, huber_scale = settings.huber_schedule, settings.huber_c, settings.huber_scale
     if schedule == "exponential":
         # c at t=0 decaying to huber_c at t=T: exp(-alpha t) with alpha = -ln(c)/T, times huber_scale.
         alpha = -math.log(huber_c) / scheduler.config.num_train_timesteps
@@ -60,38 +77,38 @@ def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str,
 
 
 def training_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, is_reg: torch.Tensor,
-                  scheduler: DDPMScheduler, options: Mapping[str, Any], *, v_parameterization: bool,
+                  scheduler: DDPMScheduler, settings: LossSettings, *, v_parameterization: bool,
                   loss_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss of sd-scripts' NetworkTrainer.process_batch: (batch mean, per-sample losses), in float32.
 
     `loss_mask` is a [B, H, W] or [B, 1, H, W] weight in 0..1 at any resolution (an alpha mask, or a
     conditioning image already mapped to 0..1); it is area-resized to the latents as sd-scripts' apply_masked_loss.
     """
-    huber_c = huber_c_for(timesteps, scheduler, options)
-    loss = elementwise_loss(pred.float(), target.float(), _option(options, "loss_type", "l2"), huber_c)
+    huber_c = huber_c_for(timesteps, scheduler, settings)
+    loss = elementwise_loss(pred.float(), target.float(), settings.loss_type, huber_c)
     if loss_mask is not None:
         loss = loss * _resized_mask(loss_mask, loss)
     loss = loss.mean(dim=tuple(range(1, loss.dim())))
     # sd-scripts' batch["loss_weights"]: prior_loss_weight for regularization images, 1 for the rest (float32).
     is_reg = torch.as_tensor(is_reg, dtype=torch.bool, device=loss.device)
-    prior = torch.tensor(_option(options, "prior_loss_weight", 1.0), dtype=torch.float32, device=loss.device)
+    prior = torch.tensor(settings.prior_loss_weight, dtype=torch.float32, device=loss.device)
     loss = loss * torch.where(is_reg, prior, torch.ones_like(prior))
-    loss = post_process_loss(loss, timesteps, scheduler, options, v_parameterization=v_parameterization)
+    loss = post_process_loss(loss, timesteps, scheduler, settings, v_parameterization=v_parameterization)
     return loss.mean(), loss
 
 
 def post_process_loss(loss: torch.Tensor, timesteps: torch.Tensor, scheduler: DDPMScheduler,
-                      options: Mapping[str, Any], *, v_parameterization: bool) -> torch.Tensor:
+                      settings: LossSettings, *, v_parameterization: bool) -> torch.Tensor:
     """sd-scripts' NetworkTrainer.post_process_loss on per-sample losses, in its order (a falsy option is off)."""
-    gamma = _option(options, "min_snr_gamma", None)
+    gamma = settings.min_snr_gamma
     if gamma:
         loss = loss * min_snr_weight(timesteps, scheduler, gamma, v_parameterization=v_parameterization).to(loss.device)
-    if _option(options, "scale_v_pred_loss_like_noise_pred", False):
+    if settings.scale_v_pred_loss_like_noise_pred:
         loss = loss * snr_scale(timesteps, scheduler).to(loss.device)
-    v_pred_like = _option(options, "v_pred_like_loss", None)
+    v_pred_like = settings.v_pred_like_loss
     if v_pred_like:
         loss = loss + loss / snr_scale(timesteps, scheduler).to(loss.device) * v_pred_like
-    if _option(options, "debiased_estimation_loss", False):
+    if settings.debiased_estimation_loss:
         loss = debiased_weight(timesteps, scheduler, v_parameterization=v_parameterization).to(loss.device) * loss
     return loss
 

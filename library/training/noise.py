@@ -8,6 +8,8 @@ from typing import Any, Callable, Mapping
 import torch
 from diffusers import DDPMScheduler
 
+from library.config.settings import settings_from_config
+
 # sd-scripts' NetworkTrainer.vae_scale_factor (SD 1.x/2.x): VAE latents are multiplied by this before noising.
 LATENT_SCALE = 0.18215
 
@@ -16,10 +18,26 @@ _SCHEDULER_ARGS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled
                        clip_sample=False)
 
 
-def _option(options: Mapping[str, Any], name: str, default: Any) -> Any:
-    """An option's value; missing or None means sd-scripts' default."""
-    value = options.get(name)
-    return default if value is None else value
+@dataclass(frozen=True)
+class NoiseSettings:
+    """The options draw_noise and draw_timesteps read, built once per run instead of looked up by name per step.
+
+    None means off (or, for the timestep bounds, the whole schedule), as the declarations' defaults say.
+    """
+
+    noise_offset: float | None
+    noise_offset_random_strength: bool
+    adaptive_noise_scale: float | None
+    multires_noise_iterations: int | None
+    multires_noise_discount: float
+    min_timestep: int | None
+    max_timestep: int | None
+    ip_noise_gamma: float | None
+    ip_noise_gamma_random_strength: bool
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "NoiseSettings":
+        return settings_from_config(cls, config)
 
 
 def make_noise_scheduler(*, v_parameterization: bool, zero_terminal_snr: bool = False) -> DDPMScheduler:
@@ -47,7 +65,7 @@ class NoiseDraw:
     noisy_latents: torch.Tensor
 
 
-def draw_noise(scheduler: DDPMScheduler, latents: torch.Tensor, options: Mapping[str, Any],
+def draw_noise(scheduler: DDPMScheduler, latents: torch.Tensor, settings: NoiseSettings,
                generator: torch.Generator) -> NoiseDraw:
     """sd-scripts' get_noise_noisy_latents_and_timesteps, every random number drawn from `generator`.
 
@@ -60,21 +78,20 @@ def draw_noise(scheduler: DDPMScheduler, latents: torch.Tensor, options: Mapping
     5. ip_noise_gamma (if set): [ip_noise_gamma_random_strength: one U(0, 1)], then N(0, 1) of latents' shape.
     """
     noise = _randn(latents.shape, latents, generator)
-    noise_offset = _option(options, "noise_offset", None)
+    noise_offset = settings.noise_offset
     if noise_offset:
-        if _option(options, "noise_offset_random_strength", False):
+        if settings.noise_offset_random_strength:
             noise_offset = _rand(latents, generator) * noise_offset
-        noise = _offset_noise(latents, noise, noise_offset, _option(options, "adaptive_noise_scale", None), generator)
-    iterations = _option(options, "multires_noise_iterations", None)
-    if iterations:
-        noise = _pyramid_noise(noise, iterations, _option(options, "multires_noise_discount", 0.3), generator)
+        noise = _offset_noise(latents, noise, noise_offset, settings.adaptive_noise_scale, generator)
+    if settings.multires_noise_iterations:
+        noise = _pyramid_noise(noise, settings.multires_noise_iterations, settings.multires_noise_discount, generator)
 
-    timesteps = draw_timesteps(latents.shape[0], options, scheduler, generator, latents.device)
+    timesteps = draw_timesteps(latents.shape[0], settings, scheduler, generator, latents.device)
 
     model_noise = noise
-    gamma = _option(options, "ip_noise_gamma", None)
+    gamma = settings.ip_noise_gamma
     if gamma:
-        if _option(options, "ip_noise_gamma_random_strength", False):
+        if settings.ip_noise_gamma_random_strength:
             gamma = _rand(latents, generator) * gamma
         # Input perturbation: only the model's input gets the extra noise; the target keeps `noise`.
         model_noise = noise + gamma * _randn(latents.shape, latents, generator)
@@ -82,11 +99,12 @@ def draw_noise(scheduler: DDPMScheduler, latents: torch.Tensor, options: Mapping
     return NoiseDraw(noise=noise, timesteps=timesteps, noisy_latents=noisy_latents)
 
 
-def draw_timesteps(batch_size: int, options: Mapping[str, Any], scheduler: DDPMScheduler,
+def draw_timesteps(batch_size: int, settings: NoiseSettings, scheduler: DDPMScheduler,
                    generator: torch.Generator, device: torch.device | str) -> torch.Tensor:
-    """sd-scripts' get_timesteps: uniform integers in [min_timestep, max_timestep); all max_timestep if min >= max."""
-    low = _option(options, "min_timestep", 0)
-    high = _option(options, "max_timestep", scheduler.config.num_train_timesteps)
+    """sd-scripts' get_timesteps: uniform integers in [min_timestep, max_timestep); all max_timestep if min >= max.
+    An unset bound is the schedule's end (0, or its num_train_timesteps)."""
+    low = 0 if settings.min_timestep is None else settings.min_timestep
+    high = scheduler.config.num_train_timesteps if settings.max_timestep is None else settings.max_timestep
     if low < high:
         return torch.randint(low, high, (batch_size,), generator=generator, device=device, dtype=torch.long)
     return torch.full((batch_size,), high, device=device, dtype=torch.long)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from library.training.losses import (
-    debiased_weight, elementwise_loss, huber_c_for, min_snr_weight, snr_scale, training_loss,
+    LossSettings, debiased_weight, elementwise_loss, huber_c_for, min_snr_weight, snr_scale, training_loss,
 )
 from library.training.noise import make_noise_scheduler
 
@@ -24,6 +24,8 @@ SNR = AC / (1 - AC)
 TIMESTEPS = torch.tensor([0, 10, 300, 999])
 # The scheduler's schedule is float32 (as in sd-scripts); at t=0, 1 - alphas_cumprod loses ~2.5e-5 relative.
 RTOL = 1e-4
+# Options as a run config would hold them; the rest take their declared defaults.
+_settings = LossSettings.from_config
 
 
 def _unit_batch(timesteps=TIMESTEPS, shape=(2, 4, 4)):
@@ -36,7 +38,7 @@ def _per_sample(options, *, v=False, timesteps=TIMESTEPS, is_reg=None, ztsnr=Fal
     scheduler = make_noise_scheduler(v_parameterization=v, zero_terminal_snr=ztsnr)
     pred, target = _unit_batch(timesteps)
     is_reg = torch.zeros(len(timesteps), dtype=torch.bool) if is_reg is None else is_reg
-    return training_loss(pred, target, timesteps, is_reg, scheduler, options, v_parameterization=v)
+    return training_loss(pred, target, timesteps, is_reg, scheduler, _settings(options), v_parameterization=v)
 
 
 # --- Huber parameter schedules ----------------------------------------------------------------------------------
@@ -44,22 +46,22 @@ def _per_sample(options, *, v=False, timesteps=TIMESTEPS, is_reg=None, ztsnr=Fal
 @pytest.mark.parametrize("loss_type", ["l2", "l1"])
 def test_huber_c_is_none_for_l2_and_l1(loss_type):
     scheduler = make_noise_scheduler(v_parameterization=False)
-    assert huber_c_for(TIMESTEPS, scheduler, {"loss_type": loss_type, "huber_schedule": "constant"}) is None
-    assert huber_c_for(TIMESTEPS, scheduler, {}) is None  # loss_type defaults to l2
+    assert huber_c_for(TIMESTEPS, scheduler, _settings({"loss_type": loss_type, "huber_schedule": "constant"})) is None
+    assert huber_c_for(TIMESTEPS, scheduler, _settings({})) is None  # loss_type defaults to l2
 
 
 def test_huber_c_constant_is_c_times_scale():
     scheduler = make_noise_scheduler(v_parameterization=False)
-    got = huber_c_for(TIMESTEPS, scheduler, {"loss_type": "huber", "huber_schedule": "constant", "huber_c": 0.2,
-                                             "huber_scale": 3.0})
+    got = huber_c_for(TIMESTEPS, scheduler, _settings({"loss_type": "huber", "huber_schedule": "constant",
+                                                       "huber_c": 0.2, "huber_scale": 3.0}))
     torch.testing.assert_close(got, torch.full((4,), 0.6))
 
 
 def test_huber_c_exponential_decays_from_scale_to_c_times_scale():
     scheduler = make_noise_scheduler(v_parameterization=False)
     timesteps = torch.tensor([0, 500, 999])
-    got = huber_c_for(timesteps, scheduler, {"loss_type": "smooth_l1", "huber_schedule": "exponential",
-                                             "huber_c": 0.25, "huber_scale": 2.0})
+    got = huber_c_for(timesteps, scheduler, _settings({"loss_type": "smooth_l1", "huber_schedule": "exponential",
+                                                       "huber_c": 0.25, "huber_scale": 2.0}))
     # exp(ln(c) t / 1000) * scale = c^(t/1000) * scale
     expected = torch.tensor([2.0, 0.25**0.5 * 2.0, 0.25**0.999 * 2.0])
     torch.testing.assert_close(got, expected)
@@ -68,18 +70,19 @@ def test_huber_c_exponential_decays_from_scale_to_c_times_scale():
 def test_huber_c_snr_schedule_by_hand_and_ignores_scale():
     scheduler = make_noise_scheduler(v_parameterization=False)
     options = {"loss_type": "huber", "huber_schedule": "snr", "huber_c": 0.1}
-    got = huber_c_for(TIMESTEPS, scheduler, options)
+    got = huber_c_for(TIMESTEPS, scheduler, _settings(options))
     sigma = ((1 - AC[TIMESTEPS]) / AC[TIMESTEPS]).sqrt()
     expected = (1 - 0.1) / (1 + sigma) ** 2 + 0.1
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-7)
-    assert torch.equal(huber_c_for(TIMESTEPS, scheduler, options | {"huber_scale": 5.0}), got)
+    assert torch.equal(huber_c_for(TIMESTEPS, scheduler, _settings(options | {"huber_scale": 5.0})), got)
     # huber_schedule defaults to snr, huber_c to 0.1
-    assert torch.equal(huber_c_for(TIMESTEPS, scheduler, {"loss_type": "huber"}), got)
+    assert torch.equal(huber_c_for(TIMESTEPS, scheduler, _settings({"loss_type": "huber"})), got)
 
 
 def test_huber_c_snr_schedule_reads_the_zero_terminal_snr_schedule():
     scheduler = make_noise_scheduler(v_parameterization=True, zero_terminal_snr=True)
-    got = huber_c_for(torch.tensor([999]), scheduler, {"loss_type": "huber", "huber_schedule": "snr", "huber_c": 0.1})
+    got = huber_c_for(torch.tensor([999]), scheduler,
+                      _settings({"loss_type": "huber", "huber_schedule": "snr", "huber_c": 0.1}))
     # alphas_cumprod = 0: sigma is infinite, so c = huber_c exactly
     assert got.tolist() == [pytest.approx(0.1)]
 
@@ -201,8 +204,8 @@ def test_training_loss_on_a_hand_built_batch_step_by_step():
     options = {"loss_type": "huber", "huber_schedule": "snr", "huber_c": 0.2, "prior_loss_weight": 0.5,
                "min_snr_gamma": 5.0, "debiased_estimation_loss": True}
     scheduler = make_noise_scheduler(v_parameterization=True)
-    loss, per_sample = training_loss(pred, target, timesteps, is_reg, scheduler, options, v_parameterization=True,
-                                     loss_mask=mask)
+    loss, per_sample = training_loss(pred, target, timesteps, is_reg, scheduler, _settings(options),
+                                     v_parameterization=True, loss_mask=mask)
     assert loss.dtype == torch.float32 and per_sample.shape == (3,)
 
     expected = []
@@ -227,7 +230,7 @@ def test_mask_of_ones_changes_nothing_and_channel_mask_is_accepted():
     g = torch.Generator().manual_seed(1)
     pred, target = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
     scheduler = make_noise_scheduler(v_parameterization=False)
-    args = (pred, target, torch.tensor([5, 6]), torch.tensor([False, False]), scheduler, {})
+    args = (pred, target, torch.tensor([5, 6]), torch.tensor([False, False]), scheduler, _settings({}))
     plain = training_loss(*args, v_parameterization=False)[1]
     ones = training_loss(*args, v_parameterization=False, loss_mask=torch.ones(2, 1, 32, 32))[1]
     torch.testing.assert_close(ones, plain)

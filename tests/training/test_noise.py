@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from library.training.noise import LATENT_SCALE, NoiseDraw, draw_noise, make_noise_scheduler, target_for
+from library.training.noise import LATENT_SCALE, NoiseDraw, NoiseSettings, draw_noise, make_noise_scheduler, target_for
 
 SD_SCRIPTS_ARGS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                        clip_sample=False)
@@ -21,7 +21,7 @@ def _latents(shape=(2, 4, 8, 8), seed=1, dtype=torch.float32):
 def _draw(options, latents=None, seed=0, scheduler=None):
     scheduler = scheduler or make_noise_scheduler(v_parameterization=False)
     latents = _latents() if latents is None else latents
-    return draw_noise(scheduler, latents, options, torch.Generator().manual_seed(seed))
+    return draw_noise(scheduler, latents, NoiseSettings.from_config(options), torch.Generator().manual_seed(seed))
 
 
 def _zero_terminal_snr_by_hand(betas: torch.Tensor) -> torch.Tensor:
