@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,21 @@ class AdapterModule(nn.Module):
 
     The wrapped layer is not a registered sub-module, so the network's state dict holds only adapter tensors under
     sd-scripts' names (`<lora_name>.lora_down.weight`, `<lora_name>.alpha`, ...).
+
+    The class attributes and classmethods below are what the rest of the project knows about an algorithm: the tools,
+    file readers and messages derive their tables from the registered classes, so a new adapter is its own file plus
+    one line in networks/registry.py.
     """
+
+    ALGORITHM: str = ""  # the registry name, LyCORIS' `algo=` value
+    MODULE: str = ""  # its --network_module
+    LABEL: str = ""  # the name people use (LoRA, LoHa, LoKr)
+    CONV_LABEL: str | None = None  # the name when it also adapts 3×3 convolutions, if different (LoCon)
+    ALIASES: tuple[str, ...] = ()  # other `algo` names that train with this module (locon)
+    WEIGHT_NAMES: tuple[str, ...] = ()  # the tensors one module may store besides `alpha`, as `<lora_name>.<name>`
+    DETECT_NAMES: tuple[str, ...] | None = None  # one of these is in every module (default: WEIGHT_NAMES[0])
+    PLUS_PARAMS: tuple[str, ...] = ()  # LoRA+: parameters that learn at lr × the loraplus ratio
+    EXTRA_ARGS: ClassVar[dict] = {}  # its own --network_args: name -> parser
 
     def __init__(self, lora_name: str, org_module: nn.Module, multiplier: float = 1.0, dim: int = 4,
                  alpha: float | None = 1.0, dropout: float | None = None, rank_dropout: float | None = None,
@@ -83,19 +98,58 @@ class AdapterModule(nn.Module):
             return F.conv2d(x, weight, None, org.stride, org.padding, org.dilation, org.groups)
         return F.linear(x, weight)
 
+    def merged_weight(self, weight: torch.Tensor, multiplier: float | None = None) -> torch.Tensor:
+        """The wrapped layer's weight with this adapter merged in: W + ΔW · multiplier here. Adapters that do not
+        add to W (DoRA rescales it, OFT rotates it) override this; merging goes through it."""
+        return weight + (self.delta_weight() * (self.multiplier if multiplier is None else multiplier)).to(weight)
+
     @torch.no_grad()
     def merge_to(self, multiplier: float | None = None) -> None:
-        """Add ΔW · multiplier into the wrapped layer's weight (then the adapter must not be applied as well)."""
+        """Merge this adapter into the wrapped layer's weight (then the adapter must not be applied as well)."""
         weight = self.org_module.weight
-        weight += (self.delta_weight() * (self.multiplier if multiplier is None else multiplier)).to(weight)
+        weight.copy_(self.merged_weight(weight, multiplier))
 
     @torch.no_grad()
     def unmerge(self, multiplier: float | None = None) -> None:
+        """Take an additive merge back out (an adapter overriding merged_weight overrides this with its inverse)."""
         weight = self.org_module.weight
         weight -= (self.delta_weight() * (self.multiplier if multiplier is None else multiplier)).to(weight)
 
     def org_weight_shape(self) -> torch.Size:
         return self.org_module.weight.shape
+
+    # -------------------------------------------------------------- reading files
+    @classmethod
+    def signature_names(cls) -> tuple[str, ...]:
+        """Tensor names that tell a module of this algorithm in a file: one of them is in every module."""
+        return cls.DETECT_NAMES if cls.DETECT_NAMES is not None else cls.WEIGHT_NAMES[:1]
+
+    @classmethod
+    def dim_from_weights(cls, weights: dict[str, torch.Tensor]) -> int:
+        """The rank of one module's tensors (`<rest>` -> tensor, alpha included if stored)."""
+        raise NotImplementedError
+
+    @classmethod
+    def is_conv_kernel(cls, weights: dict[str, torch.Tensor]) -> bool:
+        """Whether the tensors alone show a k×k convolution (a 2-D factor may not tell: the layer name does)."""
+        return False
+
+    @classmethod
+    def module_args_from_weights(cls, modules: dict[str, dict[str, torch.Tensor]]) -> dict:
+        """The network_args (EXTRA_ARGS) that rebuild every module of a file in its stored layout."""
+        return {}
+
+    @classmethod
+    def layer_shapes(cls, name: str, weights: dict[str, torch.Tensor]) -> list[tuple[int, ...]]:
+        """Candidate weight shapes of the adapted layer, likeliest first: svd_merge_lora rebuilds ΔW without the
+        model by building the module over a stand-in layer of the first shape its tensors load into."""
+        raise NotImplementedError
+
+    @classmethod
+    def in_width(cls, weights: dict[str, torch.Tensor]) -> int | None:
+        """The adapted Linear's input width when the tensors tell it unambiguously (check_lora_weights reads the
+        base model's text-encoder width from attn2 to_k this way); None when they do not."""
+        return None
 
 
 def alpha_value(alpha: torch.Tensor) -> float:

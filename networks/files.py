@@ -13,7 +13,7 @@ from library.errors import UserError
 from library.models.checkpoint_io import read_safetensors_keys, read_state_dict
 from library.formats.a1111_pickle import write_pickle
 from library.safe_write import atomic_file
-from networks.registry import all_module_classes
+from networks.registry import all_module_classes, signature_names
 
 # LyCORIS under transformers >= 5 names text-encoder modules without `text_model_`; the ecosystem uses it.
 _TE_SPELLINGS = (("lora_te_encoder_", "lora_te_text_model_encoder_"),)
@@ -43,6 +43,12 @@ class NetworkFileInfo:
     alphas: dict[str, float]
     conv_modules: set[str] = field(default_factory=set)
     module_args: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """The algorithm's common name: LoCon for a LoRA that adapts 3×3 convolutions, as sd-scripts says."""
+        cls = self.module_class
+        return cls.CONV_LABEL if self.conv_modules and cls.CONV_LABEL else cls.LABEL
 
 
 def read_network_file(path, *, check: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -116,8 +122,9 @@ _FOREIGN_TENSORS = (
 def what_it_is(keys: list[str], algorithm: str) -> str:
     """A guess at what holds these keys, saying what to do about it."""
     rests = {canonical_key(k).partition(".")[2] for k in keys}
+    ours = {name for cls in all_module_classes() for name in cls.WEIGHT_NAMES}
     for names, text in _FOREIGN_TENSORS:
-        if rests & set(names):
+        if rests & set(names) - ours:  # a kind registered since is no longer foreign
             return text
     if any(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys):
         return "a LoRA in the diffusers/PEFT layout: convert it with tools/convert_lora.py --to kohya first"
@@ -156,7 +163,7 @@ def describe_network_file(weights: dict[str, torch.Tensor], *, source: str) -> N
         grouped.setdefault(name, {})[rest] = value
     for cls in all_module_classes():
         # A module is recognised by any of its signature tensors (LoKr's w1 may be one matrix or two factors).
-        signatures = getattr(cls, "DETECT_NAMES", cls.WEIGHT_NAMES[:1])
+        signatures = cls.signature_names()
         modules = {name: ws for name, ws in grouped.items() if any(s in ws for s in signatures)}
         if modules:
             dims = {name: cls.dim_from_weights(ws) for name, ws in modules.items()}
@@ -164,8 +171,8 @@ def describe_network_file(weights: dict[str, torch.Tensor], *, source: str) -> N
             conv = {name for name, ws in modules.items() if cls.is_conv_kernel(ws)}
             return NetworkFileInfo(cls.ALGORITHM, cls, dims, alphas, conv, cls.module_args_from_weights(modules))
     sample = ", ".join(sorted(weights)[:3]) or "no tensors"
-    raise UserError(f"{source}: not a LoRA/LyCORIS network file (no lora_down / hada_w1_a / lokr_w1 tensors; "
-                    f"keys start: {sample})")
+    expected = " / ".join(cls.signature_names()[0].removesuffix(".weight") for cls in all_module_classes())
+    raise UserError(f"{source}: not a LoRA/LyCORIS network file (no {expected} tensors; keys start: {sample})")
 
 
 def save_network_file(state_dict: dict[str, torch.Tensor], file, *, dtype=None,
@@ -198,8 +205,7 @@ def _refuse_foreign_overwrite(file: Path) -> None:
     if file.is_dir():
         raise UserError(f"{file}: is a folder; choose a file name for the network")
     keys = read_safetensors_keys(file) if file.suffix.lower() == ".safetensors" else list(read_state_dict(file)[0])
-    signatures = tuple(f".{name}" for cls in all_module_classes()
-                       for name in getattr(cls, "DETECT_NAMES", cls.WEIGHT_NAMES[:1]))
+    signatures = tuple(f".{name}" for name in signature_names())
     if not any(k.endswith(signatures) for k in keys):
         raise UserError(f"{file}: already exists and is not a network file; refusing to overwrite it, "
                         "choose another --output_name")

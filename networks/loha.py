@@ -9,9 +9,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from networks.args import boolean
-from networks.lycoris_common import RebuiltWeightAdapter, algo_check, rebuild_tucker
+from networks.lycoris_common import RebuiltWeightAdapter, algo_check, flat_layer_shapes, rebuild_tucker
 from networks.network import plugin_entry_points
-
 
 
 class HadamardWeight(torch.autograd.Function):
@@ -60,6 +59,7 @@ class LoHaModule(RebuiltWeightAdapter):
 
     ALGORITHM = "loha"
     MODULE = "networks.loha"
+    LABEL = "LoHa"
     WEIGHT_NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
     # LoRA+: the out-side factors (LoRA's `up` analogue). LyCORIS' kohya network matches only "lora_up", so
     # loraplus ratios have no effect on a LoHa trained by LyCORIS itself.
@@ -115,6 +115,16 @@ class LoHaModule(RebuiltWeightAdapter):
     @classmethod
     def module_args_from_weights(cls, modules: dict) -> dict:
         return {"use_tucker": True} if any("hada_t1" in weights for weights in modules.values()) else {}
+
+    @classmethod
+    def layer_shapes(cls, name: str, weights: dict[str, torch.Tensor]) -> list[tuple[int, ...]]:
+        if "hada_t1" in weights:
+            return [(weights["hada_w1_a"].shape[1], weights["hada_w1_b"].shape[1], *weights["hada_t1"].shape[2:])]
+        return flat_layer_shapes(name, weights["hada_w1_a"].shape[0], weights["hada_w1_b"].shape[1])
+
+    @classmethod
+    def in_width(cls, weights: dict[str, torch.Tensor]) -> int | None:
+        return None if "hada_t1" in weights else int(weights["hada_w1_b"].shape[1])
 
 
 create_network, create_network_from_weights = plugin_entry_points(LoHaModule, ignores_neuron_dropout=True)

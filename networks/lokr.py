@@ -10,7 +10,7 @@ from torch import nn
 from library.errors import UserError
 from networks.args import boolean
 from networks.base import alpha_value
-from networks.lycoris_common import RebuiltWeightAdapter, algo_check, rebuild_tucker
+from networks.lycoris_common import RebuiltWeightAdapter, algo_check, flat_layer_shapes, rebuild_tucker
 from networks.network import plugin_entry_points
 
 
@@ -39,8 +39,9 @@ class LoKrModule(RebuiltWeightAdapter):
 
     ALGORITHM = "lokr"
     MODULE = "networks.lokr"
+    LABEL = "LoKr"
     WEIGHT_NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
-    # Every LoKr module holds one of these (LyCORIS' weight_list_det); files.py checks only WEIGHT_NAMES[0].
+    # Every LoKr module holds one of these (LyCORIS' weight_list_det); by default only WEIGHT_NAMES[0] is.
     DETECT_NAMES = ("lokr_w1", "lokr_w1_a")
     # LoRA+: the out-side factors of the low-rank pairs; full w1/w2 stay at the base lr. LyCORIS' kohya network
     # matches only "lora_up", so loraplus ratios have no effect on a LoKr trained by LyCORIS itself.
@@ -142,6 +143,18 @@ class LoKrModule(RebuiltWeightAdapter):
         if factor != -1:
             args["factor"] = factor
         return args
+
+    @classmethod
+    def layer_shapes(cls, name: str, weights: dict[str, torch.Tensor]) -> list[tuple[int, ...]]:
+        (out_small, out_large), in_small, in_large = kron_sides(weights)
+        out = out_small * out_large
+        if "lokr_t2" in weights:
+            return [(out, in_small * in_large[0], *weights["lokr_t2"].shape[2:])]
+        if "lokr_w2" in weights:
+            return [(out, in_small * in_large[0], *weights["lokr_w2"].shape[2:])]
+        return flat_layer_shapes(name, out, in_small * weights["lokr_w2_b"].shape[1])
+
+    # in_width stays None: the input width is split over two factors (and w2's columns may hold a 3×3 kernel).
 
 
 def kron_sides(weights: dict[str, torch.Tensor]) -> tuple[tuple[int, int], int, tuple[int, ...]]:

@@ -15,6 +15,8 @@ class LoRAModule(AdapterModule):
 
     ALGORITHM = "lora"
     MODULE = "networks.lora"
+    LABEL, CONV_LABEL = "LoRA", "LoCon"  # sd-scripts' name for a LoRA that also adapts 3×3 convolutions (conv_dim)
+    ALIASES = ("locon",)
     WEIGHT_NAMES = ("lora_down.weight", "lora_up.weight")
     PLUS_PARAMS = ("lora_up.weight",)  # LoRA+: the up side learns at lr × loraplus ratio
     EXTRA_ARGS: dict = {}
@@ -67,8 +69,13 @@ class LoRAModule(AdapterModule):
         return down.dim() == 4 and down.shape[2:] != (1, 1)
 
     @classmethod
-    def module_args_from_weights(cls, modules: dict) -> dict:
-        return {}
+    def layer_shapes(cls, name: str, weights: dict[str, torch.Tensor]) -> list[tuple[int, ...]]:
+        down, up = weights["lora_down.weight"], weights["lora_up.weight"]
+        return [(up.shape[0], *down.shape[1:])]
+
+    @classmethod
+    def in_width(cls, weights: dict[str, torch.Tensor]) -> int | None:
+        return int(weights["lora_down.weight"].shape[1])
 
 
 create_network, create_network_from_weights = plugin_entry_points(LoRAModule)

@@ -18,7 +18,9 @@ def algo_check(algorithm: str):
     def parse(text) -> str:
         value = str(text).strip().lower()
         if value != algorithm:
-            ours = {"lora": "networks.lora", "locon": "networks.lora", "loha": "networks.loha", "lokr": "networks.lokr"}
+            from networks.registry import algo_modules
+
+            ours = algo_modules()
             raise ValueError(f"this module trains {algorithm}; for {value} use --network_module "
                              f"{ours.get(value, 'lycoris.kohya')}")
         return value
@@ -30,6 +32,18 @@ def algo_check(algorithm: str):
 def rebuild_tucker(core: torch.Tensor, out_factor: torch.Tensor, in_factor: torch.Tensor) -> torch.Tensor:
     """LyCORIS' Tucker layout: core (r, r, k, k), out_factor (r, out), in_factor (r, in) -> (out, in, k, k)."""
     return torch.einsum("ij...,ip,jq->pq...", core, out_factor, in_factor)
+
+
+def flat_layer_shapes(name: str, out: int, columns: int) -> list[tuple[int, ...]]:
+    """Layer shapes for factors stored 2-D over in·k·k columns (LoHa, low-rank LoKr): a Linear, or a 3×3 conv when
+    the columns allow it, the conv first where the layer's name is one of SD's UNet 3×3 convolutions."""
+    from networks.files import is_unet_kernel_name
+
+    linear, shapes = (out, columns), [(out, columns)]
+    if columns % 9 == 0:
+        kernel = (out, columns // 9, 3, 3)
+        shapes = [kernel, linear] if is_unet_kernel_name(name) else [linear, kernel]
+    return shapes
 
 
 def drop_output_rows(delta: torch.Tensor, rate: float) -> torch.Tensor:

@@ -8,7 +8,7 @@ from types import ModuleType
 from library.errors import UserError
 from networks.args import split_network_args
 from networks.plugin_trees import text_encoder_view, unet_view
-from networks.registry import ALGORITHMS
+from networks.registry import network_modules
 
 REQUIRED = ("create_network", "create_network_from_weights")
 
@@ -19,8 +19,9 @@ def load_network_module(name: str) -> ModuleType:
         module = importlib.import_module(name)
     except ModuleNotFoundError as err:
         hint = " (pip install lycoris-lora)" if name.startswith("lycoris") else ""
-        raise UserError(f"--network_module {name}: cannot import it ({err}){hint}; ours are networks.lora, "
-                        "networks.loha and networks.lokr") from None
+        *others, last = network_modules()
+        ours = f"{', '.join(others)} and {last}" if others else last
+        raise UserError(f"--network_module {name}: cannot import it ({err}){hint}; ours are {ours}") from None
     missing = [f for f in REQUIRED if not callable(getattr(module, f, None))]
     if missing:
         raise UserError(f"--network_module {name}: not a network module (it has no {', '.join(missing)})")
@@ -29,7 +30,7 @@ def load_network_module(name: str) -> ModuleType:
 
 def is_ours(name: str) -> bool:
     """Whether --network_module names one of our adapter modules (they take the models as they are)."""
-    return name in {path.partition(":")[0] for path in ALGORITHMS.values()}
+    return name in network_modules()
 
 
 def network_trees(name: str, text_encoder, unet):

@@ -28,6 +28,7 @@ import pytest
 from safetensors.torch import load_file
 
 from library.data.demo import make_demo_dataset
+from networks.registry import algo_modules
 from tests.conftest import ROOT
 
 SCRIPTS = ROOT / "scripts"
@@ -146,10 +147,8 @@ def test_train_sh_settings_become_flags():
 
 
 @pytest.mark.parametrize("algo, module, network_args", [
-    ("lora", "networks.lora", None),
-    ("locon", "networks.lora", ["conv_dim=8", "conv_alpha=2"]),
-    ("loha", "networks.loha", ["conv_dim=8", "conv_alpha=2"]),
-    ("lokr", "networks.lokr", ["conv_dim=8", "conv_alpha=2"]),
+    (algo, module, None if algo == "lora" else ["conv_dim=8", "conv_alpha=2"])
+    for algo, module in algo_modules().items()
 ])
 def test_algo_picks_network_module_and_network_args(algo, module, network_args):
     _, _, flags = _split(_print_only("train.sh", algo=algo, conv_dim="8", conv_alpha="2"))
@@ -387,6 +386,44 @@ def test_the_parity_readers_notice_a_difference():
     assert _settings_ps(ps.replace('$network_dim = "32"', '$network_dim = "16"')) != _settings_sh(sh)
     with pytest.raises(AssertionError, match="unrecognised"):
         _statements_ps(ps.replace('Add-Arg "--seed" $seed', 'if ($seed) { Add-Arg "--seed" $seed }'))
+
+
+def _algo_choices(statements: list[tuple]) -> tuple[dict[str, str], list[str]]:
+    """From a flag table: ({algo: network_module} of the `algo ==` branches, the algos its refusal names)."""
+    mapping, refused, current = {}, [], None
+    for statement in statements:
+        if statement[0] in ("if", "elif") and statement[1] == "algo" and statement[2] == "==":
+            current = statement[3]
+        elif statement[0] == "set" and statement[1] == "network_module" and current is not None:
+            mapping[current] = statement[2]
+            current = None
+        elif statement[:2] == ("call", "fail") and "unknown algo" in statement[2][1]:
+            refused = re.split(r", | or ", re.search(r"\(use (.*)\)", statement[2][1])[1])
+    return mapping, refused
+
+
+@pytest.mark.parametrize("suffix", [".sh", ".ps1"])
+def test_wrappers_algo_lists_are_the_registry(suffix):
+    """The wrappers cannot import the registry, so their algo lists are checked against it here: registering an
+    adapter (or an alias such as locon) without adding it to both wrappers fails this test."""
+    text = _read("train" + suffix)
+    statements = (_statements_sh if suffix == ".sh" else _statements_ps)(text)
+    mapping, refused = _algo_choices(statements)
+    assert mapping == algo_modules()
+    assert sorted(refused) == sorted(algo_modules())
+    # The setting's comment lists the choices too: `algo=... # lora | locon (LoRA + conv layers) | loha | lokr`
+    comment = next(line for line in text.split(MARKER)[0].splitlines() if re.match(r'\$?algo\b', line))
+    listed = [choice.split()[0] for choice in comment.split("#", 1)[1].split("|")]
+    assert sorted(listed) == sorted(algo_modules())
+
+
+@pytest.mark.parametrize("suffix", [".sh", ".ps1"])
+def test_the_algo_list_check_notices_a_new_registration(monkeypatch, suffix):
+    from networks.registry import ALGORITHMS
+
+    monkeypatch.setitem(ALGORITHMS, "fake", "tests.networks.test_registry:FakeAdapter")  # an adapter, registered
+    with pytest.raises(AssertionError, match="fake"):
+        test_wrappers_algo_lists_are_the_registry(suffix)
 
 
 @pytest.mark.parametrize("model_type, only", [("sd1", "train_unet_only"), ("sd2", "train_text_encoder_only")])

@@ -17,7 +17,6 @@ from library.console import quiet_libraries  # noqa: E402
 from library.errors import UserError, exit_on_user_error  # noqa: E402
 from library.models.checkpoint_io import TensorFile, open_checkpoint  # noqa: E402
 
-ALGORITHM_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
 BASE_KEYS = ("ss_base_model_version", "ss_v2", "modelspec.architecture")
 TRAINING_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_output_name",
                  "ss_sd_model_name", "ss_steps", "ss_epoch", "ss_max_train_steps", "ss_num_train_images",
@@ -57,10 +56,9 @@ def describe(path: Path, *, verbose: bool = False) -> list[str]:
 
 
 def _is_network(keys: list[str]) -> bool:
-    from networks.registry import all_module_classes
+    from networks.registry import signature_names
 
-    signatures = tuple(f".{name}" for cls in all_module_classes()
-                       for name in getattr(cls, "DETECT_NAMES", cls.WEIGHT_NAMES[:1]))
+    signatures = tuple(f".{name}" for name in signature_names())
     return any(k.endswith(signatures) for k in keys)
 
 
@@ -91,9 +89,7 @@ def network_summary(path: Path, verbose: bool) -> list[str]:
     weights, metadata = read_network_file(path, check=False)  # described, with what we do not read named below
     info = describe_network_file(weights, source=str(path))
     modules = _grouped(weights, info.dims)
-    algorithm = ALGORITHM_NAMES.get(info.algorithm, info.algorithm)
-    if info.algorithm == "lora" and info.conv_modules:
-        algorithm = "LoCon"  # sd-scripts' name for a LoRA that also adapts 3×3 convolutions (conv_dim)
+    algorithm = info.label  # LoCon for a LoRA that also adapts 3×3 convolutions (conv_dim), as sd-scripts says
     unet = sum(name.startswith("lora_unet_") for name in modules)
     te = sum(name.startswith("lora_te") for name in modules)
     from networks.files import is_unet_kernel_name
@@ -114,7 +110,7 @@ def network_summary(path: Path, verbose: bool) -> list[str]:
     if info.module_args:
         lines.append("  options: " + ", ".join(f"{k}={v}" for k, v in sorted(info.module_args.items())))
     lines.append(f"  dtype: {_tally(str(v.dtype).removeprefix('torch.') for v in weights.values())}")
-    lines.append(f"  base model: {_base_model(metadata, modules, info.algorithm)}")
+    lines.append(f"  base model: {_base_model(metadata, modules, info.module_class)}")
     lines += _untrained_note(modules, info.module_class)
     lines += _unknown_note(weights, info)
     lines += _metadata_lines(path, metadata)
@@ -152,23 +148,24 @@ def _order(text: str):
         return (1, 0.0, text)
 
 
-def _base_model(metadata: dict[str, str], modules: dict, algorithm: str) -> str:
+def _base_model(metadata: dict[str, str], modules: dict, module_class) -> str:
     recorded = [f"{key}={metadata[key]}" for key in BASE_KEYS if metadata.get(key)]
     if recorded:
         return ", ".join(recorded)
-    width = _context_width(modules, algorithm)
+    width = _context_width(modules, module_class)
     if width is None:
         return "not recorded in the metadata"
     family = CONTEXT_WIDTHS.get(width, "no SD release (a test model?)")
     return f"not recorded; {width}-wide cross-attention context suggests {family}"
 
 
-def _context_width(modules: dict, algorithm: str) -> int | None:
-    # The text-encoder width is the in-width of every attn2 to_k; LoKr splits it over two factors, so it is skipped.
-    tensor_name = {"lora": "lora_down.weight", "loha": "hada_w1_b"}.get(algorithm)
+def _context_width(modules: dict, module_class) -> int | None:
+    # The text-encoder width is the in-width of every attn2 to_k, where the algorithm's tensors tell it.
     for name, tensors in modules.items():
-        if name.endswith("attn2_to_k") and tensor_name in tensors and "hada_t1" not in tensors:
-            return int(tensors[tensor_name].shape[1])
+        if name.endswith("attn2_to_k"):
+            width = module_class.in_width(tensors)
+            if width is not None:
+                return width
     return None
 
 

@@ -26,7 +26,6 @@ from tools.resize_lora import NETWORK_SUFFIXES  # noqa: E402
 
 MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt")
 PRECISION_CHOICES = ("float", "fp16", "bf16")
-ALGORITHM_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, no_metadata_note: str = "") -> None:
@@ -109,10 +108,8 @@ def merge_file_into(parts, path: Path, ratio: float, device: str) -> str:
     network.to(device)
     network.load_state_dict_flexible(weights, source=str(path))  # refuses tensors it cannot merge as meant
     network.merge_to(parts.text_encoder, parts.unet)
-    name = "LoCon" if info.algorithm == "lora" and info.conv_modules else ALGORITHM_NAMES.get(info.algorithm,
-                                                                                              info.algorithm)
     te, unet = len(network.text_encoder_loras), len(network.unet_loras)
-    return f"merged {path.name} ({name}) at ratio {ratio:g}: {te + unet} modules ({te} text encoder, {unet} UNet)"
+    return f"merged {path.name} ({info.label}) at ratio {ratio:g}: {te + unet} modules ({te} text encoder, {unet} UNet)"
 
 
 def merge_into_model(args, inputs: list[Path], ratios: list[float]) -> Path:

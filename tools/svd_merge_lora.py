@@ -18,10 +18,10 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from library.errors import UserError, exit_on_user_error  # noqa: E402
-from networks.files import is_unet_kernel_name  # noqa: E402
 from tools.merge_lora import (add_common_arguments, check_common, check_network_output, merge_dtypes,  # noqa: E402
                               network_metadata)
 from tools.merge_models import make_parser  # noqa: E402
+
 
 def _stand_in(shape: tuple[int, ...]) -> nn.Module:
     """A weightless (meta) layer of `shape`: the adapter classes read only its kind and sizes."""
@@ -30,38 +30,9 @@ def _stand_in(shape: tuple[int, ...]) -> nn.Module:
     return nn.Conv2d(shape[1], shape[0], tuple(shape[2:]), bias=False, device="meta")
 
 
-def layer_shapes(name: str, weights: dict[str, torch.Tensor]) -> list[tuple[int, ...]]:
-    """Candidate shapes of the adapted layer, likeliest first (the adapter's factors must load into one of them)."""
-    from networks.lokr import kron_sides
-
-    if "lora_down.weight" in weights:
-        down, up = weights["lora_down.weight"], weights["lora_up.weight"]
-        return [(up.shape[0], *down.shape[1:])]
-    if "hada_t1" in weights:
-        return [(weights["hada_w1_a"].shape[1], weights["hada_w1_b"].shape[1], *weights["hada_t1"].shape[2:])]
-    if "hada_w1_a" in weights:
-        return _guess(name, weights["hada_w1_a"].shape[0], weights["hada_w1_b"].shape[1])
-    (out_small, out_large), in_small, in_large = kron_sides(weights)
-    out = out_small * out_large
-    if "lokr_t2" in weights:
-        return [(out, in_small * in_large[0], *weights["lokr_t2"].shape[2:])]
-    if "lokr_w2" in weights:
-        return [(out, in_small * in_large[0], *weights["lokr_w2"].shape[2:])]
-    return _guess(name, out, in_small * weights["lokr_w2_b"].shape[1])
-
-
-def _guess(name: str, out: int, columns: int) -> list[tuple[int, ...]]:
-    linear, shapes = (out, columns), [(out, columns)]
-    if columns % 9 == 0:
-        kernel = (out, columns // 9, 3, 3)
-        named = is_unet_kernel_name(name)  # LoHa/LoKr conv factors are 2-D: the name decides
-        shapes = [kernel, linear] if named else [linear, kernel]
-    return shapes
-
-
 def module_delta(info, name: str, weights: dict[str, torch.Tensor], source: Path) -> torch.Tensor:
     """ΔW (alpha/rank scale included) of one module, rebuilt by the file's own adapter class."""
-    for shape in layer_shapes(name, weights):
+    for shape in info.module_class.layer_shapes(name, weights):  # likeliest first; the factors load into one
         module = info.module_class(name, _stand_in(shape), 1.0, info.dims[name], info.alphas[name],
                                    **info.module_args)
         # The module was built with the file's alpha (or alpha = rank where the file has none).

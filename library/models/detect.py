@@ -62,7 +62,9 @@ def foreign_kind(keys: Iterable[str], values: dict | None = None) -> str | None:
         return "an AUTOMATIC1111 hypernetwork (pass it to the hypernetwork options instead)"
     has = lambda *parts: any(any(p in k for p in parts) for k in keys)  # noqa: E731
     starts = lambda *prefixes: any(k.startswith(prefixes) for k in keys)  # noqa: E731
-    if starts("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_") or has(".lora_down.", ".lora_up.", "hada_w1_a", "lokr_w1"):
+    from networks.registry import signature_names  # every registered adapter's tensor names
+
+    if starts("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_") or has(".lora_down.", ".lora_up.", *signature_names()):
         return "a LoRA/LyCORIS network, not a base model (pass it as --network_weights, or merge it with tools/)"
     if has("emb_params", "string_to_param", "string_to_token", "clip_l", "clip_g") and len(keys) < 16:
         return "a textual-inversion embedding, not a base model"

@@ -14,6 +14,7 @@ import train_network
 from library.data.demo import make_demo_dataset
 from library.models.checkpoint_io import read_state_dict
 from networks.files import describe_network_file
+from networks.registry import algo_modules
 
 pytest.importorskip("lycoris")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -26,7 +27,7 @@ DOCUMENTED = {
     "lokr": ["conv_dim=4", "conv_alpha=1", "algo=lokr"],
     "locon": ["conv_dim=4", "conv_alpha=1", "algo=locon"],
 }
-OUR_MODULE = {"default": "networks.lora", "locon": "networks.lora", "loha": "networks.loha", "lokr": "networks.lokr"}
+OUR_MODULE = {"default": "networks.lora", **algo_modules()}  # each command line's algo -> the module we train it with
 # LyCORIS' `full` preset = sd-scripts' LoCon layers plus these four (targeted by name in the preset).
 FULL_PRESET_EXTRA = {"lora_unet_conv_in", "lora_unet_conv_out", "lora_unet_time_embedding_linear_1",
                      "lora_unet_time_embedding_linear_2"}

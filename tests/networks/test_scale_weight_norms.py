@@ -4,6 +4,7 @@ sd-scripts' names, without reading the device inside the step."""
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -14,9 +15,10 @@ from torch import nn
 import train_network
 from library.data.demo import make_demo_dataset
 from library.errors import UserError
-from networks import loha, lokr, lora
+from networks import lora
 from networks.files import read_network_file
 from networks.network import AdapterNetwork, network_from_weights
+from networks.registry import ALGORITHMS, module_class
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -89,16 +91,21 @@ def test_linear_and_convolutions_equal_sd_scripts_formula():
         assert float(module.delta_weight().detach().norm()) <= 0.8 * (1 + 1e-5)
 
 
-@pytest.mark.parametrize("module, args", [
-    (lora, {"conv_dim": "2", "conv_alpha": "1"}),
-    (loha, {"conv_dim": "2"}),
-    (loha, {"conv_dim": "2", "use_tucker": "true"}),
-    (lokr, {"factor": "4"}),
-    (lokr, {"conv_dim": "2", "decompose_both": "true", "use_tucker": "true"}),
-], ids=["locon", "loha", "loha-tucker", "lokr", "lokr-both-tucker"])
-def test_every_adapter_ends_at_most_max_norm_and_small_ones_are_untouched(tiny_parts, module, args):
+# Every registered algorithm with 3×3 convolutions, and the options that change an algorithm's factors.
+MAX_NORM_CASES = {
+    **{name: (name, {"conv_dim": "2", "conv_alpha": "1"}) for name in ALGORITHMS},
+    "loha-tucker": ("loha", {"conv_dim": "2", "use_tucker": "true"}),
+    "lokr-factor4": ("lokr", {"factor": "4"}),
+    "lokr-both-tucker": ("lokr", {"conv_dim": "2", "decompose_both": "true", "use_tucker": "true"}),
+}
+
+
+@pytest.mark.parametrize("case", MAX_NORM_CASES)
+def test_every_adapter_ends_at_most_max_norm_and_small_ones_are_untouched(tiny_parts, case):
+    algorithm, args = MAX_NORM_CASES[case]
     parts = copy.deepcopy(tiny_parts["tiny-sd1"])
-    network = module.create_network(1.0, 4, 2, None, parts.text_encoder, parts.unet, **args)
+    create_network = importlib.import_module(module_class(algorithm).MODULE).create_network
+    network = create_network(1.0, 4, 2, None, parts.text_encoder, parts.unet, **args)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for param in network.parameters():

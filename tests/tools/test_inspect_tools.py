@@ -16,6 +16,7 @@ from library.models import checkpoint_io
 from library.models.checkpoint_io import read_safetensors_keys
 from networks import plugin
 from networks.hypernetwork import Hypernetwork, save_hypernetwork
+from networks.registry import ALGORITHMS, module_class
 from tests.conftest import ROOT
 from tools import check_lora_weights, show_metadata
 
@@ -90,14 +91,18 @@ def test_verbose_prints_each_module_with_shapes_and_mean_abs(locon, capsys):
     assert any(", conv 3×3 |" in line for line in modules)
 
 
-@pytest.mark.parametrize("module, name, dim, suffix", [("networks.loha", "LoHa", 4, ".safetensors"),
-                                                       ("networks.lokr", "LoKr", 2, ".pt")])
-def test_lycoris_networks_are_named_with_their_own_counts(tiny_parts, tmp_path, capsys, module, name, dim, suffix):
-    network = _network(tiny_parts, module, dim, 1)
+# Every registered algorithm, saved in both file kinds in turn; LoKr at dim 2 (at 4 the tiny layers' factors are full).
+NAMED_CASES = [(algorithm, (".safetensors", ".pt")[i % 2]) for i, algorithm in enumerate(ALGORITHMS)]
+
+
+@pytest.mark.parametrize("algorithm, suffix", NAMED_CASES)
+def test_every_algorithm_is_named_with_its_own_counts(tiny_parts, tmp_path, capsys, algorithm, suffix):
+    cls, dim = module_class(algorithm), {"lokr": 2}.get(algorithm, 4)
+    network = _network(tiny_parts, cls.MODULE, dim, 1)
     file = tmp_path / f"net{suffix}"
     network.save_weights(file)
     out = _run(check_lora_weights, [file], capsys)
-    assert f"{name} network ({name.lower()}, kohya key layout)" in out
+    assert f"{cls.LABEL} network ({algorithm}, kohya key layout)" in out
     assert f"(UNet {len(network.unet_loras)}, text encoder {len(network.text_encoder_loras)})" in out
     assert f"rank (dim): {dim}; alpha: 1\n" in out
     if suffix == ".pt":

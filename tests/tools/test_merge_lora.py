@@ -4,6 +4,7 @@ algorithm), LoRA + LoRA by concatenation (exact) and by sd-scripts' rule, SVD me
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 import re
 
@@ -11,9 +12,9 @@ import pytest
 import torch
 
 from library.models.loading import load_components
-from networks import loha, lokr, lora
 from networks.files import read_network_file
 from networks.network import network_from_weights
+from networks.registry import ALGORITHMS as REGISTRY, module_class
 from tools import merge_lora, svd_merge_lora
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -23,21 +24,30 @@ RATIO = 0.7
 ATOL = 1e-5
 SVD_RTOL = 1e-4  # relative Frobenius error of an SVD re-factorisation at full rank
 
-# algorithm -> (module, network_args): every algorithm with 3×3 convolutions where it has them (LoCon, LoHa, LoKr).
-# The std of the random factors: LoHa multiplies four of them, so it needs larger ones for a visible ΔW.
-ALGORITHMS = {
-    "lora": (lora, {}, 0.05),
-    "locon": (lora, {"conv_dim": "2", "conv_alpha": "1"}, 0.05),
-    "loha": (loha, {"conv_dim": "2", "conv_alpha": "1"}, 0.3),
-    "lokr": (lokr, {"conv_dim": "2", "conv_alpha": "1"}, 0.1),
-}
+# case -> (adapter class, network_args, std of the random factors): plain LoRA, and every registered algorithm with
+# 3×3 convolutions (named as the tools name it: LoCon, LoHa, LoKr). LoHa multiplies four factors, so it needs larger
+# ones for a visible ΔW; LoKr's kron of two, a little larger than LoRA's.
+CONV = {"conv_dim": "2", "conv_alpha": "1"}
+STD = {"loha": 0.3, "lokr": 0.1}
+
+
+def _cases() -> dict:
+    cases = {"lora": (module_class("lora"), {}, 0.05)}
+    for name in REGISTRY:
+        cls = module_class(name)
+        cases[(cls.CONV_LABEL or cls.LABEL).lower()] = (cls, CONV, STD.get(name, 0.05))
+    return cases
+
+
+ALGORITHMS = _cases()
 
 
 def _network_file(parts, path, algorithm, *, seed=0, dim=4, alpha=2.0):
     """A network of `algorithm` with non-zero seeded random weights over a copy of `parts`, saved to `path`."""
-    module, net_args, std = ALGORITHMS[algorithm]
+    cls, net_args, std = ALGORITHMS[algorithm]
     model = copy.deepcopy(parts)
-    network = module.create_network(1.0, dim, alpha, None, model.text_encoder, model.unet, **net_args)
+    create_network = importlib.import_module(cls.MODULE).create_network
+    network = create_network(1.0, dim, alpha, None, model.text_encoder, model.unet, **net_args)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in network.parameters():
@@ -77,7 +87,8 @@ def test_merging_into_a_checkpoint_equals_applying_at_run_time(algorithm, sd1, t
     merge_lora.main(["--sd_model", str(tiny_files["tiny-sd1"]["safetensors"]), "--models", str(net),
                      "--ratios", str(RATIO), "--save_to", str(out)])
     printed = capsys.readouterr().out
-    expected_name = {"lora": "LoRA", "locon": "LoCon", "loha": "LoHa", "lokr": "LoKr"}[algorithm]
+    cls, net_args, _ = ALGORITHMS[algorithm]
+    expected_name = cls.CONV_LABEL if net_args and cls.CONV_LABEL else cls.LABEL
     assert re.search(rf"merged {net.name} \({expected_name}\) at ratio 0.7: \d+ modules", printed)
     merged = _outputs(load_components(str(out)))
     applied = _applied(sd1, [(net, RATIO)])
@@ -154,8 +165,8 @@ def test_svd_merge_of_a_file_with_itself_reproduces_it(sd1, tmp_path, capsys):
     assert all(m.rank == 1 for m in lower) and all(m.retained < 1 for m in lower)
 
 
-@pytest.mark.parametrize("algorithm", ["loha", "lokr"])
-def test_svd_merge_rebuilds_lycoris_deltas(algorithm, sd1, tmp_path):
+@pytest.mark.parametrize("algorithm", [name for name in ALGORITHMS if name != "lora"])
+def test_svd_merge_rebuilds_every_algorithms_deltas(algorithm, sd1, tmp_path):
     src = _network_file(sd1, tmp_path / f"{algorithm}.safetensors", algorithm, dim=2)
     out = tmp_path / "svd.safetensors"
     svd_merge_lora.main(["--models", str(src), "--ratios", "-0.5", "--new_rank", "64", "--save_to", str(out)])
