@@ -17,7 +17,7 @@ from peft import LoraConfig  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from library.models.loading import load_components  # noqa: E402
-from library.training.noise import LATENT_SCALE, make_noise_scheduler  # noqa: E402
+from library.training.noise import make_noise_scheduler  # noqa: E402
 
 
 def main(model, data, resolution, batch, steps, rank) -> None:
@@ -40,7 +40,7 @@ def main(model, data, resolution, batch, steps, rank) -> None:
     first = None
     print(f"training starts {time.time() - START:.1f} s after launch", flush=True)
     for step in range(steps):
-        x0 = latents[torch.randint(0, len(latents), (batch,))] * LATENT_SCALE
+        x0 = latents[torch.randint(0, len(latents), (batch,))] * parts.family.latent_scale
         noise = torch.randn_like(x0)
         t = torch.randint(0, 1000, (batch,))
         pred = unet(scheduler.add_noise(x0, noise, t), t, hidden).sample

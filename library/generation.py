@@ -81,13 +81,13 @@ class Generator:
 
         self.setup = setup
         self.device = torch.device(setup.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.parts = load_components(setup.ckpt, v2=setup.v2, v_parameterization=setup.v_parameterization,
+        self.parts = load_components(setup.ckpt, options=setup, v_parameterization=setup.v_parameterization,
                                      vae=setup.vae, dtype=setup.dtype)
         self.model_name = _model_name(setup.ckpt)
         self.model_hash = _file_shorthash(setup.ckpt, 10)
         self.embeddings = install_embeddings(self.parts, setup.embeddings)
         self.hypernetwork = self._load_hypernetwork(setup.hypernetwork, setup.hypernetwork_strength)
-        for module in (self.parts.unet, self.parts.vae, self.parts.text_encoder):
+        for module in self.parts.modules():
             module.to(self.device)
         self.networks: list[LoadedNetwork] = [self._load_network(f, w) for f, w in setup.networks]
         self._apply_networks()
@@ -101,7 +101,7 @@ class Generator:
 
         path = _existing(file, "network file", "--network_weights")
         weights, _ = read_network_file(path)
-        network = network_from_weights(weight, str(path), self.parts.text_encoder, self.parts.unet,
+        network = network_from_weights(weight, str(path), self.parts.network_text_encoder, self.parts.unet,
                                        weights_sd=weights, for_inference=True)
         network.load_state_dict_flexible(weights, source=str(path))
         network.set_multiplier(weight)
@@ -114,7 +114,7 @@ class Generator:
         for loaded in reversed(self.networks):
             loaded.network.restore()
         for loaded in self.networks:
-            loaded.network.apply_to(self.parts.text_encoder, self.parts.unet)
+            loaded.network.apply_to(self.parts.network_text_encoder, self.parts.unet)
 
     def set_weight(self, index: int, weight: float) -> None:
         """Change network `index`'s weight in place (no reloading)."""
@@ -203,11 +203,8 @@ class Generator:
         if not img2img:
             return self._txt2img
         if self._img2img is None:
-            from diffusers import StableDiffusionImg2ImgPipeline
-
             # The same modules: the networks, embeddings and hypernetwork applied to them apply here too.
-            self._img2img = StableDiffusionImg2ImgPipeline(**self._txt2img.components, requires_safety_checker=False)
-            self._img2img.set_progress_bar_config(disable=True)
+            self._img2img = self.parts.family.pipeline(self.parts, img2img=True)
         return self._img2img
 
     def _encoder(self, clip_skip: int | None):

@@ -1,4 +1,6 @@
-"""Where adapters go, named as sd-scripts names them: `lora_unet_<diffusers path>` and `lora_te_<transformers path>`."""
+"""Where adapters go, named as sd-scripts names them: `lora_unet_<diffusers path>` and `lora_te_<transformers path>`
+(`lora_te1_` / `lora_te2_` for a family with two text encoders). Which module classes are targets, and each part's
+prefix, come from the model family (`ModelFamily.unet_targets` / `text_encoder_targets`)."""
 
 from __future__ import annotations
 
@@ -8,12 +10,11 @@ from typing import Iterator
 
 from torch import nn
 
+from library.models.family import AdapterTargets
+
+# The single-text-encoder families' prefixes (SD 1.x/2.x), which most files use.
 UNET_PREFIX = "lora_unet"
 TEXT_ENCODER_PREFIX = "lora_te"
-# Modules whose Linear / 1×1 Conv children get adapters; with conv_dim, also ResNet blocks and up/down-samplers.
-UNET_TARGETS = ("Transformer2DModel",)
-UNET_CONV_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
-TEXT_ENCODER_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
 NUM_OF_BLOCKS = 12  # sd-scripts' block indexing: 0 (unused), IN01..IN11 = 1..11, MID = 12, OUT00..OUT11 = 13..24
 _UP_DOWN = re.compile(r"(up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|attentions)_(\d+)_")
 
@@ -25,32 +26,43 @@ class Target:
     is_conv_kernel: bool  # a Conv2d wider than 1×1: gets an adapter only with conv_dim (LoCon)
 
 
-def text_encoder_targets(text_encoder: nn.Module, prefix: str = TEXT_ENCODER_PREFIX) -> Iterator[Target]:
-    """self_attn q/k/v/out_proj and mlp fc1/fc2 of every layer, named with transformers 4's `text_model.` path.
+def adapter_targets(text_encoder_count: int) -> tuple[AdapterTargets, tuple[AdapterTargets, ...]]:
+    """(UNet targets, targets per text encoder) of the family with that many text encoders (sd-scripts' plug-in
+    API hands networks one text encoder, or a list of them, and no family)."""
+    from library.models.family import families
 
-    transformers >= 5 dropped the `text_model` wrapper; the ecosystem's files keep the old names, so we add it.
-    """
+    every = families()
+    family = next((f for f in every if len(f.text_encoder_targets) == text_encoder_count), every[0])
+    return family.unet_targets, family.text_encoder_targets[:text_encoder_count]
+
+
+def text_encoder_targets(text_encoder: nn.Module, targets: AdapterTargets) -> Iterator[Target]:
+    """The targets' modules (CLIP: self_attn q/k/v/out_proj and mlp fc1/fc2 of every layer), named with
+    transformers 4's `text_model.` path: transformers >= 5 dropped that wrapper; the ecosystem's files keep it."""
     for name, module in text_encoder.named_modules():
-        if type(module).__name__ in TEXT_ENCODER_TARGETS:
+        if type(module).__name__ in targets.classes:
             path = name if name.startswith("text_model.") else f"text_model.{name}"
-            yield from _children(prefix, path, module)
+            yield from _children(targets.prefix, path, module)
 
 
-def unet_targets(unet: nn.Module, *, include_conv: bool) -> Iterator[Target]:
-    classes = UNET_TARGETS + (UNET_CONV_TARGETS if include_conv else ())
+def unet_targets(unet: nn.Module, targets: AdapterTargets, *, include_conv: bool) -> Iterator[Target]:
+    """Linear / 1×1 Conv children of the targets' modules; with conv_dim, also their conv classes' (ResNet blocks,
+    up/down-samplers)."""
+    classes = targets.classes + (targets.conv_classes if include_conv else ())
     for name, module in unet.named_modules():
         if type(module).__name__ in classes:
-            yield from _children(UNET_PREFIX, name, module)
+            yield from _children(targets.prefix, name, module)
 
 
-def every_layer(text_encoder: nn.Module | None, unet: nn.Module | None) -> Iterator[Target]:
+def every_layer(text_encoder: nn.Module | None, unet: nn.Module | None, *,
+                text_encoder_prefix: str = TEXT_ENCODER_PREFIX, unet_prefix: str = UNET_PREFIX) -> Iterator[Target]:
     """Every Linear and Conv2d of the model under the names a network file would give it: what a file made with
     other targets (LyCORIS presets that adapt conv_in, time_embedding, ...) can name, in the model's order."""
     if text_encoder is not None:
         path = "" if any(n.startswith("text_model.") for n, _ in text_encoder.named_modules()) else "text_model"
-        yield from _children(TEXT_ENCODER_PREFIX, path, text_encoder)
+        yield from _children(text_encoder_prefix, path, text_encoder)
     if unet is not None:
-        yield from _children(UNET_PREFIX, "", unet)
+        yield from _children(unet_prefix, "", unet)
 
 
 def _children(prefix: str, path: str, module: nn.Module) -> Iterator[Target]:

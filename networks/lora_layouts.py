@@ -9,7 +9,7 @@ import torch
 
 from library.errors import UserError
 from networks.files import NetworkFileInfo, canonical_key, describe_network_file, refuse_unknown_tensors
-from networks.injection import TEXT_ENCODER_PREFIX, UNET_PREFIX, text_encoder_targets, unet_targets
+from networks.injection import TEXT_ENCODER_PREFIX, UNET_PREFIX, adapter_targets, text_encoder_targets, unet_targets
 
 PEFT_UNET = "unet"
 PEFT_TEXT_ENCODER = "text_encoder"
@@ -171,13 +171,14 @@ def _path_templates() -> dict[str, set[str]]:
 def _target_paths():
     """(component, kohya prefix, module path) of every target injection.py finds in skeleton SD 1.x and 2.x
     models (every block kind once; built on the meta device, so nothing is allocated)."""
+    unet_side, (te_side,) = adapter_targets(1)
     for unet, text_encoder in (_skeleton(False), _skeleton(True)):
         paths = {id(m): n for n, m in unet.named_modules()}
-        for target in unet_targets(unet, include_conv=True):
+        for target in unet_targets(unet, unet_side, include_conv=True):
             yield PEFT_UNET, UNET_PREFIX, paths[id(target.module)]
         paths = {id(m): n if n.startswith("text_model.") else f"text_model.{n}"
                  for n, m in text_encoder.named_modules()}
-        for target in text_encoder_targets(text_encoder):
+        for target in text_encoder_targets(text_encoder, te_side):
             yield PEFT_TEXT_ENCODER, TEXT_ENCODER_PREFIX, paths[id(target.module)]
 
 
@@ -187,6 +188,6 @@ def _skeleton(v2: bool):
 
     from library.models.tiny import tiny_configs
 
-    unet_cfg, _, text_cfg = tiny_configs(v2)
+    unet_cfg, _, text_cfg = tiny_configs(v2, latent_scale=1.0)  # the VAE is not built
     with torch.device("meta"):
         return UNet2DConditionModel(**unet_cfg), CLIPTextModel(CLIPTextConfig(**text_cfg))

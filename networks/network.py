@@ -10,7 +10,7 @@ from torch import nn
 
 from library.errors import UserError
 from networks.args import NUM_BLOCKS, parse_network_args
-from networks.injection import (NUM_OF_BLOCKS, UNET_PREFIX, Target, block_index, every_layer,
+from networks.injection import (NUM_OF_BLOCKS, Target, adapter_targets, block_index, every_layer,
                                 text_encoder_targets, unet_targets)
 
 
@@ -301,14 +301,19 @@ def build_network(module_class, multiplier, network_dim, network_alpha, text_enc
 
     encoders = [te for te in (text_encoder if isinstance(text_encoder, (list, tuple)) else [text_encoder])
                 if te is not None]
-    layers = [target for te in encoders for target in every_layer(te, None)] + list(every_layer(None, unet))
+    # The family with this many text encoders names them (lora_te, or lora_te1 / lora_te2) and says what to adapt.
+    unet_side, te_sides = adapter_targets(len(encoders))
+    layers = [target for te, side in zip(encoders, te_sides)
+              for target in every_layer(te, None, text_encoder_prefix=side.prefix)]
+    layers += list(every_layer(None, unet, unet_prefix=unet_side.prefix))
     if modules_dim is not None:
         # A file names its layers: any Linear/Conv2d of the model, as other loaders (A1111, ComfyUI) apply them.
-        te_loras = make([t for t in layers if not t.lora_name.startswith(UNET_PREFIX)], False)
-        unet_loras = make([t for t in layers if t.lora_name.startswith(UNET_PREFIX)], True)
+        te_loras = make([t for t in layers if not t.lora_name.startswith(unet_side.prefix)], False)
+        unet_loras = make([t for t in layers if t.lora_name.startswith(unet_side.prefix)], True)
     else:
-        te_loras = [lora for te in encoders for lora in make(text_encoder_targets(te), False)]
-        unet_loras = make(unet_targets(unet, include_conv=include_conv), True) if unet is not None else []
+        te_loras = [lora for te, side in zip(encoders, te_sides)
+                    for lora in make(text_encoder_targets(te, side), False)]
+        unet_loras = make(unet_targets(unet, unet_side, include_conv=include_conv), True) if unet is not None else []
     network = AdapterNetwork(module_class, te_loras, unet_loras, multiplier=multiplier, options=opts)
     network.layer_names = frozenset(target.lora_name for target in layers)
     return network

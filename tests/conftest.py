@@ -1,4 +1,5 @@
-"""Shared fixtures: seeded tiny random SD 1.x/2.x models in every format, and small image + caption folders."""
+"""Shared fixtures: seeded tiny random models of every registered family, in every format, and small image +
+caption folders."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from library.models.family import tiny_model_names
 from library.models.saving import save_diffusers, to_ldm_state_dict
 from library.models.tiny import build_tiny
 from tests.helpers import make_image_folder
@@ -24,7 +26,7 @@ GOLDEN = Path(__file__).resolve().parent / "golden"
 @pytest.fixture(scope="session")
 def tiny_parts():
     """name -> Components of the seeded tiny models (built once; tests must not modify them)."""
-    return {name: build_tiny(name, seed=0) for name in ("tiny-sd1", "tiny-sd2")}
+    return {name: build_tiny(name, seed=0) for name in tiny_model_names()}
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,7 @@ def test_convert_model_replaces_an_older_diffusers_folder_whole(tiny_files, tmp_
     convert_model.main([str(tiny_files["tiny-sd2"]["safetensors"]), str(dst)])
     (dst / "stale.txt").write_text("from the old model")
     convert_model.main([str(tiny_files["tiny-sd1"]["safetensors"]), str(dst)])
-    assert not (dst / "stale.txt").exists() and load_components(str(dst)).v2 is False
+    assert not (dst / "stale.txt").exists() and load_components(str(dst)).family.name == "sd1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temp or backup folders left
 
 

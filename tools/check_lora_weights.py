@@ -218,26 +218,22 @@ def _module_line(name: str, tensors: dict[str, torch.Tensor], info) -> str:
 
 def checkpoint_summary(path: Path, file: TensorFile) -> list[str]:
     """From the tensor names and shapes alone: the header of a .safetensors is all that was read."""
-    from library.models.detect import has_openclip_text_encoder
-    from library.models.ldm_convert import UNET_PREFIX
+    from library.models.family import family_of_file
 
     meta = file.meta
-    openclip = has_openclip_text_encoder(meta)
-    to_k = next((v for k, v in meta.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")), None)
-    v2 = openclip or (to_k is not None and to_k.shape[1] == 1024)
+    family = family_of_file(meta)
     params = sum(t.numel() for t in meta.values())
     dtypes = _tally(str(t.dtype).removeprefix("torch.") for t in meta.values() if t.is_floating_point())
-    encoder = ("OpenCLIP text encoder (cond_stage_model.model.*)" if openclip
-               else "CLIP text encoder (cond_stage_model.transformer.*)")
-    second = [encoder]
+    encoders, notes = family.file_notes(meta) if family else ([], [])
+    second = list(encoders)
     ema = sum(k.startswith("model_ema.") for k in meta)
     if ema:
         second.append(f"{ema} EMA tensors")
     if file.metadata.get("modelspec.architecture"):
         second.append(f"modelspec.architecture={file.metadata['modelspec.architecture']}")
-    if v2:
-        second.append("v-prediction or not is not in the weights (pass --v_parameterization for a 768-v model)")
-    return [f"{path}: Stable Diffusion {'2.x' if v2 else '1.x'} checkpoint (single file): {len(meta)} tensors, "
+    second += notes
+    title = family.full_name if family else "unrecognised"
+    return [f"{path}: {title} checkpoint (single file): {len(meta)} tensors, "
             f"{params / 1e6:.1f} M parameters, dtype {dtypes}",
             "  " + "; ".join(second)]
 

@@ -27,7 +27,7 @@ def main(argv=None) -> None:
     from library.models.loading import load_components
     from library.models.saving import save_model
 
-    parts = load_components(args.src, v2=args.v2, v_parameterization=args.v_parameterization,
+    parts = load_components(args.src, options=args, v_parameterization=args.v_parameterization,
                             vae=args.vae, tokenizer=args.tokenizer)
     print(parts.describe())
     dst = save_model(parts, args.dst, precision=args.save_precision)

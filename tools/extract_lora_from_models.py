@@ -93,10 +93,10 @@ def lora_metadata(parts, args) -> dict[str, str]:
     if args.conv_dim is not None:
         net_args = {"conv_dim": str(args.conv_dim), "conv_alpha": str(float(args.conv_dim))}
     # A LoRA's modelspec, as train_network writes it (implementation "diffusers" for SD 1.x/2.x LoRA).
-    metadata = {} if args.no_metadata else network_modelspec(v2=parts.v2, v_parameterization=v_param,
+    metadata = {} if args.no_metadata else network_modelspec(parts.family, v_parameterization=v_param,
                                                             timestamp=time.time(), title=Path(args.save_to).stem)
-    metadata.update({"ss_v2": str(parts.v2), "ss_base_model_version": parts.base_model_version,
-                     "ss_network_module": "networks.lora", "ss_network_dim": str(args.dim),
+    metadata.update({key: str(value) for key, value in parts.family.ss_keys(v_param).items()})
+    metadata.update({"ss_network_module": "networks.lora", "ss_network_dim": str(args.dim),
                      "ss_network_alpha": str(float(args.dim)), "ss_network_args": json.dumps(net_args)})
     return metadata
 
@@ -123,7 +123,7 @@ def save_extracted(weights: dict[str, torch.Tensor], parts, args) -> Path:
     from library.models.saving import save_dtype
     from networks import lora
 
-    network = lora.create_network_from_weights(1.0, args.save_to, None, parts.text_encoder, parts.unet,
+    network = lora.create_network_from_weights(1.0, args.save_to, None, parts.network_text_encoder, parts.unet,
                                                weights_sd=weights)
     result = network.load_state_dict_flexible(weights)
     if result.missing_keys or result.unexpected_keys:
@@ -141,8 +141,8 @@ def main(argv=None) -> list:
     from library.models.loading import load_components
 
     dtype = LOAD_DTYPES[args.load_precision]
-    base = load_components(args.model_org, v2=args.v2, v_parameterization=args.v_parameterization, dtype=dtype)
-    tuned = load_components(args.model_tuned, v2=args.v2, v_parameterization=args.v_parameterization, dtype=dtype)
+    base = load_components(args.model_org, options=args, v_parameterization=args.v_parameterization, dtype=dtype)
+    tuned = load_components(args.model_tuned, options=args, v_parameterization=args.v_parameterization, dtype=dtype)
     diffs = weight_differences(base, tuned, conv_dim=args.conv_dim, min_diff=args.min_diff)
     if not diffs:
         raise UserError(f"--model_tuned {args.model_tuned}: no LoRA-targeted layer differs from --model_org; "

@@ -84,8 +84,8 @@ def setup_from_args(args):
         ckpt=args.ckpt, networks=[(f, muls[i] if len(muls) > 1 else muls[0]) for i, f in enumerate(files)],
         embeddings=list(args.textual_inversion_embeddings or []), hypernetwork=args.hypernetwork,
         hypernetwork_strength=args.hypernetwork_mul, sampler=args.sampler, steps=args.steps, scale=args.scale,
-        width=args.W, height=args.H, seed=args.seed, negative_prompt=args.negative_prompt, clip_skip=args.clip_skip,
-        v2=args.v2, v_parameterization=args.v_parameterization, vae=args.vae, dtype=dtype, device=args.device)
+        width=args.W, height=args.H, seed=args.seed, negative_prompt=args.negative_prompt, dtype=dtype,
+        device=args.device, **{flag: getattr(args, flag) for flag in SHARED_FLAGS})
 
 
 def check_sampling_defaults(setup) -> None:

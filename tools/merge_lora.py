@@ -103,11 +103,11 @@ def merge_file_into(parts, path: Path, ratio: float, device: str) -> str:
 
     weights, _ = read_network_file(path)
     info = describe_network_file(weights, source=str(path))
-    network = network_from_weights(ratio, path, parts.text_encoder, parts.unet, weights_sd=weights,
+    network = network_from_weights(ratio, path, parts.network_text_encoder, parts.unet, weights_sd=weights,
                                    for_inference=True)
     network.to(device)
     network.load_state_dict_flexible(weights, source=str(path))  # refuses tensors it cannot merge as meant
-    network.merge_to(parts.text_encoder, parts.unet)
+    network.merge_to(parts.network_text_encoder, parts.unet)
     te, unet = len(network.text_encoder_loras), len(network.unet_loras)
     return f"merged {path.name} ({info.label}) at ratio {ratio:g}: {te + unet} modules ({te} text encoder, {unet} UNet)"
 
@@ -121,14 +121,14 @@ def merge_into_model(args, inputs: list[Path], ratios: list[float]) -> Path:
     dst = Path(args.save_to)
     check_model_output(dst, inputs + [Path(args.sd_model)])
     merge_dtype, _ = merge_dtypes(args)
-    parts = load_components(args.sd_model, v2=args.v2, dtype=merge_dtype)
-    parts.text_encoder.to(args.device)
-    parts.unet.to(args.device)
+    parts = load_components(args.sd_model, options=args, dtype=merge_dtype)
+    for module in (*parts.text_encoders, parts.unet):
+        module.to(args.device)
     with torch.no_grad():
         for path, ratio in zip(inputs, ratios):
             print(merge_file_into(parts, path, ratio, args.device))
-    parts.text_encoder.to("cpu")
-    parts.unet.to("cpu")
+    for module in (*parts.text_encoders, parts.unet):
+        module.to("cpu")
     return save_model(parts, dst, precision=args.save_precision or args.precision)
 
 

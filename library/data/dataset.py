@@ -11,7 +11,7 @@ its size: batches per epoch, optimizer steps and resume positions are those of t
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +26,7 @@ from library.data.images import (CorruptImageError, color_aug, crop_ltrb, flip_h
 from library.data.latent_cache import LatentCache, LatentRequest, pixels_to_tensor
 from library.data.plan import DatasetPlan, RunPlan
 from library.data.subsets import ImageEntry
+from library.models.family import ImageConditioning
 
 
 @dataclass
@@ -34,10 +35,12 @@ class Batch:
     is_reg: torch.Tensor  # bool (B,)
     network_multipliers: torch.Tensor  # float (B,)
     images: torch.Tensor | None  # float (B, 3, H, W) in [-1, 1]; None when latents come from the cache
-    latents: torch.Tensor | None  # float (B, 4, h, w), unscaled (× 0.18215 at train time); None without a cache
+    latents: torch.Tensor | None  # float (B, 4, h, w), unscaled (× family.latent_scale in training); None uncached
     alpha_masks: torch.Tensor | None  # float (B, H, W) in [0, 1] when a subset has alpha_mask
     image_paths: list[str]
     skipped: list[str]  # images of this batch that could not be decoded (reported; other images took their slots)
+    # Per image: original size, crop and target size, for families whose UNet takes them (SDXL); SD 1.x/2.x ignore it.
+    conditioning: list[ImageConditioning] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -160,7 +163,9 @@ class TrainingDataset(torch.utils.data.Dataset):
         # sd-scripts' draw order: flip first, then crop, colour, caption.
         flip = subset.flip_aug and should_flip(rng)
         example = {"path": str(item.entry.path), "is_reg": item.entry.is_reg,
-                   "multiplier": self.plan.datasets[item.dataset].spec.network_multiplier}
+                   "multiplier": self.plan.datasets[item.dataset].spec.network_multiplier,
+                   "conditioning": image_conditioning(self.plan.datasets[item.dataset].sizes[item.entry.path],
+                                                      item.bucket, flipped=flip)}
         if self.latent_cache is not None:
             example["latents"] = cached.flipped if flip else cached.latents
             example["alpha"] = cached.alpha_mask
@@ -207,6 +212,18 @@ def crop_into_bucket(image, entry: ImageEntry, bucket, resized, rng: random.Rand
     return pixels
 
 
+def image_conditioning(original_size, bucket, *, flipped: bool) -> ImageConditioning:
+    """An image's size/crop conditioning as sd-scripts' BaseDataset.__getitem__ computes it: the original (w, h) of the
+    file, the crop of the image fitted inside its bucket (`crop_ltrb`, not the random crop), mirrored when the image
+    is flipped, and the bucket as target; all stored (height, width) / (top, left)."""
+    width, height = original_size
+    bucket_w, bucket_h = bucket
+    left, top, right, _ = crop_ltrb(tuple(bucket), tuple(original_size))
+    if flipped:
+        left = bucket_w - right
+    return ImageConditioning(original_size=(height, width), crop_top_left=(top, left), target_size=(bucket_h, bucket_w))
+
+
 def latent_request(entry: ImageEntry, bucket, resized, original) -> LatentRequest:
     return LatentRequest(image_path=Path(entry.path), bucket_reso=tuple(bucket), original_size=original,
                          crop_ltrb=crop_ltrb(tuple(bucket), original),
@@ -238,4 +255,5 @@ def _collate(examples: list[dict], skipped: list[str]) -> Batch:
         alpha_masks=stack("alpha"),
         image_paths=[e["path"] for e in examples],
         skipped=skipped,
+        conditioning=[e["conditioning"] for e in examples],
     )

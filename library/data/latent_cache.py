@@ -1,7 +1,7 @@
 """VAE latent cache: encode prepared bucket images once; keep the latents in memory or in sd-scripts' `_sd.npz` files.
 
 Latents are stored UNSCALED, exactly as `vae.encode(x).latent_dist.sample()` returns them: the training step multiplies
-by `vae.config.scaling_factor` (0.18215 for SD 1.x/2.x), as sd-scripts does, so its cache files and ours are
+by the model family's `latent_scale` (`vae.config.scaling_factor`), as sd-scripts does, so its cache files and ours are
 interchangeable.
 
 On disk one file per image and original size sits beside the image (sd-scripts' naming), holding one entry per latent

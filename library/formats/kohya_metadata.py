@@ -17,7 +17,8 @@ import safetensors.torch
 from library.data.bucketing import adjust_bucket_reso_range
 from library.data.captions import tag_frequency
 from library.errors import UserError
-from library.formats.modelspec import IMPL_DIFFUSERS, MODELSPEC_VERSION, TRAINER_VERSION, architecture
+from library.formats.modelspec import IMPL_DIFFUSERS, MODELSPEC_VERSION, TRAINER_VERSION
+from library.models.family import ModelFamily, family_from_flags
 
 if TYPE_CHECKING:
     import torch
@@ -56,20 +57,21 @@ def training_metadata(config: Mapping[str, Any], plan: "RunPlan", *, session_id:
                       optimizer: type | str, optimizer_kwargs: Mapping[str, Any] | None = None,
                       sd_model_hashes: tuple[str, str] | None = None, vae_hashes: tuple[str, str] | None = None,
                       listed_reg_images: Sequence["ImageEntry"] | None = None, num_validation_images: int = 0,
-                      commit_hash: str = TRAINER_VERSION) -> dict[str, str]:
+                      commit_hash: str = TRAINER_VERSION, family: "ModelFamily | None" = None) -> dict[str, str]:
     """The `ss_*` keys train_network.py writes into every LoRA of a run, built once when training starts.
 
     `config` holds what the run really uses: the resolved seed (sd-scripts draws one when --seed is unset) and the
-    detected v2 / v_parameterization. `session_id` is sd-scripts' `random.randint(0, 2**32)`, `training_started_at`
-    a `time.time()`. `optimizer` is the optimizer class (or its dotted name) and `optimizer_kwargs` the keyword
-    arguments given to it from --optimizer_args. `sd_model_hashes` / `vae_hashes` are `file_hashes(path)` of
+    detected v_parameterization; `family` is the loaded model's (None: the one the flags imply, e.g. --v2).
+    `session_id` is sd-scripts' `random.randint(0, 2**32)`, `training_started_at` a `time.time()`. `optimizer` is
+    the optimizer class (or its dotted name) and `optimizer_kwargs` the keyword arguments given to it from
+    --optimizer_args. `sd_model_hashes` / `vae_hashes` are `file_hashes(path)` of
     --pretrained_model_name_or_path / --vae (None for a hub id). `listed_reg_images`: every image the reg subsets
     list, before balancing — sd-scripts counts them all; without it the plan's balanced reg entries are counted,
     which leaves out reg images balancing did not need. The save-time keys come from `save_time_metadata`.
     """
     records = [_dataset_record(dataset, listed_reg_images) for dataset in plan.datasets]
     values = _run_keys(config, plan, records, session_id=session_id, training_started_at=training_started_at,
-                       num_validation_images=num_validation_images)
+                       num_validation_images=num_validation_images, family=family or family_from_flags(config))
     values["ss_sd_scripts_commit_hash"] = commit_hash
     values["ss_optimizer"] = optimizer_description(optimizer, optimizer_kwargs)
     values |= _loss_keys(config)
@@ -82,8 +84,8 @@ def training_metadata(config: Mapping[str, Any], plan: "RunPlan", *, session_id:
 
 
 def _run_keys(config: Mapping[str, Any], plan: "RunPlan", records: list[_DatasetRecord], *, session_id: int,
-              training_started_at: float, num_validation_images: int) -> dict[str, Any]:
-    v2, v_parameterization = bool(config.get("v2")), bool(config.get("v_parameterization"))
+              training_started_at: float, num_validation_images: int, family: "ModelFamily") -> dict[str, Any]:
+    model_keys = family.ss_keys(bool(config.get("v_parameterization")))
     return {
         "ss_session_id": session_id,
         "ss_training_started_at": training_started_at,
@@ -107,8 +109,7 @@ def _run_keys(config: Mapping[str, Any], plan: "RunPlan", records: list[_Dataset
         "ss_network_dropout": config.get("network_dropout"),
         "ss_mixed_precision": config.get("mixed_precision"),
         "ss_full_fp16": bool(config.get("full_fp16")),
-        "ss_v2": v2,
-        "ss_base_model_version": base_model_version(v2, v_parameterization),
+        **model_keys,  # ss_v2, ss_base_model_version
         "ss_clip_skip": config.get("clip_skip"),
         "ss_max_token_length": config.get("max_token_length"),
         # verify_training_args turns cache_latents on when cache_latents_to_disk is given.
@@ -317,11 +318,6 @@ def optimizer_description(optimizer: type | str, kwargs: Mapping[str, Any] | Non
     return name + (f"({arguments})" if arguments else "")
 
 
-def base_model_version(v2: bool, v_parameterization: bool) -> str:
-    """model_util.get_model_version_str_for_sd1_sd2: sd_v1, sd_v2, sd_v2_v (and sd_v1_v)."""
-    return ("sd_v2" if v2 else "sd_v1") + ("_v" if v_parameterization else "")
-
-
 def _model_file_keys(config: Mapping[str, Any], sd_model_hashes: tuple[str, str] | None,
                      vae_hashes: tuple[str, str] | None) -> dict[str, str]:
     values: dict[str, str] = {}
@@ -420,7 +416,7 @@ def file_hashes(path: str | os.PathLike | None) -> tuple[str, str] | None:
 
 # ---- modelspec.* ------------------------------------------------------------------------------------------------
 
-def network_modelspec(*, v2: bool, v_parameterization: bool, timestamp: float, title: str | None = None,
+def network_modelspec(family: "ModelFamily", *, v_parameterization: bool, timestamp: float, title: str | None = None,
                       resolution: Any = None, author: str | None = None, description: str | None = None,
                       license: str | None = None, tags: str | None = None, timesteps: tuple[int, int] | None = None,
                       clip_skip: int | None = None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -428,13 +424,14 @@ def network_modelspec(*, v2: bool, v_parameterization: bool, timestamp: float, t
 
     `timestamp` is the save time (`time.time()`): the title falls back to "LoRA@<timestamp>" and the date is its
     local time to the second. `resolution` is "512" / "512,768" / an int / (width, height); None means 512x512
-    (768x768 for v2 with v-parameterization). `extra` holds further fields by name (usage_hint, thumbnail, ...).
+    (the family's default: 768x768 for SD 2.x with v-parameterization). `extra` holds further fields by name
+    (usage_hint, thumbnail, ...).
     """
     spec = {
-        "modelspec.architecture": architecture(v2, v_parameterization, "lora"),
+        "modelspec.architecture": family.modelspec_architecture(v_parameterization, "lora"),
         "modelspec.implementation": IMPL_DIFFUSERS,  # sd-scripts uses the SGM URL only for SDXL LoRA
         "modelspec.title": title if title is not None else f"LoRA@{timestamp}",
-        "modelspec.resolution": _modelspec_resolution(resolution, v2, v_parameterization),
+        "modelspec.resolution": _modelspec_resolution(resolution, family.default_resolution(v_parameterization)),
         "modelspec.date": datetime.datetime.fromtimestamp(int(timestamp)).isoformat(),
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.prediction_type": "v" if v_parameterization else "epsilon",
@@ -448,7 +445,8 @@ def network_modelspec(*, v2: bool, v_parameterization: bool, timestamp: float, t
     return spec
 
 
-def modelspec_from_config(config: Mapping[str, Any], *, timestamp: float) -> dict[str, str]:
+def modelspec_from_config(config: Mapping[str, Any], *, timestamp: float,
+                          family: "ModelFamily | None" = None) -> dict[str, str]:
     """network_modelspec filled from the run's options, as train_util.get_sai_model_spec reads them.
 
     Title: --metadata_title, else --output_name. Timestep range: only when --min_timestep or --max_timestep is
@@ -464,17 +462,17 @@ def modelspec_from_config(config: Mapping[str, Any], *, timestamp: float) -> dic
         extra["thumbnail"] = _thumbnail_url(extra["thumbnail"])
     title = config.get("metadata_title")
     return network_modelspec(
-        v2=bool(config.get("v2")), v_parameterization=bool(config.get("v_parameterization")), timestamp=timestamp,
+        family or family_from_flags(config), v_parameterization=bool(config.get("v_parameterization")),
+        timestamp=timestamp,
         title=title if title is not None else config.get("output_name"), resolution=config.get("resolution"),
         author=config.get("metadata_author"), description=config.get("metadata_description"),
         license=config.get("metadata_license"), tags=config.get("metadata_tags"), timesteps=timesteps,
         clip_skip=config.get("clip_skip"), extra=extra)
 
 
-def _modelspec_resolution(resolution: Any, v2: bool, v_parameterization: bool) -> str:
+def _modelspec_resolution(resolution: Any, default_side: int) -> str:
     if resolution is None:
-        side = 768 if v2 and v_parameterization else 512
-        width, height = side, side
+        width, height = default_side, default_side
     elif isinstance(resolution, (tuple, list)):
         width, height = (resolution[0], resolution[-1])
     else:

@@ -34,15 +34,17 @@ class DreamBoothMethod(DiffusionMethod):
         train_dtype = weight_dtype if (config.full_fp16 or config.full_bf16) else torch.float32
         parts.unet.to(device=device, dtype=train_dtype).requires_grad_(True).train()
         te_dtype = train_dtype if train_text_encoder else weight_dtype
-        parts.text_encoder.to(device=device, dtype=te_dtype).requires_grad_(train_text_encoder)
-        parts.text_encoder.train(train_text_encoder)
+        for text_encoder in parts.text_encoders:
+            text_encoder.to(device=device, dtype=te_dtype).requires_grad_(train_text_encoder)
+            text_encoder.train(train_text_encoder)
         vae_dtype = torch.float32 if config.no_half_vae else weight_dtype
         parts.vae.to(device=device, dtype=vae_dtype).requires_grad_(False).eval()
         super().__init__(config, parts, device, weight_dtype, plan, train_text_encoder=train_text_encoder)
         if config.gradient_checkpointing:
             parts.unet.enable_gradient_checkpointing()
             if train_text_encoder:
-                parts.text_encoder.gradient_checkpointing_enable()
+                for text_encoder in parts.text_encoders:
+                    text_encoder.gradient_checkpointing_enable()
         self._ema_params = self.trainable_params()  # fixed: after a text-encoder stop its EMA settles on it
         self.ema = _make_ema(config, self._ema_params) if config.use_ema else None
 
@@ -52,13 +54,13 @@ class DreamBoothMethod(DiffusionMethod):
         groups = [{"params": list(self.parts.unet.parameters()), "lr": lr}]
         descriptions = ["unet"]
         if self.train_text_encoder:
-            groups.append({"params": list(self.parts.text_encoder.parameters()),
+            groups.append({"params": [p for te in self.parts.text_encoders for p in te.parameters()],
                            "lr": self.config.learning_rate_te if self.config.learning_rate_te is not None else lr})
             descriptions.append("textencoder")
         return groups, descriptions
 
     def trainable_params(self) -> list[torch.nn.Parameter]:
-        modules = (self.parts.unet, self.parts.text_encoder)
+        modules = (self.parts.unet, *self.parts.text_encoders)
         return [p for m in modules for p in m.parameters() if p.requires_grad]
 
     def before_step(self, global_step: int) -> None:
@@ -66,7 +68,8 @@ class DreamBoothMethod(DiffusionMethod):
         if self.train_text_encoder and at is not None and global_step >= at:
             # Frozen parameters get no gradient, and optimizers skip parameters without one: the text encoder
             # stays exactly as it is from here (captions are encoded once from now on, when they never change).
-            self.parts.text_encoder.requires_grad_(False).eval()
+            for text_encoder in self.parts.text_encoders:
+                text_encoder.requires_grad_(False).eval()
             self.train_text_encoder = False
             print(f"text encoder: frozen from step {global_step} (--stop_text_encoder_training {at})")
 
@@ -80,7 +83,7 @@ class DreamBoothMethod(DiffusionMethod):
 
     def checkpoint_objects(self) -> list:
         # The model itself is the training state here; the EMA too when there is one.
-        return [self.parts.unet, self.parts.text_encoder] + ([self.ema] if self.ema is not None else [])
+        return [self.parts.unet, *self.parts.text_encoders] + ([self.ema] if self.ema is not None else [])
 
     # ------------------------------------------------------------------ saving
     def export(self, path: Path, *, dtype: torch.dtype | None, metadata: dict[str, str] | None, epoch: int = 0,

@@ -12,9 +12,14 @@ from library.config.run_config import RunConfig
 from library.data.dataset import Batch
 from library.data.plan import RunPlan
 from library.models.components import Components
+from library.models.family import TextConditioning
 from library.training.losses import LossSettings, training_loss
-from library.training.noise import LATENT_SCALE, NoiseSettings, draw_noise, make_noise_scheduler, target_for
-from library.training.text_encoding import PromptEncoder
+from library.training.noise import (
+    NoiseSettings,
+    draw_noise,
+    make_noise_scheduler,
+    target_for,
+)
 
 CAPTION_RANDOMNESS = ("shuffle_caption", "caption_dropout_rate", "caption_dropout_every_n_epochs",
                       "caption_tag_dropout_rate", "token_warmup_step", "enable_wildcard")
@@ -37,12 +42,13 @@ class DiffusionMethod:
         # Read once: loss() runs every step.
         self.noise_settings = NoiseSettings.from_config(config)
         self.loss_settings = LossSettings.from_config(config)
-        self._text_cache: dict[str, torch.Tensor] = {}
+        self._text_cache: dict[str, TextConditioning] = {}
         subsets = [s for d in plan.datasets for s in d.spec.subsets] if plan is not None else []
         self._fixed_captions = plan is not None and not any(_varies(s) for s in subsets)
-        self.encode_prompts = PromptEncoder(parts.tokenizer, parts.text_encoder, clip_skip=config.clip_skip,
-                                            v2=parts.v2, max_token_length=config.max_token_length,
-                                            source=parts.source)
+        # captions -> hidden states (sampling's prompt embeddings); `.conditioning(captions)` adds what else the
+        # family's UNet takes from the text (a pooled embedding where it has one).
+        self.encode_prompts = parts.family.prompt_encoder(parts, clip_skip=config.clip_skip,
+                                                          max_token_length=config.max_token_length)
 
     # ------------------------------------------------------------------ hooks the loop calls
     def latents_ready(self, *, all_cached: bool) -> None:
@@ -71,10 +77,11 @@ class DiffusionMethod:
 
     # ------------------------------------------------------------------ the loss
     def loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
-        latents = self._latents(batch, generator) * LATENT_SCALE
-        hidden = self._hidden_states(batch.captions)
+        family = self.parts.family
+        latents = self._latents(batch, generator) * family.latent_scale
+        text = self._text_conditioning(batch.captions)
         draw = draw_noise(self.scheduler, latents, self.noise_settings, generator)
-        pred = self.parts.unet(draw.noisy_latents, draw.timesteps, hidden).sample
+        pred = family.predict(self.parts.unet, draw.noisy_latents, draw.timesteps, text, batch.conditioning)
         target = target_for(self.scheduler, latents, draw.noise, draw.timesteps,
                             v_parameterization=self.parts.v_parameterization)
         mask = batch.alpha_masks if self.config.get("alpha_mask") else None
@@ -82,18 +89,18 @@ class DiffusionMethod:
                                 self.loss_settings, v_parameterization=self.parts.v_parameterization, loss_mask=mask)
         return loss
 
-    def _hidden_states(self, captions: list[str]) -> torch.Tensor:
+    def _text_conditioning(self, captions: list[str]) -> TextConditioning:
         if self.train_text_encoder:
-            return self.encode_prompts(captions)
+            return self.encode_prompts.conditioning(captions)
         if self._fixed_captions:
             # A frozen text encoder and captions that never change: each caption is encoded once, in memory.
             missing = sorted({c for c in captions if c not in self._text_cache})
             if missing:
                 with torch.no_grad():
-                    self._text_cache.update(zip(missing, self.encode_prompts(missing)))
-            return torch.stack([self._text_cache[c] for c in captions])
+                    self._text_cache.update(zip(missing, self.encode_prompts.conditioning(missing).rows()))
+            return TextConditioning.stack([self._text_cache[c] for c in captions])
         with torch.no_grad():
-            return self.encode_prompts(captions)
+            return self.encode_prompts.conditioning(captions)
 
     def _latents(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         if batch.latents is not None:
@@ -102,6 +109,15 @@ class DiffusionMethod:
         with torch.no_grad():
             images = batch.images.to(self.device, vae.dtype)
             return vae.encode(images).latent_dist.sample(generator=generator).to(self.weight_dtype)
+
+
+def freeze_models(parts: Components, device: torch.device, weight_dtype: torch.dtype, *, no_half_vae: bool) -> None:
+    """Every model part frozen, on the device, in the weight dtype; the VAE stays float32 with --no_half_vae (SD's
+    VAE overflows in fp16; sd-scripts keeps it in float32 on request). Methods then unfreeze what they train."""
+    for module in parts.modules():
+        module.requires_grad_(False).to(device=device, dtype=weight_dtype)
+    if no_half_vae and parts.vae is not None:
+        parts.vae.to(dtype=torch.float32)
 
 
 def _varies(subset) -> bool:

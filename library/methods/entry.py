@@ -137,7 +137,7 @@ def load_base_model(config: RunConfig):
     if not config.pretrained_model_name_or_path:
         raise UserError("--pretrained_model_name_or_path is required: a .safetensors/.ckpt file, a diffusers folder, "
                         "or tiny-sd1 for the built-in demo model")
-    parts = load_components(config.pretrained_model_name_or_path, v2=config.v2,
+    parts = load_components(config.pretrained_model_name_or_path, options=config,
                             v_parameterization=config.v_parameterization, vae=config.vae, tokenizer=config.tokenizer)
     print(parts.describe())
     save_resolved_options(config)

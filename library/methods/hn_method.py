@@ -10,7 +10,7 @@ from library.config.run_config import RunConfig
 from library.data.plan import RunPlan
 from library.errors import UserError
 from library.methods.a1111_common import CheckpointIdentity, template_transform
-from library.methods.diffusion_method import DiffusionMethod
+from library.methods.diffusion_method import DiffusionMethod, freeze_models
 from library.models.components import Components
 
 
@@ -27,10 +27,7 @@ class HypernetworkMethod(DiffusionMethod):
             self.network.remove()
             raise UserError(f"--hypernetwork_sizes {','.join(map(str, self.network.sizes))}: this UNet's attention "
                             f"widths are {','.join(map(str, widths))}; enable at least one of them")
-        for module in (parts.unet, parts.vae, parts.text_encoder):
-            module.requires_grad_(False).to(device=device, dtype=weight_dtype)
-        if config.no_half_vae:
-            parts.vae.to(dtype=torch.float32)
+        freeze_models(parts, device, weight_dtype, no_half_vae=bool(config.no_half_vae))
         self.network.to(device=device, dtype=torch.float32).requires_grad_(True).train()
         super().__init__(config, parts, device, weight_dtype, plan, train_text_encoder=False)
         self.name = config.output_name or "last"  # the file's stem, which is how A1111 lists it

@@ -9,7 +9,7 @@ import torch
 from library.config.run_config import RunConfig
 from library.data.plan import RunPlan
 from library.errors import UserError
-from library.methods.diffusion_method import DiffusionMethod
+from library.methods.diffusion_method import DiffusionMethod, freeze_models
 from library.models.components import Components
 
 
@@ -28,21 +28,18 @@ class NetworkMethod(DiffusionMethod):
         _merge_base_weights(config, parts, module_name)
         if config.network_weights and config.dim_from_weights:
             self.network, _ = create_network_from_weights(module_name, 1.0, config.network_weights, parts.vae,
-                                                          parts.text_encoder, parts.unet)
+                                                          parts.network_text_encoder, parts.unet)
         else:
             self.network = create_network(module_name, 1.0, config.network_dim, config.network_alpha, parts.vae,
-                                          parts.text_encoder, parts.unet, neuron_dropout=config.network_dropout,
+                                          parts.network_text_encoder, parts.unet, neuron_dropout=config.network_dropout,
                                           network_args=config.network_args)
-        self.network.apply_to(parts.text_encoder, parts.unet, train_text_encoder, train_unet)
+        self.network.apply_to(parts.network_text_encoder, parts.unet, train_text_encoder, train_unet)
         if config.network_weights:
             _load_weights(self.network, config.network_weights, module_name)
-        for module in (parts.unet, parts.vae, parts.text_encoder):
-            module.requires_grad_(False).to(device=device, dtype=weight_dtype)
-        if config.no_half_vae:  # the SD VAE overflows in fp16; sd-scripts keeps it in float32 on request
-            parts.vae.to(dtype=torch.float32)
+        freeze_models(parts, device, weight_dtype, no_half_vae=bool(config.no_half_vae))
         network_dtype = weight_dtype if (config.full_fp16 or config.full_bf16) else torch.float32
         self.network.to(device=device, dtype=network_dtype)
-        self.network.prepare_grad_etc(parts.text_encoder, parts.unet)
+        self.network.prepare_grad_etc(parts.network_text_encoder, parts.unet)
         super().__init__(config, parts, device, weight_dtype, plan, train_text_encoder=train_text_encoder)
         self._gradient_checkpointing()
         self.max_norm = _max_norm(config, self.network, module_name)
@@ -74,8 +71,9 @@ class NetworkMethod(DiffusionMethod):
         self.parts.unet.enable_gradient_checkpointing()
         self.parts.unet.train()
         if self.train_text_encoder:
-            self.parts.text_encoder.gradient_checkpointing_enable()
-            self.parts.text_encoder.train()
+            for text_encoder in self.parts.text_encoders:
+                text_encoder.gradient_checkpointing_enable()
+                text_encoder.train()
 
     def param_groups(self):
         lr = self.config.learning_rate
@@ -104,14 +102,14 @@ def _merge_base_weights(config: RunConfig, parts: Components, module_name: str) 
     if len(multipliers) != len(files):
         raise UserError(f"--base_weights_multiplier needs one value per --base_weights file ({len(files)})")
     for file, multiplier in zip(files, multipliers):
-        merged, weights = create_network_from_weights(module_name, multiplier, file, parts.vae, parts.text_encoder,
-                                                      parts.unet, for_inference=True)
+        merged, weights = create_network_from_weights(module_name, multiplier, file, parts.vae,
+                                                      parts.network_text_encoder, parts.unet, for_inference=True)
         # sd-scripts' modules return (network, weights); ours return the network, whose load_weights checks the file.
         if weights is None:
             merged.load_weights(file)
         base = next(parts.unet.parameters())
         # sd-scripts' call: merge_to(text_encoder, unet, weights, dtype, device) (LyCORIS requires all five)
-        merged.merge_to(parts.text_encoder, parts.unet, weights, base.dtype, base.device)
+        merged.merge_to(parts.network_text_encoder, parts.unet, weights, base.dtype, base.device)
         print(f"merged --base_weights {file} × {multiplier}")
 
 

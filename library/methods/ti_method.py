@@ -11,7 +11,7 @@ from library.config.run_config import RunConfig
 from library.data.plan import RunPlan
 from library.errors import UserError
 from library.methods.a1111_common import CheckpointIdentity, template_transform
-from library.methods.diffusion_method import DiffusionMethod
+from library.methods.diffusion_method import DiffusionMethod, freeze_models
 from library.models.components import Components
 
 EMBEDDING_FORMATS = {"pt": ".pt", "safetensors": ".safetensors", "diffusers": ""}
@@ -52,9 +52,15 @@ class _TokenExpandingEncoder:
         self.pattern = re.compile(re.escape(token), re.IGNORECASE) if len(tokens) > 1 else None
 
     def __call__(self, captions: list[str]) -> torch.Tensor:
-        if self.pattern is not None:
-            captions = [self.pattern.sub(lambda _: self.expanded, caption) for caption in captions]
-        return self.encode(captions)
+        return self.encode(self._expand(captions))
+
+    def conditioning(self, captions: list[str]):
+        return self.encode.conditioning(self._expand(captions))
+
+    def _expand(self, captions: list[str]) -> list[str]:
+        if self.pattern is None:
+            return captions
+        return [self.pattern.sub(lambda _: self.expanded, caption) for caption in captions]
 
 
 class _VectorsState:
@@ -92,10 +98,7 @@ class TextualInversionMethod(DiffusionMethod):
         self.embedding = NewTokenEmbedding(base, first_id, vectors)
         parts.text_encoder.set_input_embeddings(self.embedding)
         self.step_offset = start.step if start is not None else 0
-        for module in (parts.unet, parts.vae, parts.text_encoder):
-            module.requires_grad_(False).to(device=device, dtype=weight_dtype)
-        if config.no_half_vae:
-            parts.vae.to(dtype=torch.float32)
+        freeze_models(parts, device, weight_dtype, no_half_vae=bool(config.no_half_vae))
         # The cast above rounded the vectors to the frozen models' dtype; they train in float32 from their source.
         self.embedding.vectors.data = vectors.detach().float().to(device)
         self.embedding.vectors.requires_grad_(True)

@@ -9,8 +9,9 @@ from typing import Iterable
 
 from library.errors import UserError
 from library.models.checkpoint_io import CHECKPOINT_SUFFIXES, open_checkpoint
+from library.models import ldm_convert as lc
 from library.models.ldm_convert import CLIP_PREFIX, OPENCLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
-from library.models.tiny import TINY_MODELS
+from library.models.family import tiny_model_names
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 SDXL_PHRASE = "SDXL is not supported yet (SD 1.x/2.x only)"
@@ -21,7 +22,7 @@ def check_base_model(source: str) -> None:
     folder's model_index.json): the trainers call it before the dataset scan, the loader before it loads."""
     source = str(source)
     path = Path(source).expanduser()
-    if source in TINY_MODELS:
+    if source in tiny_model_names():
         return
     if path.is_dir():
         _check_diffusers_folder(path, str(path))
@@ -33,7 +34,7 @@ def check_base_model(source: str) -> None:
             raise UserError(f"{path}: this file is {kind}")
     elif not is_hub_id(source):
         raise UserError(f"{source}: no such file or folder; pass a .safetensors/.ckpt file, a diffusers folder, "
-                        f"a hub id, or {' / '.join(TINY_MODELS)} for a built-in demo model")
+                        f"a hub id, or {' / '.join(tiny_model_names())} for a built-in demo model")
 
 
 def is_hub_id(source: str) -> bool:
@@ -85,4 +86,4 @@ def foreign_kind(keys: Iterable[str], values: dict | None = None) -> str | None:
 
 
 def has_openclip_text_encoder(keys: Iterable[str]) -> bool:
-    return any(k.startswith(OPENCLIP_PREFIX) for k in keys)
+    return lc.has_openclip(keys)

@@ -13,7 +13,6 @@ Tensors = Mapping[str, torch.Tensor]
 
 # Numbers no tensor shape reveals, fixed by the SD 1.x/2.x architectures themselves.
 NORM_GROUPS = 32
-VAE_SCALING_FACTOR = 0.18215
 SD1_UNET_HEADS = 8
 HEAD_WIDTH = 64
 
@@ -55,7 +54,8 @@ def make_unet_config(
 
 
 def make_vae_config(*, in_channels: int, out_channels: int, block_out_channels: list[int], layers_per_block: int,
-                    latent_channels: int, sample_size: int = 512) -> dict:
+                    latent_channels: int, scaling_factor: float, sample_size: int = 512) -> dict:
+    """`scaling_factor`: the family's latent scale, which diffusers pipelines read from the VAE's config."""
     n = len(block_out_channels)
     return {
         "sample_size": sample_size,
@@ -67,7 +67,7 @@ def make_vae_config(*, in_channels: int, out_channels: int, block_out_channels: 
         "layers_per_block": layers_per_block,
         "latent_channels": latent_channels,
         "norm_num_groups": NORM_GROUPS,
-        "scaling_factor": VAE_SCALING_FACTOR,
+        "scaling_factor": scaling_factor,
     }
 
 
@@ -123,8 +123,8 @@ def infer_unet_config(sd: Tensors, *, v2: bool, source: str) -> dict:
                         "this architecture is not supported") from None
 
 
-def infer_vae_config(sd: Tensors, *, source: str) -> dict:
-    """`sd`: ldm VAE tensors without the `first_stage_model.` prefix."""
+def infer_vae_config(sd: Tensors, *, source: str, scaling_factor: float) -> dict:
+    """`sd`: ldm VAE tensors without the `first_stage_model.` prefix; `scaling_factor`: the family's latent scale."""
     try:
         downs = _indices(sd, r"encoder\.down\.(\d+)\.")
         return make_vae_config(
@@ -133,6 +133,7 @@ def infer_vae_config(sd: Tensors, *, source: str) -> dict:
             block_out_channels=[sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] for i in downs],
             layers_per_block=len(_indices(sd, r"encoder\.down\.0\.block\.(\d+)\.")),
             latent_channels=sd["decoder.conv_in.weight"].shape[1],
+            scaling_factor=scaling_factor,
         )
     except KeyError as err:
         raise UserError(f"{source}: the VAE tensors do not form an SD VAE (missing {err})") from None

@@ -21,6 +21,11 @@ CLIP_PREFIX = "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."
 
 
+def has_openclip(keys) -> bool:
+    """Whether single-file tensor names include SD 2.x's OpenCLIP text encoder."""
+    return any(isinstance(k, str) and k.startswith(OPENCLIP_PREFIX) for k in keys)
+
+
 def strip_prefix(sd: Tensors, prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 

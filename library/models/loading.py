@@ -1,25 +1,25 @@
-"""Load an SD 1.x/2.x model — single file, diffusers folder, hub id or built-in tiny model — into diffusers modules."""
+"""Load a base model — single file, diffusers folder, hub id or built-in tiny model — into diffusers modules; the
+family (`library/models/family.py`) that recognises it does the family-specific part."""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Iterator
+from types import SimpleNamespace
+from typing import Any, Iterable, Iterator
 
 import torch
 from accelerate import init_empty_weights
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import AutoencoderKL
 
 from library.errors import UserError
 from library.models import ldm_convert as lc
 from library.models.checkpoint_io import TensorFile, open_checkpoint, read_state_dict
 from library.models.components import Components
-from library.models.detect import check_base_model, has_openclip_text_encoder
-from library.models.ldm_configs import infer_text_config, infer_unet_config, infer_vae_config
-from library.models.tiny import TINY_MODELS, build_tiny
-from library.models.tokenizer import load_tokenizer
+from library.models.detect import check_base_model
+from library.models.family import family_of_file, family_of_folder, family_of_tiny, requested_family
+from library.models.ldm_configs import infer_vae_config
 
 VAE_TOP_LEVEL = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 
@@ -32,28 +32,34 @@ def load_components(
     vae: str | None = None,
     tokenizer: str | None = None,
     dtype: torch.dtype = torch.float32,
+    options: Any = None,
 ) -> Components:
-    """Load a base model. `v2=True` insists on SD 2.x (an SD 1.x file is then an error); otherwise it is detected."""
+    """Load a base model of any registered family; its family is detected from the file or folder.
+
+    `options` (the run's config or parsed flags) may insist on a family (sd-scripts' `--v2`): a model of another
+    family is then an error. `v2=True` is the same for callers without options.
+    """
     source = str(source)
     path = Path(source).expanduser()
     # The same header check the trainers run before the dataset scan: a wrong kind of file fails here, unread.
     check_base_model(source)
-    if source in TINY_MODELS:
-        parts = build_tiny(source, tokenizer=load_tokenizer(TINY_MODELS[source], tokenizer))
+    tiny = family_of_tiny(source)
+    if tiny is not None:
+        parts = tiny.build_tiny(source, tokenizer=tokenizer)
     elif path.is_dir():
         parts = _load_diffusers(str(path), tokenizer, local=True)
     elif path.exists():
         parts = _load_single_file(path, tokenizer, dtype)
     else:  # a hub id: check_base_model refused every other missing path
         parts = _load_diffusers(source, tokenizer, local=False)
-    if v2 and not parts.v2:
-        raise UserError(f"{source}: --v2 was given but this is an SD 1.x model (CLIP ViT-L text encoder); drop --v2")
+    wanted = requested_family(options if options is not None else SimpleNamespace(v2=v2))
+    if wanted is not None:
+        wanted.refuse_requested(parts.family, source)
     parts.v_parameterization = parts.v_parameterization or v_parameterization
-    if parts.v2 and parts.v_parameterization:
-        parts.unet.register_to_config(sample_size=96)  # 768-v models generate at 768 px (96 latent px)
+    parts.family.after_load(parts)
     if vae:
-        parts.vae = load_vae(vae)
-    for module in (parts.unet, parts.vae, parts.text_encoder):
+        parts.vae = load_vae(vae, scaling_factor=parts.family.latent_scale)
+    for module in parts.modules():
         if module.dtype != dtype:
             module.to(dtype=dtype)
         module.requires_grad_(False).eval()
@@ -69,45 +75,20 @@ def load_components(
 
 def _load_single_file(path: Path, tokenizer: str | None, dtype: torch.dtype) -> Components:
     with open_checkpoint(path) as file:
-        meta = file.meta
-        src = str(path)
-        extras: dict[str, torch.Tensor] = {}
-        if has_openclip_text_encoder(meta):
-            used, extra_meta = lc.split_openclip(lc.strip_prefix(meta, lc.OPENCLIP_PREFIX))
-            te_source, te_convert = _Prefixed(used, lc.OPENCLIP_PREFIX), lc.openclip_to_transformers
-            extras = {k: file.load(lc.OPENCLIP_PREFIX + k).clone() for k in extra_meta}
-        else:
-            te_source = _Prefixed(lc.strip_prefix(meta, lc.CLIP_PREFIX), lc.CLIP_PREFIX)
-            te_convert = lc.clip_to_transformers
-        unet_ldm = lc.strip_prefix(meta, lc.UNET_PREFIX)
-        vae_ldm = lc.strip_prefix(meta, lc.VAE_PREFIX)
-        # SD 2.x: OpenCLIP text encoder, or 1024-wide cross-attention (some converters store SD 2.x with a HF-layout CLIP).
-        v2 = has_openclip_text_encoder(meta) or _cross_attention_width(unet_ldm) == 1024
-
-        unet_cfg = infer_unet_config(unet_ldm, v2=v2, source=src)
-        vae_cfg = infer_vae_config(vae_ldm, source=src)
-        text_cfg = CLIPTextConfig(**infer_text_config(te_convert(te_source.stripped), v2=v2, source=src))
-        # Modules whose conversion copies tensors (OpenCLIP's fused q/k/v) are read whole, so they go first, while
-        # the least is held; the UNet, a pure renaming, streams last.
-        text_encoder = _build(CLIPTextModel, text_cfg, _stream(file, te_source, te_convert, dtype), src, "text encoder", dtype)
-        vae = _build(AutoencoderKL, vae_cfg, _stream(file, _Prefixed(vae_ldm, lc.VAE_PREFIX),
-                                                   lambda sd: lc.vae_to_diffusers(sd, vae_cfg), dtype), src, "VAE", dtype)
-        unet = _build(UNet2DConditionModel, unet_cfg, _stream(file, _Prefixed(unet_ldm, lc.UNET_PREFIX),
-                                                             lambda sd: lc.unet_to_diffusers(sd, unet_cfg), dtype), src, "UNet", dtype)
-    return Components(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(v2, tokenizer), v2=v2,
-        v_parameterization=False, source=src, source_dtype=_main_dtype(unet_ldm), text_encoder_extras=extras,
-    )
+        family = family_of_file(file.meta)
+        if family is None:  # check_base_model let it through, yet no family claims it
+            raise UserError(f"{path}: no supported model family recognises this file's tensors")
+        return family.load_single_file(file, str(path), tokenizer, dtype)
 
 
-class _Prefixed:
+class Prefixed:
     """Tensors with their file prefix stripped (what the converters take), remembering the prefix to read them."""
 
     def __init__(self, stripped: dict[str, torch.Tensor], prefix: str):
         self.stripped, self.prefix = stripped, prefix
 
 
-def _stream(file: TensorFile, source: _Prefixed, convert, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def stream(file: TensorFile, source: Prefixed, convert, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """(module key, tensor) pairs, read one source tensor at a time.
 
     The converter runs on the meta tensors first: an output that is a source tensor, or a view of one, is read on
@@ -130,17 +111,12 @@ def _stream(file: TensorFile, source: _Prefixed, convert, dtype: torch.dtype) ->
         yield key, (tensor.as_strided(*view) if view else tensor)
 
 
-def _cross_attention_width(unet_ldm: dict[str, torch.Tensor]) -> int | None:
-    key = next((k for k in unet_ldm if k.endswith("attn2.to_k.weight")), None)
-    return unet_ldm[key].shape[1] if key else None
-
-
-def _main_dtype(sd: dict[str, torch.Tensor]) -> torch.dtype:
+def main_dtype(sd: dict[str, torch.Tensor]) -> torch.dtype:
     counts = Counter(v.dtype for v in sd.values() if v.is_floating_point())
     return counts.most_common(1)[0][0] if counts else torch.float32
 
 
-def _build(cls, config, tensors: Iterable[tuple[str, torch.Tensor]], source: str, what: str, dtype: torch.dtype):
+def build_module(cls, config, tensors: Iterable[tuple[str, torch.Tensor]], source: str, what: str, dtype: torch.dtype):
     """Instantiate without random init (meta parameters), then take the tensors, cast one by one, as parameters."""
     with init_empty_weights():
         model = cls(config) if not isinstance(config, dict) else cls(**config)
@@ -157,51 +133,37 @@ def _build(cls, config, tensors: Iterable[tuple[str, torch.Tensor]], source: str
     return model
 
 
-def _vae_from_ldm(ldm_vae: dict[str, torch.Tensor], source: str, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
-    cfg = infer_vae_config(ldm_vae, source=source)
-    return _build(AutoencoderKL, cfg, lc.vae_to_diffusers(ldm_vae, cfg).items(), source, "VAE", dtype)
+def _vae_from_ldm(ldm_vae: dict[str, torch.Tensor], source: str, scaling_factor: float,
+                  dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+    cfg = infer_vae_config(ldm_vae, source=source, scaling_factor=scaling_factor)
+    return build_module(AutoencoderKL, cfg, lc.vae_to_diffusers(ldm_vae, cfg).items(), source, "VAE", dtype)
 
 
 # ---------------------------------------------------------------- diffusers folders and hub ids
 
 def _load_diffusers(source: str, tokenizer: str | None, *, local: bool) -> Components:
-    root = Path(source)
-    kwargs = {"local_files_only": local}
+    index = Path(source) / "model_index.json"
     try:
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs)
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs)
-    except (OSError, ValueError, EnvironmentError) as err:
-        where = "folder" if local else "hub id"
-        raise UserError(f"{source}: cannot load this diffusers {where} ({_first_line(err)}); "
-                        "for offline use pass a local file or folder") from None
-    te_cfg = text_encoder.config
-    v2 = te_cfg.hidden_act == "gelu" or te_cfg.hidden_size == 1024 or unet.config.cross_attention_dim == 1024
-    tok_source = tokenizer or (str(root) if local and (root / "tokenizer").is_dir() else None)
-    return Components(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(v2, tok_source), v2=v2,
-        v_parameterization=_prediction_type(root) == "v_prediction" if local else False,
-        source=source, source_dtype=unet.dtype,
-    )
+        model_index = json.loads(index.read_text()) if local else {}  # a hub id: the families that take any folder
+    except (OSError, ValueError):
+        model_index = {}
+    family = family_of_folder(model_index if isinstance(model_index, dict) else {})
+    if family is None:
+        raise UserError(f"{source}: no supported model family loads this diffusers folder "
+                        f"({model_index.get('_class_name', 'no _class_name')})")
+    return family.load_diffusers(source, tokenizer, local=local)
 
 
-def _prediction_type(root: Path) -> str | None:
-    config = root / "scheduler" / "scheduler_config.json"
-    try:
-        return json.loads(config.read_text()).get("prediction_type") if config.is_file() else None
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{config}: unreadable scheduler config ({_first_line(err)})") from None
-
-
-def _first_line(err: Exception) -> str:
+def first_line(err: Exception) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
 
 
 # ---------------------------------------------------------------- --vae
 
-def load_vae(source: str) -> AutoencoderKL:
-    """A VAE from a file (ldm or diffusers layout, or a full checkpoint's VAE) or a diffusers folder."""
+def load_vae(source: str, *, scaling_factor: float) -> AutoencoderKL:
+    """A VAE from a file (ldm or diffusers layout, or a full checkpoint's VAE) or a diffusers folder;
+    `scaling_factor` is the model family's latent scale (a file does not record it)."""
     path = Path(source).expanduser()
     if path.is_dir():
         sub = "vae" if (path / "vae" / "config.json").is_file() else None
@@ -210,7 +172,7 @@ def load_vae(source: str) -> AutoencoderKL:
         try:
             return AutoencoderKL.from_pretrained(str(path), subfolder=sub, local_files_only=True)
         except (OSError, ValueError) as err:
-            raise UserError(f"{source}: cannot load this VAE folder ({_first_line(err)})") from None
+            raise UserError(f"{source}: cannot load this VAE folder ({first_line(err)})") from None
     sd, _ = read_state_dict(path)
     sd = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if any(k.startswith(lc.VAE_PREFIX) for k in sd):
@@ -220,7 +182,7 @@ def load_vae(source: str) -> AutoencoderKL:
         raise UserError(f"{source}: not a VAE (no encoder/decoder tensors); pass a VAE .safetensors/.ckpt or folder")
     if any(".down_blocks." in k for k in sd):
         sd = lc.vae_to_ldm(sd, _diffusers_vae_layout(sd))
-    return _vae_from_ldm(sd, str(path))
+    return _vae_from_ldm(sd, str(path), scaling_factor)
 
 
 def _diffusers_vae_layout(sd: dict[str, torch.Tensor]) -> dict:

@@ -1,4 +1,5 @@
-"""Save SD 1.x/2.x models as AUTOMATIC1111/ComfyUI single files (ldm layout) or diffusers folders, atomically."""
+"""Save models as AUTOMATIC1111/ComfyUI single files or diffusers folders, atomically; the model's family gives the
+layout (`ModelFamily.single_file_state_dict`, `save_diffusers`)."""
 
 from __future__ import annotations
 
@@ -33,15 +34,8 @@ def save_dtype(precision: str | None, default: torch.dtype = torch.float32) -> t
 
 
 def to_ldm_state_dict(parts: Components, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The whole model in the single-file layout sd-scripts writes (text encoder with `text_model.`)."""
-    sd = lc.add_prefix(lc.unet_to_ldm(parts.unet.state_dict(), parts.unet.config), lc.UNET_PREFIX)
-    sd |= lc.add_prefix(lc.vae_to_ldm(parts.vae.state_dict(), parts.vae.config), lc.VAE_PREFIX)
-    te = parts.text_encoder.state_dict()
-    if parts.v2:
-        sd |= lc.add_prefix(lc.openclip_to_ldm(te, parts.text_encoder_extras), lc.OPENCLIP_PREFIX)
-    else:
-        sd |= lc.add_prefix(lc.clip_to_ldm(te), lc.CLIP_PREFIX)
-    return {k: _cast(v, dtype) for k, v in sd.items()}
+    """The whole model in the single-file layout sd-scripts writes for its family (A1111 / ComfyUI load it)."""
+    return {k: _cast(v, dtype) for k, v in parts.family.single_file_state_dict(parts).items()}
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -63,7 +57,7 @@ def save_single_file(parts: Components, dst: str | Path, *, precision: str | Non
     sd = to_ldm_state_dict(parts, save_dtype(precision, parts.source_dtype))
     with atomic_file(dst) as tmp:
         if suffix in SAFETENSORS_SUFFIXES:
-            meta = checkpoint_metadata(v2=parts.v2, v_parameterization=parts.v_parameterization, title=dst.stem)
+            meta = checkpoint_metadata(parts.family, v_parameterization=parts.v_parameterization, title=dst.stem)
             save_file(sd, str(tmp), metadata=meta | (metadata or {}))
         else:
             # Not torch.save: A1111's safe unpickler refuses the zip entries torch >= 2.x adds.
@@ -76,22 +70,9 @@ def save_diffusers(parts: Components, dst: str | Path, *, precision: str | None 
     dst = Path(dst)
     if dst.exists() and (not dst.is_dir() or (any(dst.iterdir()) and not (dst / "model_index.json").is_file())):
         raise UserError(f"{dst}: exists and is not a diffusers model folder; refusing to overwrite it, choose another path")
-    # Imported here: the pipeline module pulls in image processors that only this function needs.
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
-
     dtype = save_dtype(precision, parts.source_dtype)
-    scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
-        prediction_type="v_prediction" if parts.v_parameterization else "epsilon",
-    )
-    pipe = StableDiffusionPipeline(
-        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
-        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    with _cast_temporarily((parts.unet, parts.vae, parts.text_encoder), dtype), atomic_dir(dst) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        _respell_text_encoder(tmp / "text_encoder")
+    with _cast_temporarily(parts.modules(), dtype), atomic_dir(dst) as tmp:
+        parts.family.save_diffusers(parts, tmp)
     return dst
 
 
@@ -115,7 +96,7 @@ def _cast_temporarily(modules, dtype: torch.dtype):
             tensor.data = data
 
 
-def _respell_text_encoder(folder: Path) -> None:
+def respell_text_encoder(folder: Path) -> None:
     """Rewrite the text encoder's weights with `text_model.` keys: transformers >= 5 saves them without, and then
     ComfyUI's diffusers loader (and transformers 4) finds none of them and runs an uninitialised text encoder."""
     index = folder / "model.safetensors.index.json"

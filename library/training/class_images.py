@@ -105,7 +105,7 @@ def generate_class_images(parts: Components, jobs: Sequence[ClassImageJob], *, c
     for job, indices in work:
         print(f"class images: generating {len(indices)} for '{job.folder}' (\"{job.prompt}\")")
     written = 0
-    modules = [parts.unet, parts.vae, parts.text_encoder]
+    modules = list(parts.modules())
     with (_preserved_rng(), _eval_on_device(modules, device), torch.no_grad(),
           tqdm(total=sum(len(i) for _, i in work), desc="class images") as bar):
         pipe = _pipeline(parts)

@@ -10,9 +10,6 @@ from diffusers import DDPMScheduler
 
 from library.config.settings import settings_from_config
 
-# sd-scripts' NetworkTrainer.vae_scale_factor (SD 1.x/2.x): VAE latents are multiplied by this before noising.
-LATENT_SCALE = 0.18215
-
 # sd-scripts' NetworkTrainer.get_noise_scheduler arguments.
 _SCHEDULER_ARGS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                        clip_sample=False)

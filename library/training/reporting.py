@@ -130,13 +130,13 @@ class Reporter:
         from library.formats.kohya_metadata import file_hashes, modelspec_from_config, saved_metadata, training_metadata
 
         if self._metadata is None:  # built at the first save: hashing the base model stays out of time-to-first-step
-            config = self.config.replace(v2=self.parts.v2, v_parameterization=self.parts.v_parameterization)
+            config = self.config.replace(v_parameterization=self.parts.v_parameterization)
             self._metadata = training_metadata(
                 config, self.plan, session_id=random.randint(0, 2**32), training_started_at=self.started,
                 optimizer=self.optimizer_name, optimizer_kwargs=self.optimizer_kwargs,
                 sd_model_hashes=file_hashes(self.config.pretrained_model_name_or_path),
-                vae_hashes=file_hashes(self.config.vae) if self.config.vae else None)
-            self._modelspec = modelspec_from_config(config, timestamp=self.started)
+                vae_hashes=file_hashes(self.config.vae) if self.config.vae else None, family=self.parts.family)
+            self._modelspec = modelspec_from_config(config, timestamp=self.started, family=self.parts.family)
         return saved_metadata(self._metadata, steps=state.global_step, epoch=epoch, finished_at=time.time(),
                               modelspec=self._modelspec, no_metadata=bool(self.config.get("no_metadata")))
 

@@ -26,7 +26,6 @@ from diffusers import (
     KDPM2DiscreteScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
-    StableDiffusionPipeline,
 )
 from torch import nn
 
@@ -308,7 +307,7 @@ def sample_images(parts: Components, prompts: Sequence[SamplePrompt], *, output_
     """
     check_prompts(prompts, default_sampler)
     device = torch.device(device)
-    modules = [parts.unet, parts.vae, parts.text_encoder, *extra_modules]
+    modules = [*parts.modules(), *extra_modules]
     save_dir = Path(output_dir) / "sample"
     paths = []
     with _preserved_rng(), _eval_on_device(modules, device), torch.no_grad():
@@ -327,17 +326,13 @@ def sample_images(parts: Components, prompts: Sequence[SamplePrompt], *, output_
     return paths
 
 
-def _pipeline(parts: Components) -> StableDiffusionPipeline:
-    # scheduler=None: each prompt sets its own, and the constructor would otherwise rewrite the scheduler's
-    # config (steps_offset, clip_sample) with deprecation warnings. No safety checker, so nothing to download.
-    pipe = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
-                                   unet=parts.unet, scheduler=None, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def _pipeline(parts: Components) -> Any:
+    # The family's pipeline with scheduler=None: each prompt sets its own, and the constructor would otherwise
+    # rewrite the scheduler's config (steps_offset, clip_sample) with deprecation warnings. No safety checker.
+    return parts.family.pipeline(parts)
 
 
-def _generate(pipe: StableDiffusionPipeline, parts: Components, prompt: SamplePrompt, default_sampler: str,
+def _generate(pipe: Any, parts: Components, prompt: SamplePrompt, default_sampler: str,
               device: torch.device, dtype: torch.dtype | None, encode) -> Any:
     pipe.scheduler = make_sampler(prompt.sample_sampler or default_sampler,
                                   v_parameterization=parts.v_parameterization)

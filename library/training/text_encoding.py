@@ -1,4 +1,5 @@
-"""Prompt tokenisation and CLIP text encoding for SD 1.x/2.x, computing what sd-scripts' strategy_sd computes."""
+"""Prompt tokenisation and CLIP text encoding for SD 1.x/2.x, computing what sd-scripts' strategy_sd computes; the
+SD families' `prompt_encoder` is a `PromptEncoder`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from library.errors import UserError
+from library.models.family import TextConditioning
 from library.models.tokenizer import MODEL_MAX_LENGTH
 
 # Tokens between <BOS> and <EOS> in one 77-token CLIP window; --max_token_length counts these.
@@ -26,12 +28,11 @@ def chunk_count(max_token_length: int | None) -> int:
     return 1 if max_token_length is None else max_token_length // CHUNK_TOKENS
 
 
-def tokenize(tokenizer: CLIPTokenizer, captions: Sequence[str], *, max_token_length: int | None,
-             v2: bool) -> torch.LongTensor:
+def tokenize(tokenizer: CLIPTokenizer, captions: Sequence[str], *, max_token_length: int | None) -> torch.LongTensor:
     """Token ids (B, n_chunks, 77) as sd-scripts' `SdTokenizeStrategy.tokenize` / `_get_input_ids` make them.
 
-    `v2` changes nothing here: like sd-scripts we read the padding rule off the tokenizer itself
-    (`pad_token_id == eos_token_id` is SD 1.x), so a v2 model given an EOS-padding tokenizer is treated as v1 there too.
+    No version flag: like sd-scripts we read the padding rule off the tokenizer itself (`pad_token_id ==
+    eos_token_id` is SD 1.x), so an SD 2.x model given an EOS-padding tokenizer is treated as SD 1.x there too.
     """
     n = chunk_count(max_token_length)
     if not captions:
@@ -64,11 +65,11 @@ def _split_into_chunks(ids: torch.Tensor, n: int, *, eos: int, pad: int) -> torc
     return chunks
 
 
-def encode(text_encoder: CLIPTextModel, input_ids: torch.Tensor, *, clip_skip: int | None, v2: bool,
+def encode(text_encoder: CLIPTextModel, input_ids: torch.Tensor, *, clip_skip: int | None,
            max_token_length: int | None) -> torch.Tensor:
     """Hidden states (B, 77 or 75n+2, width) as sd-scripts' `SdTextEncodingStrategy.encode_tokens` returns them.
 
-    `v2` changes nothing: sd-scripts' v2 branch only adds a copy guarded by `tokens[j, 1] == tokenizer.eos_token`,
+    No version flag: sd-scripts' v2 branch only adds a copy guarded by `tokens[j, 1] == tokenizer.eos_token`,
     a tensor compared with a *string*, which is always False, so both versions join chunks the same way.
     The result keeps the text encoder's dtype; gradients flow when the caller enables them.
     """
@@ -110,25 +111,29 @@ class PromptEncoder:
     """captions -> conditioning tensor for one model and one (clip_skip, max_token_length) setting."""
 
     def __init__(self, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, *, clip_skip: int | None,
-                 v2: bool, max_token_length: int | None, source: str | None = None) -> None:
+                 max_token_length: int | None, source: str | None = None) -> None:
         # Bad values fail here, before any training starts.
         chunk_count(max_token_length)
         check_clip_skip(clip_skip, text_encoder)
         self.tokenizer, self.text_encoder = tokenizer, text_encoder
-        self.clip_skip, self.v2, self.max_token_length = clip_skip, v2, max_token_length
+        self.clip_skip, self.max_token_length = clip_skip, max_token_length
         self.source = source or text_encoder.config.name_or_path or "unnamed"
 
     def tokenize(self, captions: Sequence[str]) -> torch.Tensor:
         """Ids (B, n, 77); each distinct caption is tokenized once (caption dropout makes many "")."""
         unique = list(dict.fromkeys(captions))
-        ids = tokenize(self.tokenizer, unique, max_token_length=self.max_token_length, v2=self.v2)
+        ids = tokenize(self.tokenizer, unique, max_token_length=self.max_token_length)
         row = {caption: i for i, caption in enumerate(unique)}
         return ids[torch.tensor([row[c] for c in captions], dtype=torch.long)]
 
     def __call__(self, captions: Sequence[str]) -> torch.Tensor:
         # The whole batch is encoded, duplicates included, as sd-scripts does: same shapes, same numerics.
-        return encode(self.text_encoder, self.tokenize(captions), clip_skip=self.clip_skip, v2=self.v2,
+        return encode(self.text_encoder, self.tokenize(captions), clip_skip=self.clip_skip,
                       max_token_length=self.max_token_length)
+
+    def conditioning(self, captions: Sequence[str]) -> TextConditioning:
+        """What the UNet takes from the text: SD 1.x/2.x have hidden states only (no pooled output)."""
+        return TextConditioning(self(captions))
 
     def encoder_identity(self) -> str:
         """Everything the outputs depend on besides the caption, for the text-encoder-output cache key."""

@@ -15,6 +15,7 @@ from library.config.resolve import resolve
 from library.data.plan import plan_run
 from library.data.subsets import list_subset_images
 from library.errors import UserError
+from library.models.family import family_named
 from library.formats.kohya_metadata import (MINIMUM_KEYS, TRAINER_VERSION, file_hashes, minimal_metadata,
                                             model_hashes, modelspec_from_config, network_modelspec,
                                             save_time_metadata, saved_metadata, training_metadata)
@@ -313,7 +314,7 @@ def test_dataset_config_summaries_merge_datasets(tmp_path):
 def test_save_time_keys_and_no_metadata(tmp_path):
     _, metadata = _run(tmp_path, "--network_module", "networks.lora", "--network_dim", "4",
                        "--network_args", "conv_dim=4")
-    spec = network_modelspec(v2=False, v_parameterization=False, timestamp=TS, title="mylora")
+    spec = network_modelspec(family_named("sd1"), v_parameterization=False, timestamp=TS, title="mylora")
     saved = save_time_metadata(metadata, steps=120, epoch=3, finished_at=TS + 60)
     assert (saved["ss_steps"], saved["ss_epoch"], saved["ss_training_finished_at"]) == ("120", "3", "1700000060.25")
     assert "ss_steps" not in metadata  # a new dict: the start-of-run metadata is unchanged
@@ -405,7 +406,8 @@ def test_modelspec_of_a_plain_run_has_the_golden_keys_and_values(tmp_path, utc):
     (True, True, "stable-diffusion-v2-768-v/lora", "v", "768x768"),
 ])
 def test_modelspec_architecture_and_default_resolution(v2, v_parameterization, architecture, prediction, resolution):
-    spec = network_modelspec(v2=v2, v_parameterization=v_parameterization, timestamp=TS, title="t")
+    spec = network_modelspec(family_named("sd2" if v2 else "sd1"), v_parameterization=v_parameterization,
+                             timestamp=TS, title="t")
     assert (spec["modelspec.architecture"], spec["modelspec.prediction_type"],
             spec["modelspec.resolution"]) == (architecture, prediction, resolution)
 

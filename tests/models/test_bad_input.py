@@ -132,7 +132,7 @@ def test_saving_over_an_older_checkpoint_replaces_it(tiny_parts, tiny_files, tmp
     dst = tmp_path / "model.safetensors"
     dst.write_bytes(tiny_files["tiny-sd2"]["safetensors"].read_bytes())
     save_single_file(tiny_parts["tiny-sd1"], dst)
-    assert load_components(str(dst)).v2 is False
+    assert load_components(str(dst)).family.name == "sd1"
 
 
 def test_failed_write_leaves_old_file_and_no_temp_files(tiny_parts, tiny_files, tmp_path, monkeypatch):

@@ -40,7 +40,7 @@ def test_text_encoder_keys_are_spelled_with_text_model(name, tiny_parts, tmp_pat
 
     loaded = load_components(str(tmp_path / "out"))
     assert_same_tensors(loaded.text_encoder.state_dict(), parts.text_encoder.state_dict())
-    assert loaded.v2 == parts.v2
+    assert loaded.family is parts.family
 
 
 def test_fp16_and_tool_saves_are_spelled_so_too_and_older_folders_still_load(tiny_parts, tmp_path):
@@ -67,7 +67,7 @@ def test_clip_to_transformers4_is_idempotent_and_sharded_saves_are_respelled(tmp
 
     from safetensors.torch import save_file
 
-    from library.models.saving import _respell_text_encoder
+    from library.models.saving import respell_text_encoder
 
     sd = {"encoder.layers.0.mlp.fc1.weight": 1, "text_model.embeddings.token_embedding.weight": 2}
     assert lc.clip_to_transformers4(sd) == {"text_model.encoder.layers.0.mlp.fc1.weight": 1,
@@ -79,7 +79,7 @@ def test_clip_to_transformers4_is_idempotent_and_sharded_saves_are_respelled(tmp
         save_file(tensors, str(tmp_path / name), metadata={"format": "pt"})
     weight_map = {key: name for name, tensors in shards.items() for key in tensors}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    _respell_text_encoder(tmp_path)
+    respell_text_encoder(tmp_path)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert index["weight_map"] == {"text_model." + key: name for key, name in weight_map.items()}
     for name, tensors in shards.items():

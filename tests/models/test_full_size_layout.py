@@ -14,6 +14,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from library.models import ldm_convert as lc
 from library.models.components import Components
+from library.models.sd1 import SD1, SD2
 from library.models.ldm_configs import infer_text_config, infer_unet_config, infer_vae_config
 from tests.conftest import GOLDEN
 
@@ -38,13 +39,14 @@ def _build(unet_cfg, text_cfg, v2: bool, device: str) -> Components:
         unet = UNet2DConditionModel(**unet_cfg)
         vae = AutoencoderKL(**SD_VAE)
         te = CLIPTextModel(CLIPTextConfig(**text_cfg))
-    return Components(unet=unet, vae=vae, text_encoder=te, tokenizer=None, v2=v2, v_parameterization=False, source="test")
+    return Components(unet=unet, vae=vae, text_encoders=(te,), tokenizers=(None,), family=SD2 if v2 else SD1,
+                      v_parameterization=False, source="test")
 
 
 def _assert_inferred(ldm: dict, unet_cfg: dict, text_cfg: dict, v2: bool) -> None:
     unet = infer_unet_config(lc.strip_prefix(ldm, lc.UNET_PREFIX), v2=v2, source="t")
     assert {k: unet[k] for k in unet_cfg} == unet_cfg
-    vae = infer_vae_config(lc.strip_prefix(ldm, lc.VAE_PREFIX), source="t")
+    vae = infer_vae_config(lc.strip_prefix(ldm, lc.VAE_PREFIX), source="t", scaling_factor=SD1.latent_scale)
     assert {k: vae[k] for k in SD_VAE} == SD_VAE
     if v2:
         used, _ = lc.split_openclip(lc.strip_prefix(ldm, lc.OPENCLIP_PREFIX))

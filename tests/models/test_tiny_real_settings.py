@@ -28,7 +28,7 @@ def test_tiny_vae_has_sds_four_levels_in_every_layout(tiny_parts, name):
     assert list(vae.down_block_types) == ["DownEncoderBlock2D"] * 4
     # Loading a single file infers the VAE from tensor shapes: the 4-level tiny VAE must come back unchanged.
     ldm_vae = strip_prefix(to_ldm_state_dict(tiny_parts[name]), VAE_PREFIX)
-    inferred = infer_vae_config(ldm_vae, source=name)
+    inferred = infer_vae_config(ldm_vae, source=name, scaling_factor=tiny_parts[name].family.latent_scale)
     assert inferred["block_out_channels"] == list(vae.block_out_channels)
     assert inferred["layers_per_block"] == vae.layers_per_block
 

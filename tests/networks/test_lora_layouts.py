@@ -124,8 +124,10 @@ def test_lora_b_holds_the_scale_and_lora_a_is_lora_down(tiny_parts, tmp_path):
 def test_every_target_maps_to_its_module_path_and_back(name, tiny_parts):
     parts = tiny_parts[name]
     checked = 0
-    for component, model, targets in (("unet", parts.unet, unet_targets(parts.unet, include_conv=True)),
-                                      ("text_encoder", parts.text_encoder, text_encoder_targets(parts.text_encoder))):
+    unet_side, (te_side,) = parts.family.unet_targets, parts.family.text_encoder_targets
+    for component, model, targets in (("unet", parts.unet, unet_targets(parts.unet, unet_side, include_conv=True)),
+                                      ("text_encoder", parts.text_encoder,
+                                       text_encoder_targets(parts.text_encoder, te_side))):
         paths = {id(m): n for n, m in model.named_modules()}
         for target in targets:
             got_component, path = peft_module_path(target.lora_name)

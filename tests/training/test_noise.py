@@ -8,7 +8,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from library.training.noise import LATENT_SCALE, NoiseDraw, NoiseSettings, draw_noise, make_noise_scheduler, target_for
+from library.models.family import family_named
+from library.training.noise import NoiseDraw, NoiseSettings, draw_noise, make_noise_scheduler, target_for
 
 SD_SCRIPTS_ARGS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                        clip_sample=False)
@@ -42,7 +43,8 @@ def test_scheduler_equals_diffusers_ddpm_with_sd_scripts_args(v):
     assert torch.equal(ours.alphas_cumprod, theirs.alphas_cumprod)
     assert ours.config.num_train_timesteps == 1000 and ours.config.clip_sample is False
     assert ours.config.prediction_type == ("v_prediction" if v else "epsilon")
-    assert LATENT_SCALE == 0.18215
+    # sd-scripts' NetworkTrainer.vae_scale_factor, the SD families' latent scale.
+    assert family_named("sd1").latent_scale == family_named("sd2").latent_scale == 0.18215
 
 
 def test_zero_terminal_snr_makes_last_alphas_cumprod_zero_and_matches_the_paper():
