@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 from torch import nn
 
@@ -47,28 +47,31 @@ def text_encoder_targets(text_encoder: nn.Module, targets: AdapterTargets) -> It
 
 def unet_targets(unet: nn.Module, targets: AdapterTargets, *, include_conv: bool) -> Iterator[Target]:
     """Linear / 1×1 Conv children of the targets' modules; with conv_dim, also their conv classes' (ResNet blocks,
-    up/down-samplers)."""
+    up/down-samplers). Named by the family's path map (SDXL: SGM names)."""
     classes = targets.classes + (targets.conv_classes if include_conv else ())
+    paths = targets.paths(unet)
     for name, module in unet.named_modules():
         if type(module).__name__ in classes:
-            yield from _children(targets.prefix, name, module)
+            yield from _children(targets.prefix, name, module, paths)
 
 
 def every_layer(text_encoder: nn.Module | None, unet: nn.Module | None, *,
-                text_encoder_prefix: str = TEXT_ENCODER_PREFIX, unet_prefix: str = UNET_PREFIX) -> Iterator[Target]:
+                text_encoder_prefix: str = TEXT_ENCODER_PREFIX, unet_prefix: str = UNET_PREFIX,
+                unet_paths: Callable[[str], str] | None = None) -> Iterator[Target]:
     """Every Linear and Conv2d of the model under the names a network file would give it: what a file made with
     other targets (LyCORIS presets that adapt conv_in, time_embedding, ...) can name, in the model's order."""
     if text_encoder is not None:
         path = "" if any(n.startswith("text_model.") for n, _ in text_encoder.named_modules()) else "text_model"
         yield from _children(text_encoder_prefix, path, text_encoder)
     if unet is not None:
-        yield from _children(unet_prefix, "", unet)
+        yield from _children(unet_prefix, "", unet, unet_paths)
 
 
-def _children(prefix: str, path: str, module: nn.Module) -> Iterator[Target]:
+def _children(prefix: str, path: str, module: nn.Module, paths: Callable[[str], str] | None = None) -> Iterator[Target]:
     for child_name, child in module.named_modules():
         if isinstance(child, (nn.Linear, nn.Conv2d)):
-            lora_name = ".".join(part for part in (prefix, path, child_name) if part).replace(".", "_")
+            full = ".".join(part for part in (path, child_name) if part)
+            lora_name = ".".join(part for part in (prefix, paths(full) if paths else full) if part).replace(".", "_")
             is_kernel = isinstance(child, nn.Conv2d) and child.kernel_size != (1, 1)
             yield Target(lora_name, child, is_kernel)
 

@@ -305,7 +305,8 @@ def build_network(module_class, multiplier, network_dim, network_alpha, text_enc
     unet_side, te_sides = adapter_targets(len(encoders))
     layers = [target for te, side in zip(encoders, te_sides)
               for target in every_layer(te, None, text_encoder_prefix=side.prefix)]
-    layers += list(every_layer(None, unet, unet_prefix=unet_side.prefix))
+    layers += list(every_layer(None, unet, unet_prefix=unet_side.prefix,
+                               unet_paths=unet_side.paths(unet) if unet is not None else None))
     if modules_dim is not None:
         # A file names its layers: any Linear/Conv2d of the model, as other loaders (A1111, ComfyUI) apply them.
         te_loras = make([t for t in layers if not t.lora_name.startswith(unet_side.prefix)], False)

@@ -17,7 +17,7 @@ import safetensors.torch
 from library.data.bucketing import adjust_bucket_reso_range
 from library.data.captions import tag_frequency
 from library.errors import UserError
-from library.formats.modelspec import IMPL_DIFFUSERS, MODELSPEC_VERSION, TRAINER_VERSION
+from library.formats.modelspec import MODELSPEC_VERSION, TRAINER_VERSION
 from library.models.family import ModelFamily, family_from_flags
 
 if TYPE_CHECKING:
@@ -429,7 +429,7 @@ def network_modelspec(family: "ModelFamily", *, v_parameterization: bool, timest
     """
     spec = {
         "modelspec.architecture": family.modelspec_architecture(v_parameterization, "lora"),
-        "modelspec.implementation": IMPL_DIFFUSERS,  # sd-scripts uses the SGM URL only for SDXL LoRA
+        "modelspec.implementation": family.lora_modelspec_implementation,  # sd-scripts: diffusers, SGM URL for SDXL
         "modelspec.title": title if title is not None else f"LoRA@{timestamp}",
         "modelspec.resolution": _modelspec_resolution(resolution, family.default_resolution(v_parameterization)),
         "modelspec.date": datetime.datetime.fromtimestamp(int(timestamp)).isoformat(),

@@ -55,7 +55,11 @@ class _TokenExpandingEncoder:
         return self.encode(self._expand(captions))
 
     def conditioning(self, captions: list[str]):
-        return self.encode.conditioning(self._expand(captions))
+        from library.models.family import TextConditioning
+
+        captions = self._expand(captions)
+        inner = getattr(self.encode, "conditioning", None)
+        return inner(captions) if inner is not None else TextConditioning(self.encode(captions))
 
     def _expand(self, captions: list[str]) -> list[str]:
         if self.pattern is None:

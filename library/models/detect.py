@@ -14,7 +14,9 @@ from library.models.ldm_convert import CLIP_PREFIX, OPENCLIP_PREFIX, UNET_PREFIX
 from library.models.family import tiny_model_names
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-SDXL_PHRASE = "SDXL is not supported yet (SD 1.x/2.x only)"
+REFINER_PHRASE = ("an SDXL refiner, which cannot be trained here (nor in sd-scripts); train SDXL base or one of its "
+                  "fine-tunes")
+SDXL_TEXT_PREFIX = "conditioner.embedders."
 
 
 def check_base_model(source: str) -> None:
@@ -49,15 +51,16 @@ def _check_diffusers_folder(root: Path, source: str) -> None:
         raise UserError(f"{source}: folder is not a diffusers model (no model_index.json){hint}; "
                         "pass the model folder, or a .safetensors/.ckpt file")
     try:
-        pipeline = json.loads(index.read_text()).get("_class_name", "")
+        model_index = json.loads(index.read_text())
+        pipeline = model_index.get("_class_name", "")
     except (OSError, ValueError, AttributeError):
         return  # the loader reports what it cannot read, part by part
-    if "XL" in str(pipeline):
-        raise UserError(f"{source}: this folder is an SDXL model ({pipeline}); {SDXL_PHRASE}")
+    if "XL" in str(pipeline) and model_index.get("text_encoder") in (None, [None, None]):
+        raise UserError(f"{source}: this folder is {REFINER_PHRASE} ({pipeline} without text_encoder)")
 
 
 def foreign_kind(keys: Iterable[str], values: dict | None = None) -> str | None:
-    """If the keys are not an SD 1.x/2.x base model, a phrase saying what they are; None if they are one."""
+    """If the keys are not a base model we train (SD 1.x/2.x, SDXL), a phrase saying what they are; None if they are."""
     keys = [k for k in keys if isinstance(k, str)]
     if values is not None and any(isinstance(k, int) for k in values):
         return "an AUTOMATIC1111 hypernetwork (pass it to the hypernetwork options instead)"
@@ -69,8 +72,8 @@ def foreign_kind(keys: Iterable[str], values: dict | None = None) -> str | None:
         return "a LoRA/LyCORIS network, not a base model (pass it as --network_weights, or merge it with tools/)"
     if has("emb_params", "string_to_param", "string_to_token", "clip_l", "clip_g") and len(keys) < 16:
         return "a textual-inversion embedding, not a base model"
-    if starts("conditioner.embedders.", "model.diffusion_model.label_emb") and starts("conditioner."):
-        return f"an SDXL checkpoint; {SDXL_PHRASE}"
+    if starts("conditioner.embedders.0.model.") and not starts("conditioner.embedders.1."):
+        return REFINER_PHRASE
     if not starts(UNET_PREFIX):
         if starts(VAE_PREFIX, "encoder.", "decoder.") and not starts(CLIP_PREFIX, OPENCLIP_PREFIX):
             return "a VAE, not a full model (pass it as --vae)"
@@ -80,8 +83,9 @@ def foreign_kind(keys: Iterable[str], values: dict | None = None) -> str | None:
         return f"an unknown architecture: no SD UNet ({UNET_PREFIX}*) found (keys start: {sample})"
     if not starts(VAE_PREFIX):
         return "a checkpoint without a VAE (no first_stage_model.* tensors); pass a complete model, or add --vae"
-    if not starts(CLIP_PREFIX, OPENCLIP_PREFIX):
-        return "a checkpoint without a text encoder (no cond_stage_model.* tensors); pass a complete SD 1.x/2.x model"
+    if not starts(CLIP_PREFIX, OPENCLIP_PREFIX, SDXL_TEXT_PREFIX):
+        return ("a checkpoint without a text encoder (no cond_stage_model.* / conditioner.embedders.* tensors); "
+                "pass a complete SD 1.x/2.x or SDXL model")
     return None
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 # One line per family module; each registers its families on import. Order is detection order.
 FAMILY_MODULES = (
     "library.models.sd1",
+    "library.models.sdxl",
 )
 
 _FAMILIES: dict[str, "ModelFamily"] = {}
@@ -72,6 +73,12 @@ class AdapterTargets:
     prefix: str
     classes: tuple[str, ...]  # module class names whose Linear / 1x1 Conv children get adapters
     conv_classes: tuple[str, ...] = ()  # with conv_dim (LoCon): also these modules' 3x3 convolutions
+    # model -> (module path -> the path adapter names use), when files name modules otherwise than the loaded model
+    # does (SDXL: sd-scripts' SGM names `input_blocks.4.1...` for diffusers' `down_blocks.1.attentions.0...`).
+    path_map: Callable[[torch.nn.Module], Callable[[str], str]] | None = None
+
+    def paths(self, model: torch.nn.Module) -> Callable[[str], str]:
+        return self.path_map(model) if self.path_map is not None else (lambda path: path)
 
 
 @dataclass(frozen=True, eq=False)
@@ -144,6 +151,8 @@ class ModelFamily:
                 text: TextConditioning, images: Sequence[ImageConditioning]) -> torch.Tensor:
         """The UNet's prediction, with whatever extra conditioning the family's UNet takes."""
         return unet(noisy_latents, timesteps, text.hidden).sample
+
+    lora_modelspec_implementation = "diffusers"  # sd-scripts' modelspec.implementation for this family's LoRAs
 
     def embedding_keys(self) -> tuple[str, ...]:
         """Tensor names of an A1111 / sd-scripts embedding file, one per text encoder."""

@@ -94,6 +94,8 @@ def _unet_prefixes(config: dict) -> list[tuple[str, str, tuple]]:
     """(diffusers prefix, ldm prefix, inner renames) for every UNet sub-module, from the block layout."""
     lpb, n = config["layers_per_block"], len(config["block_out_channels"])
     rows = [("time_embedding.linear_1.", "time_embed.0.", ()), ("time_embedding.linear_2.", "time_embed.2.", ()),
+            # SDXL's size/pooled-text embedding ("text_time"); absent from SD 1.x/2.x.
+            ("add_embedding.linear_1.", "label_emb.0.0.", ()), ("add_embedding.linear_2.", "label_emb.0.2.", ()),
             ("conv_in.", "input_blocks.0.0.", ()), ("conv_norm_out.", "out.0.", ()), ("conv_out.", "out.2.", ()),
             ("mid_block.resnets.0.", "middle_block.0.", _UNET_RESNET), ("mid_block.attentions.0.", "middle_block.1.", ()),
             ("mid_block.resnets.1.", "middle_block.2.", _UNET_RESNET)]
@@ -153,6 +155,12 @@ def _rename(sd: Tensors, rows: list[tuple[str, str, tuple]]) -> dict[str, torch.
 def unet_to_ldm(unet_sd: Tensors, config: dict) -> dict[str, torch.Tensor]:
     """UNet2DConditionModel state dict -> ldm UNet keys (without prefix)."""
     return _rename(unet_sd, _unet_prefixes(config))
+
+
+def unet_path_to_ldm(path: str, config: dict) -> str:
+    """A UNet2DConditionModel module path -> its ldm (SGM) path: `down_blocks.1.attentions.0.proj_in` ->
+    `input_blocks.4.1.proj_in` (SDXL adapter names use these)."""
+    return next(iter(_rename({path + ".": None}, _unet_prefixes(config)))).removesuffix(".")
 
 
 def vae_to_ldm(vae_sd: Tensors, config: dict) -> dict[str, torch.Tensor]:

@@ -33,6 +33,7 @@ from library.config.config_text import parse_json, parse_toml
 from library.config.suggest import did_you_mean
 from library.errors import UserError
 from library.models.components import Components
+from library.models.family import TextConditioning
 from library.safe_write import atomic_file
 
 # sd-scripts' sample_image_inference defaults and line_to_prompt_dict's clamp of --s.
@@ -370,11 +371,19 @@ def _layer_encoder(parts: Components, clip_skip: int) -> Callable[[list[str]], t
 
 
 def _embeddings(encode, prompt: SamplePrompt) -> dict[str, torch.Tensor]:
-    if prompt.scale <= 1.0:  # no classifier-free guidance: the pipeline never looks at the negative prompt
-        return {"prompt_embeds": encode([prompt.prompt])}
+    """The pipeline's embedding arguments from a training prompt encoder (captions -> hidden states; with a
+    `conditioning` method, also the pooled embeddings of families that have them, e.g. SDXL)."""
+    captions = [prompt.prompt] if prompt.scale <= 1.0 else [prompt.prompt, prompt.negative_prompt or ""]
     # One batch, so long-prompt encoders return both at the same length, as the pipeline requires.
-    both = encode([prompt.prompt, prompt.negative_prompt or ""])
-    return {"prompt_embeds": both[:1], "negative_prompt_embeds": both[1:]}
+    text = encode.conditioning(captions) if hasattr(encode, "conditioning") else TextConditioning(encode(captions))
+    kwargs = {"prompt_embeds": text.hidden[:1]}
+    if text.pooled is not None:
+        kwargs["pooled_prompt_embeds"] = text.pooled[:1]
+    if len(captions) > 1:  # no classifier-free guidance at scale <= 1: the pipeline never reads the negative
+        kwargs["negative_prompt_embeds"] = text.hidden[1:]
+        if text.pooled is not None:
+            kwargs["negative_pooled_prompt_embeds"] = text.pooled[1:]
+    return kwargs
 
 
 @contextlib.contextmanager

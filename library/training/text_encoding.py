@@ -79,11 +79,18 @@ def encode(text_encoder: CLIPTextModel, input_ids: torch.Tensor, *, clip_skip: i
                          f"{max_token_length} (expected (B, {n}, {MODEL_MAX_LENGTH}))")
     b = input_ids.shape[0]
     flat = input_ids.reshape(-1, MODEL_MAX_LENGTH).to(text_encoder.device)
-    hidden = _hidden_states(text_encoder, flat, clip_skip).reshape(b, n, MODEL_MAX_LENGTH, -1)
+    return join_windows(_hidden_states(text_encoder, flat, clip_skip).reshape(b, n, MODEL_MAX_LENGTH, -1))
+
+
+def join_windows(hidden: torch.Tensor) -> torch.Tensor:
+    """(B, n, 77, C) window states -> (B, 77 or 75n+2, C), as sd-scripts joins them.
+
+    "<BOS> a <EOS> <BOS> b <EOS> ..." -> "<BOS> a b ... <EOS>": the first window's BOS, each window's 75 inner states,
+    and the last window's final state (EOS or PAD). 150 -> 152 states, 225 -> 227.
+    """
+    b, n = hidden.shape[:2]
     if n == 1:
         return hidden[:, 0]
-    # "<BOS> a <EOS> <BOS> b <EOS> ..." -> "<BOS> a b ... <EOS>": the first window's BOS, each window's 75
-    # inner states, and the last window's final state (EOS or PAD). 150 -> 152 states, 225 -> 227.
     inner = hidden[:, :, 1:-1].reshape(b, n * CHUNK_TOKENS, hidden.shape[-1])
     return torch.cat([hidden[:, 0, :1], inner, hidden[:, -1, -1:]], dim=1)
 

@@ -36,13 +36,14 @@ def _bad_inputs(tmp: Path, tiny_files) -> dict[str, tuple[Path, str]]:
     unknown = tmp / "unknown.safetensors"
     save_file({"transformer.blocks.0.weight": torch.zeros(2, 2)}, str(unknown))
     sdxl = tmp / "sdxl.safetensors"
-    save_file({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(2),
-               "model.diffusion_model.label_emb.0.0.weight": torch.zeros(2, 2)}, str(sdxl))
+    save_file({"conditioner.embedders.0.model.ln_final.weight": torch.zeros(2),
+               "model.diffusion_model.label_emb.0.0.weight": torch.zeros(2, 2)}, str(sdxl))  # the refiner's layout
     vae = tmp / "vae.safetensors"
     save_file({"encoder.conv_in.weight": torch.zeros(2, 3, 3, 3), "decoder.conv_in.weight": torch.zeros(2, 4, 3, 3)},
               str(vae))
     (tmp / "sdxl_folder").mkdir()
-    (tmp / "sdxl_folder" / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    (tmp / "sdxl_folder" / "model_index.json").write_text(
+        '{"_class_name": "StableDiffusionXLImg2ImgPipeline", "text_encoder": [null, null]}')
     return {
         "missing": (tmp / "nope" / "model.safetensors", "no such file"),
         "no_model_index": (tmp / "no_index", "no model_index.json"),
@@ -52,9 +53,9 @@ def _bad_inputs(tmp: Path, tiny_files) -> dict[str, tuple[Path, str]]:
         "truncated": (truncated, "truncated or corrupt"),
         "truncated_ckpt": (truncated_ckpt, "truncated or corrupt"),
         "unknown_architecture": (unknown, "unknown architecture"),
-        "sdxl": (sdxl, "SDXL is not supported yet"),
+        "sdxl": (sdxl, "an SDXL refiner"),
         "vae": (vae, "a VAE, not a full model"),
-        "sdxl_folder": (tmp / "sdxl_folder", "SDXL is not supported yet"),
+        "sdxl_folder": (tmp / "sdxl_folder", "an SDXL refiner"),
     }
 
 

@@ -1,0 +1,151 @@
+"""SDXL specifics beyond the family contract: diffusers reads our single files, adapter names and counts at full
+size (built on the meta device), prompt-encoding details, size/crop conditioning, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from library.data.dataset import image_conditioning
+from library.models.family import ImageConditioning, family_named
+from library.models.loading import load_components
+from library.models.saving import save_model
+from library.models.sdxl import TE2_PREFIX, _clip_config, _pool, time_ids, unet_config
+from networks.injection import text_encoder_targets, unet_targets
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+SDXL = family_named("sdxl")
+
+
+def test_diffusers_from_single_file_reads_our_file_exactly(tiny_parts, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    parts = tiny_parts["tiny-sdxl"]
+    file = save_model(parts, tmp_path / "model.safetensors")
+    folder = save_model(parts, tmp_path / "folder")  # only its configs are read
+    pipe = StableDiffusionXLPipeline.from_single_file(str(file), config=str(folder), local_files_only=True)
+    for ours, theirs in zip(parts.modules(), (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2)):
+        a, b = ours.state_dict(), theirs.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_text_projection_is_stored_as_sgm_uses_it(tiny_parts, tmp_path):
+    """SGM computes x @ P; a Linear computes x @ W.T: the file holds W.T (diffusers, ComfyUI and A1111 read it so)."""
+    parts = tiny_parts["tiny-sdxl"]
+    file = save_model(parts, tmp_path / "model.safetensors")
+    with safe_open(str(file), "pt") as f:
+        stored = f.get_tensor(TE2_PREFIX + "text_projection")
+        keys = set(f.keys())
+    weight = parts.text_encoders[1].text_projection.weight
+    assert not torch.equal(weight, weight.T)  # a symmetric matrix would not tell the orientations apart
+    assert torch.equal(stored, weight.T)
+    assert any(k.startswith(TE2_PREFIX + "transformer.resblocks.0.attn.in_proj_weight") for k in keys)
+    assert any(k.startswith("conditioner.embedders.0.transformer.text_model.encoder.layers.11.") for k in keys)
+    assert "model.diffusion_model.label_emb.0.0.weight" in keys
+
+
+def _full_size_sdxl():
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_config(block_out_channels=[320, 640, 1280], transformer_layers=[1, 2, 10],
+                                                  cross_attention_dim=2048, pooled_dim=1280))
+        te1 = CLIPTextModel(CLIPTextConfig(**_clip_config(vocab=49408, width=768, layers=12, mlp=3072,
+                                                          act="quick_gelu", projection=768)))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**_clip_config(vocab=49408, width=1280, layers=32, mlp=5120,
+                                                                        act="gelu", projection=1280)))
+    return unet, te1, te2
+
+
+def _expected_unet_names() -> set[str]:
+    """From SDXL's block table (sd-scripts' sdxl_original_unet): Transformer2D blocks and their depths."""
+    blocks = {**{f"input_blocks_{i}_1": 2 for i in (4, 5)}, **{f"input_blocks_{i}_1": 10 for i in (7, 8)},
+              "middle_block_1": 10, **{f"output_blocks_{i}_1": 10 for i in (0, 1, 2)},
+              **{f"output_blocks_{i}_1": 2 for i in (3, 4, 5)}}
+    leaves = ("attn1_to_q", "attn1_to_k", "attn1_to_v", "attn1_to_out_0", "attn2_to_q", "attn2_to_k", "attn2_to_v",
+              "attn2_to_out_0", "ff_net_0_proj", "ff_net_2")
+    names = set()
+    for block, depth in blocks.items():
+        names |= {f"lora_unet_{block}_proj_in", f"lora_unet_{block}_proj_out"}
+        names |= {f"lora_unet_{block}_transformer_blocks_{d}_{leaf}" for d in range(depth) for leaf in leaves}
+    return names
+
+
+def test_full_size_adapter_names_and_counts_equal_sd_scripts():
+    unet, te1, te2 = _full_size_sdxl()
+    unet_side, (te1_side, te2_side) = SDXL.unet_targets, SDXL.text_encoder_targets
+    names = [t.lora_name for t in unet_targets(unet, unet_side, include_conv=False)]
+    assert len(names) == len(set(names)) == 722
+    assert set(names) == _expected_unet_names()
+    te1_names = [t.lora_name for t in text_encoder_targets(te1, te1_side)]
+    te2_names = [t.lora_name for t in text_encoder_targets(te2, te2_side)]
+    assert (len(te1_names), len(te2_names)) == (72, 192)
+    assert "lora_te1_text_model_encoder_layers_11_mlp_fc2" in te1_names
+    assert "lora_te2_text_model_encoder_layers_31_self_attn_q_proj" in te2_names
+    conv = {t.lora_name for t in unet_targets(unet, unet_side, include_conv=True)} - set(names)
+    assert {"lora_unet_input_blocks_1_0_in_layers_2", "lora_unet_input_blocks_1_0_out_layers_3",
+            "lora_unet_input_blocks_1_0_emb_layers_1", "lora_unet_input_blocks_4_0_skip_connection",
+            "lora_unet_input_blocks_3_0_op", "lora_unet_output_blocks_2_2_conv",
+            "lora_unet_middle_block_2_in_layers_2"} <= conv
+    assert not any("time_embed" in n or "label_emb" in n or n.endswith(("input_blocks_0_0", "out_2")) for n in conv)
+
+
+def test_pooled_output_is_taken_at_the_first_eos():
+    te2 = SDXL.build_tiny("tiny-sdxl").text_encoders[1]
+    hidden = torch.randn(2, 5, 64)
+    ids = torch.tensor([[49406, 320, 49407, 49407, 49407], [49406, 49409, 49407, 0, 0]])  # a TI token above EOS
+    pooled = _pool(te2, hidden, ids, eos=49407)
+    with torch.no_grad():
+        assert torch.equal(pooled, te2.text_projection(hidden[[0, 1], [2, 2]]))
+
+
+@pytest.mark.parametrize("max_token_length, tokens", [(None, 77), (150, 152), (225, 227)])
+def test_prompt_encoding_concatenates_te1_layer_11_and_te2_penultimate(tiny_parts, max_token_length, tokens):
+    parts = tiny_parts["tiny-sdxl"]
+    te1, te2 = parts.text_encoders
+    encoder = SDXL.prompt_encoder(parts, clip_skip=None, max_token_length=max_token_length)
+    with torch.no_grad():
+        text = encoder.conditioning(["a photo of sks dog"])
+    assert text.hidden.shape == (1, tokens, 32 + 64) and text.pooled.shape == (1, 64)
+    if max_token_length is None:
+        ids1, ids2 = encoder.tokenize(["a photo of sks dog"])
+        with torch.no_grad():
+            layer11 = te1(ids1[:, 0], output_hidden_states=True).hidden_states[11]
+            penultimate = te2(ids2[:, 0], output_hidden_states=True).hidden_states[-2]
+        assert torch.equal(text.hidden, torch.cat([layer11, penultimate], dim=-1))
+        assert ids2[0, 0, -1] == 0 and ids1[0, 0, -1] == 49407  # TE2 pads with "!" (0), TE1 with EOS
+
+
+def test_size_conditioning_is_sd_scripts_letterbox_crop_in_hw_order():
+    # sd-scripts#1443's example: bucket 512x2048 (w, h), image 512x4096 -> crop_ltrb (128, 0, 384, 2048).
+    c = image_conditioning((512, 4096), (512, 2048), flipped=False)
+    assert c == ImageConditioning(original_size=(4096, 512), crop_top_left=(0, 128), target_size=(2048, 512))
+    flipped = image_conditioning((512, 4096), (512, 2048), flipped=True)
+    assert flipped.crop_top_left == (0, 512 - 384)
+    ids = time_ids([c, flipped], "cpu", torch.float32)
+    assert ids.tolist() == [[4096, 512, 0, 128, 2048, 512], [4096, 512, 0, 128, 2048, 512]]
+
+
+def test_time_ids_change_the_prediction(tiny_parts):
+    parts = tiny_parts["tiny-sdxl"]
+    text = SDXL.prompt_encoder(parts, clip_skip=None, max_token_length=None).conditioning(["a"])
+    latents, t = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+    with torch.no_grad():
+        a = SDXL.predict(parts.unet, latents, t, text, [ImageConditioning((32, 32), (0, 0), (32, 32))])
+        b = SDXL.predict(parts.unet, latents, t, text, [ImageConditioning((64, 32), (0, 0), (32, 32))])
+    assert not torch.equal(a, b)
+
+
+def test_a_loaded_sdxl_file_keeps_logit_scale_and_round_trips_bytes(tiny_parts, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    parts = tiny_parts["tiny-sdxl"]
+    first = save_model(parts, tmp_path / "a.safetensors")
+    sd = load_file(str(first))
+    sd[TE2_PREFIX + "logit_scale"] = torch.tensor(4.6)
+    save_file(sd, str(tmp_path / "b.safetensors"))
+    again = save_model(load_components(str(tmp_path / "b.safetensors")), tmp_path / "c.safetensors")
+    resaved = load_file(str(again))
+    assert resaved.keys() == sd.keys() and all(torch.equal(resaved[k], sd[k]) for k in sd)
