@@ -210,7 +210,10 @@ class Generator:
     def _encoder(self, clip_skip: int | None):
         from library.methods.ti_method import _TokenExpandingEncoder
 
-        encode = _layer_encoder(self.parts, clip_skip or 1)
+        if len(self.parts.text_encoders) == 1:
+            encode = _layer_encoder(self.parts, clip_skip or 1)
+        else:  # SDXL: the family's encoding (fixed layers, pooled output); clip_skip does not apply
+            encode = self.parts.family.prompt_encoder(self.parts, clip_skip=None, max_token_length=None)
         for embedding in self.embeddings:
             # A multi-vector embedding `name` is written out as `name name1 name2 …`, as it was trained.
             encode = _TokenExpandingEncoder(encode, embedding.tokens[0], list(embedding.tokens))
@@ -264,6 +267,9 @@ def install_embeddings(parts, files: Sequence) -> list[LoadedEmbedding]:
 
     if not files:
         return []
+    if len(parts.text_encoders) != 1:
+        raise UserError(f"--textual_inversion_embeddings: {parts.family.label} embeddings (one vector set per text "
+                        "encoder) are not supported yet; generate without them")
     width = parts.text_encoder.get_input_embeddings().weight.shape[1]
     loaded, vectors = [], []
     for file in files:

@@ -265,6 +265,10 @@ def _absent_modules(modules: list[str]) -> str:
     return f"they adapt {count} this model does not have; {other_model_hint(modules)}"
 
 
+BLOCKWISE_ARGS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
+                  "mid_lr_weight", "up_lr_weight")
+
+
 def build_network(module_class, multiplier, network_dim, network_alpha, text_encoder, unet, *, neuron_dropout=None,
                   modules_dim: dict | None = None, modules_alpha: dict | None = None, **network_args) -> AdapterNetwork:
     """Adapters for every target, with sd-scripts' dims: network_dim/alpha, conv_dim/alpha for 3×3 convolutions,
@@ -303,6 +307,11 @@ def build_network(module_class, multiplier, network_dim, network_alpha, text_enc
                 if te is not None]
     # The family with this many text encoders names them (lora_te, or lora_te1 / lora_te2) and says what to adapt.
     unet_side, te_sides = adapter_targets(len(encoders))
+    blockwise = [k for k in BLOCKWISE_ARGS if opts.get(k) is not None]
+    if blockwise and unet_side.path_map is not None:
+        # sd-scripts' SDXL blocks are 23 (not 25) with 9 down/up weights; our block index knows SD 1.x/2.x names only.
+        raise UserError(f"--network_args {', '.join(blockwise)}: block-wise dims and learning rates are not "
+                        "supported for SDXL yet; drop them")
     layers = [target for te, side in zip(encoders, te_sides)
               for target in every_layer(te, None, text_encoder_prefix=side.prefix)]
     layers += list(every_layer(None, unet, unet_prefix=unet_side.prefix,

@@ -38,6 +38,10 @@ def network_trees(name: str, text_encoder, unet):
     with sd-scripts' module paths and class names, so it builds and names its adapters as under sd-scripts."""
     if is_ours(name):
         return text_encoder, unet
+    if isinstance(text_encoder, (list, tuple)) or "add_embedding" in dict(unet.named_children()):
+        # sd-scripts hands these modules its own SGM-named SDXL UNet; our views only reshape the SD 1.x/2.x tree.
+        raise UserError(f"--network_module {name} cannot train SDXL models here yet: it would name its modules "
+                        f"differently from sd-scripts; use {', '.join(network_modules())} (LoRA, LoCon, LoHa, LoKr)")
     return text_encoder_view(text_encoder), unet_view(unet)
 
 

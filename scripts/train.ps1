@@ -1,4 +1,5 @@
-# LoRA / LoCon / LoHa / LoKr training for Stable Diffusion 1.x/2.x, in the style of Akegarasu/lora-scripts' train.ps1:
+# LoRA / LoCon / LoHa / LoKr training for Stable Diffusion 1.x/2.x (and SDXL: $sdxl = "1"), in the style of
+# Akegarasu/lora-scripts' train.ps1:
 # edit the settings below, then run `.\scripts\train.ps1` (from anywhere: it runs from the repository root).
 #
 # Every setting can also be given from the environment without editing this file, e.g.
@@ -13,6 +14,7 @@ $__settings_before = @(Get-Variable | ForEach-Object { $_.Name })
 
 # ---- Model ---------------------------------------------------------------------------------------------------------
 $pretrained_model = "./sd-models/model.safetensors" # base model: .safetensors/.ckpt file, diffusers folder, or a Hub id
+$sdxl = "0"                                 # 1: an SDXL model, trained by sdxl_train_network.py (keep model_type=sd1)
 $model_type = "sd1"                         # sd1 (SD 1.x) or sd2 (SD 2.x; clip_skip is then not passed)
 $parameterization = "0"                     # 1: v-parameterization (SD 2.x 768-v models), with model_type=sd2
 $train_data_dir = "./train/data"            # training images: folders named <repeats>_<class tokens>, captions in .txt
@@ -99,6 +101,11 @@ function Add-Extra([string]$value) { if ($value.Trim() -ne "") { foreach ($item 
 # reads both tables and checks they match (keep one statement per line, one simple condition per `if`).
 # BEGIN ARGUMENTS
 Add-LaunchArg "--num_cpu_threads_per_process" $num_cpu_threads_per_process
+if ($sdxl -eq "1") {
+  $train_script = "sdxl_train_network.py"
+} else {
+  $train_script = "train_network.py"
+}
 if ([int]$multi_gpu -gt 1) {
   Add-LaunchFlag "--multi_gpu"
   Add-LaunchArg "--num_processes" $multi_gpu
@@ -190,7 +197,7 @@ if ($NetArgs.Count -gt 0) {
 }
 $python = if ($env:PYTHON) { $env:PYTHON } else { "python" }
 # launch.py is `accelerate launch` (same options) that keeps the trainer's one-line errors and exit code.
-$cmd = @($python, "launch.py") + @($LaunchArgs) + @("train_network.py") + @($TrainArgs)
+$cmd = @($python, "launch.py") + @($LaunchArgs) + @($train_script) + @($TrainArgs)
 
 if ($env:SD_TRAINER_PRINT_ONLY -eq "1") {
   $cmd | ForEach-Object { Write-Output $_ }

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# LoRA / LoCon / LoHa / LoKr training for Stable Diffusion 1.x/2.x, in the style of Akegarasu/lora-scripts' train.sh:
+# LoRA / LoCon / LoHa / LoKr training for Stable Diffusion 1.x/2.x (and SDXL: sdxl=1), in the style of
+# Akegarasu/lora-scripts' train.sh:
 # edit the settings below, then run `bash scripts/train.sh` (from anywhere: it runs from the repository root).
 #
 # Every setting can also be given from the environment without editing this file, e.g.
@@ -11,6 +12,7 @@
 
 # ---- Model ---------------------------------------------------------------------------------------------------------
 pretrained_model="${pretrained_model:-./sd-models/model.safetensors}" # base model: .safetensors/.ckpt file, diffusers folder, or a Hub id
+sdxl="${sdxl:-0}"                               # 1: an SDXL model, trained by sdxl_train_network.py (keep model_type=sd1)
 model_type="${model_type:-sd1}"                 # sd1 (SD 1.x) or sd2 (SD 2.x; clip_skip is then not passed)
 parameterization="${parameterization:-0}"       # 1: v-parameterization (SD 2.x 768-v models), with model_type=sd2
 train_data_dir="${train_data_dir:-./train/data}" # training images: folders named <repeats>_<class tokens>, captions in .txt
@@ -91,6 +93,11 @@ add_extra() { if [[ -n "$1" ]]; then read -r -a _extra <<< "$1"; args+=("${_extr
 # reads both tables and checks they match (keep one statement per line, one simple condition per `if`).
 # BEGIN ARGUMENTS
 add_launch_arg "--num_cpu_threads_per_process" "$num_cpu_threads_per_process"
+if [[ "$sdxl" == "1" ]]; then
+  train_script="sdxl_train_network.py"
+else
+  train_script="train_network.py"
+fi
 if [[ "$multi_gpu" -gt 1 ]]; then
   add_launch_flag "--multi_gpu"
   add_launch_arg "--num_processes" "$multi_gpu"
@@ -180,7 +187,7 @@ if [[ ${#net_args[@]} -gt 0 ]]; then
   args+=("--network_args" "${net_args[@]}")
 fi
 # launch.py is `accelerate launch` (same options) that keeps the trainer's one-line errors and exit code.
-cmd=("${PYTHON:-python}" launch.py "${launch_args[@]}" train_network.py "${args[@]}")
+cmd=("${PYTHON:-python}" launch.py "${launch_args[@]}" "$train_script" "${args[@]}")
 
 if [[ "${SD_TRAINER_PRINT_ONLY:-}" == "1" ]]; then
   printf '%s\n' "${cmd[@]}"

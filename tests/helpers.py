@@ -42,3 +42,12 @@ def tiny_lora_flags(data, out, *extra, steps: int, seed: int | None = None) -> l
             "--resolution", "32", "--output_dir", str(out), "--output_name", "net", "--max_train_steps", str(steps),
             "--learning_rate", "1e-3", "--network_dim", "4", "--max_data_loader_n_workers", "0",
             *(["--seed", str(seed)] if seed is not None else []), *extra]
+
+
+# Flags for each adapter kind the trainers test (LoCon is LoRA with conv_dim): one table for SD and SDXL runs.
+ADAPTER_FLAGS = {
+    "lora": ["--network_module", "networks.lora"],
+    "locon": ["--network_module", "networks.lora", "--network_args", "conv_dim=2", "conv_alpha=1"],
+    "loha": ["--network_module", "networks.loha", "--network_args", "conv_dim=2"],
+    "lokr": ["--network_module", "networks.lokr", "--network_args", "factor=4"],
+}

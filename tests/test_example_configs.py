@@ -1,5 +1,5 @@
 """Every example in configs/ runs: each --config_file TOML trains 2 steps on the tiny model through its entry
-script (command-line flags point it at tiny-sd1, a demo dataset and tmp folders), every key is a declared option
+script (command-line flags point it at tiny-sd1, or tiny-sdxl for the SDXL one, a demo dataset and tmp folders), every key is a declared option
 of its script, configs/dataset.toml resolves to a training and a regularisation subset, and the accelerate YAMLs
 load with accelerate's own loader."""
 
@@ -12,6 +12,7 @@ import toml
 import torch
 from safetensors.torch import load_file
 
+import sdxl_train_network
 import train_db
 import train_hypernetwork
 import train_network
@@ -31,11 +32,15 @@ EXAMPLES = {
     "locon": (train_network, NETWORK, "safetensors"),
     "loha": (train_network, NETWORK, "safetensors"),
     "lokr": (train_network, NETWORK, "safetensors"),
+    "sdxl_lora": (sdxl_train_network, NETWORK, "safetensors"),
     "dreambooth": (train_db, DB, "safetensors"),
     "textual_inversion": (train_textual_inversion, TI, "pt"),
     "hypernetwork": (train_hypernetwork, HYPERNETWORK, "pt"),
 }
 NETWORK_MODULES = {"lora": "networks.lora", "locon": "networks.lora", "loha": "networks.loha", "lokr": "networks.lokr"}
+# example -> (the base model file it names, the built-in tiny model of that family); the others: SD 1.5, tiny-sd1
+MODELS = {"sdxl_lora": ("sd_xl_base_1.0.safetensors", "tiny-sdxl")}
+SD15 = ("v1-5-pruned-emaonly.safetensors", "tiny-sd1")
 # What the tiny model cannot take from the SD 1.5 settings, for every example: a CPU run (no fp16 autocast, no
 # bitsandbytes 8-bit optimizer), 32 px images (the buckets' 256..1024 px range), no loader processes, tmp folders.
 TINY = ["--pretrained_model_name_or_path", "tiny-sd1", "--resolution", "32", "--max_train_steps", "2",
@@ -62,7 +67,7 @@ def test_every_key_is_an_option_of_its_script(name):
     refused = [key for key in keys if declared[key].note or declared[key].later]
     assert refused == [], "options that are parsed but refused when set"
     flat = _flat(name)
-    assert flat["pretrained_model_name_or_path"].endswith("v1-5-pruned-emaonly.safetensors")
+    assert flat["pretrained_model_name_or_path"].endswith(MODELS.get(name, SD15)[0])
     if name in NETWORK_MODULES:
         assert flat["network_module"] == NETWORK_MODULES[name]
         assert ("conv_dim" in " ".join(flat.get("network_args", []))) == (name != "lora")
@@ -142,7 +147,8 @@ def _run(name: str, *extra: str):
     flat = _flat(name)
     # An example that counts epochs overrides max_train_steps; one demo epoch is the 2 steps.
     epochs = ["--max_train_epochs", "1"] if "max_train_epochs" in flat else []
-    result = script.main(["--config_file", str(CONFIGS / f"{name}.toml"), *TINY, *epochs, *extra])
+    tiny = [MODELS.get(name, SD15)[1] if arg == "tiny-sd1" else arg for arg in TINY]
+    result = script.main(["--config_file", str(CONFIGS / f"{name}.toml"), *tiny, *epochs, *extra])
     assert result is not None and result.global_step == 2
     assert result.final_file.is_file() and result.final_file.suffix == f".{ext}"
     assert result.final_file.name == f"{flat['output_name']}.{ext}"
@@ -160,6 +166,31 @@ def test_network_example_trains(name, tiny_run, folders, tmp_path):
         assert any(re.search(r"resnets_\d+_conv\d", key) for key in weights)
     # sample_every_n_epochs = 1: the epoch's preview, from the tmp prompt file
     assert list((tmp_path / "out" / "sample").glob(f"{flat['output_name']}_e000001_*.png"))
+
+
+def test_sdxl_lora_example_trains_the_unet_with_sd_scripts_sdxl_names(tiny_run, folders, tmp_path):
+    flat = _flat("sdxl_lora")
+    # sd-scripts' SDXL LoRA recipe, as the example promises it
+    assert flat["network_train_unet_only"] and flat["cache_latents"] and flat["cache_text_encoder_outputs"]
+    assert flat["gradient_checkpointing"] and flat["no_half_vae"] and flat["mixed_precision"] == "bf16"
+    assert flat["resolution"] == "1024,1024" and flat["bucket_reso_steps"] % 32 == 0 and 8 <= flat["network_dim"] <= 32
+    assert flat["optimizer_type"] in ("AdamW8bit", "Adafactor") and "shuffle_caption" not in flat
+    result, flat = _run("sdxl_lora", *tiny_run, *folders)
+    weights = load_file(str(result.final_file))
+    assert weights and all(key.startswith("lora_unet_") for key in weights)  # network_train_unet_only
+    assert any(key.startswith("lora_unet_input_blocks_") for key in weights)  # SGM names, as sd-scripts' SDXL
+    assert {v.dtype for v in weights.values()} == {torch.float16}  # save_precision = "fp16"
+    metadata = _metadata(result.final_file)
+    assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert metadata["ss_network_dim"] == str(flat["network_dim"])
+    assert list((tmp_path / "out" / "sample").glob(f"{flat['output_name']}_e000001_*.png"))
+
+
+def test_sdxl_lora_example_refuses_an_sd1_model(tiny_run, folders, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sdxl_train_network.main(["--config_file", str(CONFIGS / "sdxl_lora.toml"), *TINY, *tiny_run, *folders])
+    assert exit_info.value.code == 2
+    assert "tiny-sd1: this is an SD 1.x model, and sdxl_train_network.py trains SDXL models" in capsys.readouterr().err
 
 
 def test_lora_example_takes_the_dataset_toml(tiny_run, tmp_path):

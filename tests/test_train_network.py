@@ -12,13 +12,9 @@ import train_network
 from library.data.demo import make_demo_dataset
 from library.models.checkpoint_io import read_state_dict
 from networks.files import describe_network_file
+from tests.helpers import ADAPTER_FLAGS
 
-ALGORITHMS = {
-    "lora": ["--network_module", "networks.lora"],
-    "locon": ["--network_module", "networks.lora", "--network_args", "conv_dim=2", "conv_alpha=1"],
-    "loha": ["--network_module", "networks.loha", "--network_args", "conv_dim=2"],
-    "lokr": ["--network_module", "networks.lokr", "--network_args", "factor=4"],
-}
+ALGORITHMS = ADAPTER_FLAGS
 
 
 @pytest.fixture

@@ -102,6 +102,42 @@ def test_train_sh_trains_the_tiny_model_end_to_end(demo_data, tmp_path):
     assert any(p.name.startswith("wrapped") for p in logs.iterdir())
 
 
+def test_sdxl_switch_picks_sdxl_train_network_py():
+    lines = _print_only("train.sh")
+    assert "train_network.py" in lines and "sdxl_train_network.py" not in lines  # sdxl=0 by default
+    launch, train, flags = _split(_print_only("train.sh", sdxl="1"), entry="sdxl_train_network.py")
+    assert "train_network.py" not in train
+    # everything else is the same command
+    assert (launch, train) == _split(lines)[:2]
+    # PowerShell (not run here): the same switch in its flag table, and the command built from its choice
+    ps = _read("train.ps1")
+    table = _statements_ps(ps)
+    at = table.index(("if", "sdxl", "==", "1"))
+    assert table[at:at + 5] == [("if", "sdxl", "==", "1"), ("set", "train_script", "sdxl_train_network.py"), ("else",),
+                                ("set", "train_script", "train_network.py"), ("end",)]
+    assert ("sdxl", "0") in _settings_ps(ps) and ("sdxl", "0") in _settings_sh(_read("train.sh"))
+    assert '@($LaunchArgs) + @($train_script) + @($TrainArgs)' in ps and '"train_network.py")' not in ps
+    assert '"${launch_args[@]}" "$train_script" "${args[@]}"' in _read("train.sh")
+
+
+def test_train_sh_sdxl_trains_the_tiny_sdxl_model_end_to_end(demo_data, tmp_path):
+    out = tmp_path / "out"
+    settings = {**TINY_RUN, "pretrained_model": "tiny-sdxl", "sdxl": "1"}
+    result = _run("train.sh", train_data_dir=demo_data, output_dir=out, logging_dir=tmp_path / "logs", **settings)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert " sdxl_train_network.py " in result.stdout
+    weights = load_file(str(out / "wrapped.safetensors"))
+    assert any(key.startswith("lora_unet_input_blocks_") for key in weights)  # sd-scripts' SDXL names
+    assert any(key.startswith("lora_te1_") for key in weights) and any(key.startswith("lora_te2_") for key in weights)
+    # The SD 1.x model through the SDXL switch: the trainer's one line, exit code 2
+    result = _run("train.sh", train_data_dir=demo_data, output_dir=out, timeout=120, **{**settings,
+                                                                                      "pretrained_model": "tiny-sd1"})
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: tiny-sd1: this is an SD 1.x model, and sdxl_train_network.py trains SDXL models; use train_network.py "
+        "for it")
+
+
 def test_train_sh_bad_option_is_the_trainers_one_line_and_exit_code_2(tmp_path):
     result = _run("train.sh", train_data_dir=tmp_path, output_dir=tmp_path / "out", extra_args="--network_dimm 4",
                   timeout=120, **TINY_RUN)

@@ -67,6 +67,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_token_length", int, None, "longer captions: 150 or 225 tokens as 75-token chunks (default 75)", "model",
            choices=(150, 225), off=(75,)),
     Option("no_half_vae", bool, False, "keep the VAE in float32 under mixed precision", "model"),
+    Option("disable_mmap_load_safetensors", bool, False,
+           "accepted and ignored (sd-scripts' SDXL loader switch): models are read tensor by tensor either way",
+           "model"),
 
     # --- dataset: folders, metadata, sizes, buckets, augmentation, loading (add_dataset_arguments) ---
     Option("train_data_dir", str, None, "folder of training images (subfolders named <repeats>_<class tokens>)", "dataset",
@@ -143,6 +146,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("skip_cache_check", bool, False, "trust existing cache files without checking their contents", "caching"),
     Option("cache_text_encoder_outputs", bool, False, "encode each caption once when the text encoder is not trained",
            "caching", scripts=NOT_TI),
+    Option("cache_text_encoder_outputs_to_disk", bool, False,
+           "also keep each image's text-encoder outputs in a file beside it (SDXL: sd-scripts' <stem>_te_outputs.npz; "
+           "implies cache_text_encoder_outputs)", "caching", scripts=NOT_TI),
     Option("cache_info", bool, False, "remember captions and image sizes in metadata_cache.json for faster starts",
            "caching"),
 

@@ -166,7 +166,8 @@ SD_SCRIPTS_STEPS = 64
 
 
 def rounding_notes(resolution: Reso, *, enable_bucket: bool, min_bucket_reso: int = 256, max_bucket_reso: int = 1024,
-                   bucket_reso_steps: int = 64, bucket_no_upscale: bool = False) -> list[str]:
+                   bucket_reso_steps: int = 64, bucket_no_upscale: bool = False,
+                   required_step: int = SD_SCRIPTS_STEPS) -> list[str]:
     """One warning line per setting that is not a multiple of what it steps by, saying what is done instead.
 
     sd-scripts rounds silently (resolution, no_upscale buckets), warns (min/max_bucket_reso) or asserts
@@ -201,7 +202,7 @@ def rounding_notes(resolution: Reso, *, enable_bucket: bool, min_bucket_reso: in
         if high != max_bucket_reso:
             notes.append(f"max_bucket_reso {max_bucket_reso} is not a multiple of bucket_reso_steps {steps}: "
                          f"rounded up to {high} (as in sd-scripts)")
-    if steps % SD_SCRIPTS_STEPS:
+    if steps % required_step and required_step == SD_SCRIPTS_STEPS:
         notes.append(f"bucket_reso_steps {steps} is not a multiple of {SD_SCRIPTS_STEPS}: sd-scripts refuses it for "
                      "SD 1.x/2.x; accepted here, as the UNet takes latent sides that are not a multiple of 8")
     return notes

@@ -69,11 +69,12 @@ class CachedLatents(NamedTuple):
     alpha_mask: torch.Tensor | None  # float32 (H, W) in [0, 1], at pixel resolution
 
 
-def npz_path(image_path: str | os.PathLike, original_size: tuple[int, int]) -> Path:
-    """sd-scripts' SdSdxlLatentsCachingStrategy.get_latents_npz_path: named by the image's ORIGINAL (w, h)."""
+def npz_path(image_path: str | os.PathLike, original_size: tuple[int, int], suffix: str = NPZ_SUFFIX) -> Path:
+    """sd-scripts' SdSdxlLatentsCachingStrategy.get_latents_npz_path: named by the image's ORIGINAL (w, h); the
+    suffix is the model family's (`_sd.npz`, SDXL's `_sdxl.npz`)."""
     image_path = Path(image_path)
     w, h = original_size
-    return image_path.with_name(f"{image_path.stem}_{w:04d}x{h:04d}{NPZ_SUFFIX}")
+    return image_path.with_name(f"{image_path.stem}_{w:04d}x{h:04d}{suffix}")
 
 
 def key_suffix(bucket_reso: tuple[int, int], latent_stride: int = SD_LATENT_STRIDE) -> str:
@@ -141,8 +142,9 @@ class LatentCache:
     """
 
     def __init__(self, *, to_disk: bool, vae_identity: str, skip_check: bool = False,
-                 latent_stride: int = SD_LATENT_STRIDE) -> None:
+                 latent_stride: int = SD_LATENT_STRIDE, npz_suffix: str = NPZ_SUFFIX) -> None:
         self.to_disk = to_disk
+        self.npz_suffix = npz_suffix
         self.vae_identity = vae_identity
         self.skip_check = skip_check
         self.latent_stride = latent_stride
@@ -283,7 +285,7 @@ class LatentCache:
     def _store(self, request: LatentRequest, arrays: dict[str, np.ndarray]) -> None:
         """Replace this latent size's entry; keep the file's other sizes (sd-scripts' save_latents_to_disk merges)."""
         sfx = self._suffix(request)
-        path = npz_path(request.image_path, request.original_size)
+        path = npz_path(request.image_path, request.original_size, self.npz_suffix)
         if not self.to_disk:
             kept = self._memory.get(path, {})
             self._memory[path] = {k: v for k, v in kept.items() if not k.endswith(sfx)} | arrays
@@ -297,7 +299,7 @@ class LatentCache:
     @contextlib.contextmanager
     def _entries(self, request: LatentRequest) -> Iterator[Mapping[str, np.ndarray] | None]:
         """The stored key -> array mapping of the request's npz (lazily read on disk), or None."""
-        path = npz_path(request.image_path, request.original_size)
+        path = npz_path(request.image_path, request.original_size, self.npz_suffix)
         if not self.to_disk:
             yield self._memory.get(path)
             return

@@ -78,7 +78,10 @@ def plan_run(options: Mapping, *, script: str = "network", verify: bool = False)
     check_cache_options({**options, "text_encoder_trained": text_encoder_trained(options, script)},
                         [subset for spec in specs for subset in spec.subsets])
     strict = bool(options.get("strict"))
-    datasets = [_plan_dataset(spec, problems, strict, verify) for spec in specs]
+    # The step the script's model family requires (sd-scripts: 64 for SD 1.x/2.x, 32 for SDXL).
+    families = options.get("model_families") or ()
+    required_step = _required_bucket_step(families)
+    datasets = [_plan_dataset(spec, problems, strict, verify, required_step) for spec in specs]
     if not any(d.train for d in datasets):
         details = "; ".join(problems[:3]) or "no subset holds images"
         raise UserError(f"no usable training images ({details})")
@@ -96,7 +99,15 @@ def text_encoder_trained(options: Mapping, script: str) -> bool:
     return script == "ti"
 
 
-def _plan_dataset(spec: DatasetSpec, problems: list[str], strict: bool, verify: bool) -> DatasetPlan:
+def _required_bucket_step(families) -> int:
+    from library.models.family import family_named
+
+    steps = {family_named(name).bucket_step for name in families}
+    return steps.pop() if len(steps) == 1 else 64
+
+
+def _plan_dataset(spec: DatasetSpec, problems: list[str], strict: bool, verify: bool,
+                  required_step: int = 64) -> DatasetPlan:
     train, reg = [], []
     sizes: dict[Path, tuple[int, int]] = {}
     for subset in spec.subsets:
@@ -113,7 +124,7 @@ def _plan_dataset(spec: DatasetSpec, problems: list[str], strict: bool, verify: 
                            bucket_no_upscale=spec.bucket_no_upscale)
     for note in rounding_notes(spec.resolution, enable_bucket=spec.enable_bucket, min_bucket_reso=spec.min_bucket_reso,
                                max_bucket_reso=spec.max_bucket_reso, bucket_reso_steps=spec.bucket_reso_steps,
-                               bucket_no_upscale=spec.bucket_no_upscale):
+                               bucket_no_upscale=spec.bucket_no_upscale, required_step=required_step):
         # Datasets sharing the settings would repeat the line.
         if note not in problems:
             problems.append(note)

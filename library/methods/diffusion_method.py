@@ -79,7 +79,7 @@ class DiffusionMethod:
     def loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         family = self.parts.family
         latents = self._latents(batch, generator) * family.latent_scale
-        text = self._text_conditioning(batch.captions)
+        text = self._text_conditioning(batch.captions, batch.image_paths)
         draw = draw_noise(self.scheduler, latents, self.noise_settings, generator)
         pred = family.predict(self.parts.unet, draw.noisy_latents, draw.timesteps, text, batch.conditioning)
         target = target_for(self.scheduler, latents, draw.noise, draw.timesteps,
@@ -89,9 +89,11 @@ class DiffusionMethod:
                                 self.loss_settings, v_parameterization=self.parts.v_parameterization, loss_mask=mask)
         return loss
 
-    def _text_conditioning(self, captions: list[str]) -> TextConditioning:
+    def _text_conditioning(self, captions: list[str], image_paths: list[str]) -> TextConditioning:
         if self.train_text_encoder:
             return self.encode_prompts.conditioning(captions)
+        if self._fixed_captions and self.config.get("cache_text_encoder_outputs_to_disk"):
+            self._read_or_write_files(captions, image_paths)
         if self._fixed_captions:
             # A frozen text encoder and captions that never change: each caption is encoded once, in memory.
             missing = sorted({c for c in captions if c not in self._text_cache})
@@ -101,6 +103,33 @@ class DiffusionMethod:
             return TextConditioning.stack([self._text_cache[c] for c in captions])
         with torch.no_grad():
             return self.encode_prompts.conditioning(captions)
+
+    def _read_or_write_files(self, captions: list[str], image_paths: list[str]) -> None:
+        """--cache_text_encoder_outputs_to_disk: each image's file is read (or written) the first time it is seen;
+        the in-memory cache then serves its caption."""
+        from library.training.text_outputs import TextOutputFiles
+
+        if not hasattr(self, "_text_files"):
+            self._text_files = TextOutputFiles(self.parts, self.encode_prompts.encoder_identity(),
+                                               skip_check=bool(self.config.get("skip_cache_check")))
+            self._files_seen: set[str] = set()
+        todo = [(p, c) for p, c in zip(image_paths, captions) if p not in self._files_seen]
+        dtype = self.parts.text_encoders[0].dtype
+        missing = []
+        for path, caption in todo:
+            row = self._text_files.read(path, caption)
+            if row is None:
+                missing.append((path, caption))
+            elif caption not in self._text_cache:
+                pooled = None if row.pooled is None else row.pooled.to(self.device, dtype)
+                self._text_cache[caption] = TextConditioning(row.hidden.to(self.device, dtype), pooled)
+        new = sorted({c for _, c in missing if c not in self._text_cache})
+        if new:
+            with torch.no_grad():
+                self._text_cache.update(zip(new, self.encode_prompts.conditioning(new).rows()))
+        for path, caption in missing:
+            self._text_files.write(path, caption, self._text_cache[caption])
+        self._files_seen.update(p for p, _ in todo)
 
     def _latents(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         if batch.latents is not None:

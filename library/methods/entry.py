@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 
 from library.config.checks import check_value
 from library.config.declarations import OPTIONS
+from library.config.options import NETWORK
 from library.config.resolve import check_supported, options_for, resolve, write_resolved_config
 from library.config.run_config import RunConfig
 from library.console import quiet_libraries
@@ -32,19 +33,23 @@ def dry_run(config: RunConfig) -> None:
     print_plan(plan_run(config, verify=True), verbose=True)
 
 
-def start(argv: Sequence[str] | None, script: str, description: str, run: Callable[[RunConfig, object], object]):
+def start(argv: Sequence[str] | None, script: str, description: str, run: Callable[[RunConfig, object], object],
+          *, families: Sequence[str] = ("sd1", "sd2")):
     """Resolve `argv` for `script`; a dry run prints the plan, a real run checks the base model's header, then the
     data before any weights load, then calls `run(config, plan)` (whose load_base_model saves the resolved options
-    once the models are loaded) and returns its result."""
+    once the models are loaded) and returns its result. `families`: the model families the script trains (as in
+    sd-scripts: SD 1.x/2.x, or SDXL for sdxl_train_network.py); other models are refused, and a single family's
+    rules are checked on the options before the data is scanned."""
     try:
-        return _start(argv, script, description, run)
+        return _start(argv, script, description, run, tuple(families))
     except KeyboardInterrupt:
         # The training loop saves on Ctrl+C itself; one reaching here came before it (options, data, models, cache).
         raise Interrupted("interrupted during start-up, before training began: no model or state was saved") from None
 
 
-def _start(argv, script, description, run):
+def _start(argv, script, description, run, families):
     config = resolve(argv, script, OPTIONS, description)
+    config = config.replace(model_families=families)
     if config.get("token_string") and not config.output_name:
         config = config.replace(output_name=config.token_string)  # sd-scripts names an embedding after its token
         check_value(declared_option("output_name"), config.output_name,
@@ -59,6 +64,7 @@ def _start(argv, script, description, run):
     from library.data.plan import plan_run, print_plan
 
     plan = plan_run(config)
+    check_family_options(config, plan)
     print_plan(plan, verbose=False)
     processes = _processes()
     config = with_seed(config, processes)
@@ -129,6 +135,33 @@ def check_base_model(config: RunConfig) -> None:
         check(config.pretrained_model_name_or_path)
 
 
+def check_family_options(config: RunConfig, plan) -> None:
+    """The script's family's rules on the options (sdxl_train_network.py: bucket steps of 32, no --v2), all at once."""
+    from library.config.problems import raise_problems
+    from library.models.family import family_named
+
+    families = config.get("model_families") or ()
+    if len(families) == 1:
+        steps = [dataset.spec.bucket_reso_steps for dataset in plan.datasets]
+        raise_problems(family_named(families[0]).option_problems(config, steps))
+
+
+def check_model_family(config: RunConfig, found) -> None:
+    """Refuse a model of a family the script does not train, naming the script that does (if there is one)."""
+    from library.models.family import family_named
+
+    wanted = [family_named(name) for name in config.get("model_families") or ()]
+    if not wanted or found in wanted:
+        return
+    labels = " / ".join(f.label for f in wanted)
+    if config.script == NETWORK:
+        script, hint = wanted[0].network_script, f"use {found.network_script} for it"
+    else:
+        script, hint = "this script", f"{found.label} is not supported by this script yet"
+    raise UserError(f"{config.pretrained_model_name_or_path}: this is an {found.label} model, and {script} trains "
+                    f"{labels} models; {hint}")
+
+
 def load_base_model(config: RunConfig):
     """The model every script starts from (--pretrained_model_name_or_path, --vae, --tokenizer), described; with it
     loaded the run really starts, so the resolved options (seed included) are saved next to the outputs now."""
@@ -139,6 +172,7 @@ def load_base_model(config: RunConfig):
                         "or tiny-sd1 for the built-in demo model")
     parts = load_components(config.pretrained_model_name_or_path, options=config,
                             v_parameterization=config.v_parameterization, vae=config.vae, tokenizer=config.tokenizer)
+    check_model_family(config, parts.family)
     print(parts.describe())
     save_resolved_options(config)
     return parts

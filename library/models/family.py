@@ -108,6 +108,15 @@ class ModelFamily:
         """Whether the run's flags insist on this family (sd-scripts' --v2): a file of another family is refused."""
         return False
 
+    def option_problems(self, options: Any, bucket_steps: Sequence[int]) -> list[str]:
+        """What the run's options get wrong for this family's script (e.g. --v2 with SDXL); `bucket_steps` are the
+        datasets' bucket_reso_steps."""
+        bad = sorted({step for step in bucket_steps if step % self.bucket_step})
+        if bad:
+            return [f"bucket_reso_steps {', '.join(map(str, bad))} must be a multiple of {self.bucket_step} for "
+                    f"{self.label} (sd-scripts' {self.network_script} requires it)"]
+        return []
+
     def refuse_requested(self, found: "ModelFamily", source: str) -> None:
         """Raise a UserError if a model of family `found` cannot serve a run that insists on this family."""
 
@@ -153,6 +162,20 @@ class ModelFamily:
         return unet(noisy_latents, timesteps, text.hidden).sample
 
     lora_modelspec_implementation = "diffusers"  # sd-scripts' modelspec.implementation for this family's LoRAs
+    latent_cache_suffix = "_sd.npz"  # sd-scripts' latent cache files: <stem>_<W>x<H><suffix>
+    # The sd-scripts entry script that trains networks on this family's models, and the bucket step it requires.
+    network_script = "train_network.py"
+    bucket_step = 64
+
+    text_cache_suffix = "_sd_te_outputs.npz"  # --cache_text_encoder_outputs_to_disk files: <stem><suffix>
+
+    def text_cache_arrays(self, parts: "Components", row: TextConditioning) -> dict[str, Any]:
+        """One caption's conditioning as the named float32 arrays of its cache file."""
+        return {"hidden_state": row.hidden.float().cpu().numpy()}
+
+    def text_cache_row(self, parts: "Components", arrays: Mapping[str, Any]) -> TextConditioning | None:
+        """A cache file's arrays back as a conditioning row; None when a key is missing."""
+        return TextConditioning(torch.from_numpy(arrays["hidden_state"])) if "hidden_state" in arrays else None
 
     def embedding_keys(self) -> tuple[str, ...]:
         """Tensor names of an A1111 / sd-scripts embedding file, one per text encoder."""

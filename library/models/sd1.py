@@ -53,8 +53,8 @@ class StableDiffusion(ModelFamily):
 
     def refuse_requested(self, found: ModelFamily, source: str) -> None:
         if found is not self:
-            raise UserError(f"{source}: --v2 was given but this is an {found.label} model "
-                            "(CLIP ViT-L text encoder); drop --v2")
+            what = " (CLIP ViT-L text encoder)" if found.name == "sd1" else ""
+            raise UserError(f"{source}: --v2 was given but this is an {found.label} model{what}; drop --v2")
 
     def file_notes(self, shapes: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:
         encoder = ("OpenCLIP text encoder (cond_stage_model.model.*)" if lc.has_openclip(shapes)

@@ -56,6 +56,9 @@ TEXT_TARGETS = (AdapterTargets("lora_te1", CLIP_CLASSES), AdapterTargets("lora_t
 @dataclass(frozen=True, eq=False)
 class StableDiffusionXL(ModelFamily):
     lora_modelspec_implementation = "https://github.com/Stability-AI/generative-models"
+    latent_cache_suffix = "_sdxl.npz"
+    network_script = "sdxl_train_network.py"
+    bucket_step = 32
 
     # ------------------------------------------------------------------ detection
     def recognises(self, shapes: Mapping[str, torch.Tensor]) -> bool:
@@ -67,6 +70,12 @@ class StableDiffusionXL(ModelFamily):
 
     def file_notes(self, shapes: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:
         return ["CLIP ViT-L (conditioner.embedders.0) + OpenCLIP bigG (conditioner.embedders.1) text encoders"], []
+
+    def option_problems(self, options: Any, bucket_steps: Sequence[int]) -> list[str]:
+        problems = super().option_problems(options, bucket_steps)
+        if options.get("v2"):
+            problems.append("--v2 cannot be used with SDXL (it insists on an SD 2.x model); drop it")
+        return problems
 
     # ------------------------------------------------------------------ loading
     def load_single_file(self, file, source: str, tokenizer: str | None, dtype: torch.dtype) -> Components:
@@ -95,8 +104,15 @@ class StableDiffusionXL(ModelFamily):
         unet = build_module(UNet2DConditionModel, unet_cfg, stream(file, Prefixed(unet_ldm, lc.UNET_PREFIX),
                                                                    lambda sd: lc.unet_to_diffusers(sd, unet_cfg), dtype),
                             source, "UNet", dtype)
+        # ComfyUI's markers (OneTrainer writes them): an empty `v_pred` tensor for v-prediction, `ztsnr` for
+        # zero-terminal-SNR training. sd-scripts writes neither; without them a v-prediction SDXL needs the flag.
+        v_pred = "v_pred" in meta
+        if v_pred:
+            print(f"{source}: has a v_pred key: a v-prediction SDXL model, trained with v-parameterization")
+        if "ztsnr" in meta:
+            print(f"{source}: has a ztsnr key: trained with zero-terminal SNR; pass --zero_terminal_snr to keep it")
         return Components(unet=unet, vae=vae, text_encoders=(te1, te2), tokenizers=_tokenizers(tokenizer),
-                          family=self, v_parameterization=False, source=source, source_dtype=main_dtype(unet_ldm),
+                          family=self, v_parameterization=v_pred, source=source, source_dtype=main_dtype(unet_ldm),
                           text_encoder_extras=extras)
 
     def load_diffusers(self, source: str, tokenizer: str | None, *, local: bool) -> Components:
@@ -150,6 +166,8 @@ class StableDiffusionXL(ModelFamily):
         sd |= lc.add_prefix(lc.clip_to_ldm(_strip_text_model(te1.state_dict())), TE1_PREFIX)
         sd |= lc.add_prefix(_transformers_to_openclip(te2.state_dict(), parts.text_encoder_extras), TE2_PREFIX)
         sd |= lc.add_prefix(lc.vae_to_ldm(parts.vae.state_dict(), parts.vae.config), lc.VAE_PREFIX)
+        if parts.v_parameterization:
+            sd["v_pred"] = torch.tensor([])  # ComfyUI's marker: without it ComfyUI samples a v-model as epsilon
         return sd
 
     def save_diffusers(self, parts: Components, folder: Path) -> None:
@@ -176,6 +194,21 @@ class StableDiffusionXL(ModelFamily):
                 text: TextConditioning, images: Sequence[ImageConditioning]) -> torch.Tensor:
         added = {"text_embeds": text.pooled, "time_ids": time_ids(images, noisy_latents.device, text.pooled.dtype)}
         return unet(noisy_latents, timesteps, text.hidden, added_cond_kwargs=added).sample
+
+    text_cache_suffix = "_te_outputs.npz"  # sd-scripts' SdxlTextEncoderOutputsCachingStrategy
+
+    def text_cache_arrays(self, parts: Components, row: TextConditioning) -> dict[str, Any]:
+        """sd-scripts' keys: hidden_state1 (T, TE1 width), hidden_state2 (T, TE2 width), pool2 (P,), float32."""
+        width = parts.text_encoders[0].config.hidden_size
+        hidden = row.hidden.float().cpu()
+        return {"hidden_state1": hidden[:, :width].numpy(), "hidden_state2": hidden[:, width:].numpy(),
+                "pool2": row.pooled.float().cpu().numpy()}
+
+    def text_cache_row(self, parts: Components, arrays: Mapping[str, Any]) -> TextConditioning | None:
+        if not {"hidden_state1", "hidden_state2", "pool2"} <= set(arrays):
+            return None
+        hidden = torch.cat([torch.from_numpy(arrays["hidden_state1"]), torch.from_numpy(arrays["hidden_state2"])], -1)
+        return TextConditioning(hidden, torch.from_numpy(arrays["pool2"]))
 
     def embedding_keys(self) -> tuple[str, ...]:
         return ("clip_l", "clip_g")

@@ -21,7 +21,8 @@ def build_latent_cache(config, plan, parts, accelerator) -> LatentCache | None:
     vae = parts.vae
     stride = 2 ** (len(vae.config.block_out_channels) - 1)
     cache = LatentCache(to_disk=bool(config.cache_latents_to_disk), vae_identity=f"{parts.source}:{vae.dtype}",
-                        skip_check=bool(config.skip_cache_check), latent_stride=stride)
+                        skip_check=bool(config.skip_cache_check), latent_stride=stride,
+                        npz_suffix=parts.family.latent_cache_suffix)
     requests = latent_requests(plan)
     # A broken image is named once and left out (the dataset fills its slots); with --strict it stops the run here.
     failures = DecodeFailures((r.image_path for r in requests), strict=plan.strict)

@@ -199,6 +199,12 @@ def _warn_adaptive_lr(name: str, groups: list[Any], lr: float | None) -> None:
 
 def _construct(cls: type, groups: list[Any], lr: float | None, kwargs: dict[str, Any], fixed: dict[str, Any],
                name: str, items: Iterable[str] | None) -> torch.optim.Optimizer:
+    groups = [dict(g, params=list(g.get("params", []))) if isinstance(g, dict) else g for g in groups]
+    params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    if not params:
+        # sd-scripts leaves out parameter groups whose learning rate is 0; torch.optim then refuses an empty list.
+        raise UserError("nothing to train: every part's learning rate is 0 (--learning_rate, --unet_lr, "
+                        "--text_encoder_lr) or no part is trained; set a learning rate above 0")
     try:
         return cls(groups, lr=lr, **fixed, **kwargs)
     except (TypeError, ValueError) as err:

@@ -341,7 +341,7 @@ def _generate(pipe: Any, parts: Components, prompt: SamplePrompt, default_sample
     seed = prompt.seed if prompt.seed is not None else random.SystemRandom().getrandbits(63)
     # A private generator: the same seed gives the same image whatever the training RNG has done.
     generator = torch.Generator(device).manual_seed(seed)
-    if encode is None and prompt.clip_skip and prompt.clip_skip > 1:
+    if encode is None and prompt.clip_skip and prompt.clip_skip > 1 and len(parts.text_encoders) == 1:
         encode = _layer_encoder(parts, prompt.clip_skip)
     if encode is not None:
         kwargs = _embeddings(encode, prompt)

@@ -115,12 +115,14 @@ def test_prediction_has_the_latents_shape_and_trains(family, name, tiny_parts):
 
 @pytest.mark.parametrize("family, name", TINY)
 def test_a_lora_training_run_names_and_labels_the_file_for_the_family(family, name, image_folder, tmp_path):
-    import train_network
+    import importlib
+
+    script = importlib.import_module(family.network_script.removesuffix(".py"))  # train_network, sdxl_train_network
 
     flags = tiny_lora_flags(image_folder(count=2).parent, tmp_path / "out", "--network_args", "conv_dim=2",
                             steps=2, seed=1)
     flags[flags.index("tiny-sd1")] = name
-    result = train_network.main(flags)
+    result = script.main(flags)
     assert result.global_step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     with safe_open(str(result.final_file), "pt") as f:
         keys, metadata = list(f.keys()), f.metadata()

@@ -149,3 +149,80 @@ def test_a_loaded_sdxl_file_keeps_logit_scale_and_round_trips_bytes(tiny_parts, 
     again = save_model(load_components(str(tmp_path / "b.safetensors")), tmp_path / "c.safetensors")
     resaved = load_file(str(again))
     assert resaved.keys() == sd.keys() and all(torch.equal(resaved[k], sd[k]) for k in sd)
+
+
+def test_third_party_network_modules_are_refused_on_sdxl_with_one_line(tiny_parts):
+    from library.errors import UserError
+    from networks.plugin import network_trees
+
+    parts = tiny_parts["tiny-sdxl"]
+    with pytest.raises(UserError, match="cannot train SDXL models here yet.*networks.lora"):
+        network_trees("lycoris.kohya", parts.network_text_encoder, parts.unet)
+    sd1 = tiny_parts["tiny-sd1"]
+    assert network_trees("networks.lora", parts.network_text_encoder, parts.unet)[1] is parts.unet
+    network_trees("lycoris.kohya", sd1.network_text_encoder, sd1.unet)  # SD 1.x: views, no refusal
+
+
+def test_a_v_pred_marker_makes_a_v_prediction_model(tiny_parts, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    file = save_model(tiny_parts["tiny-sdxl"], tmp_path / "a.safetensors")
+    sd = load_file(str(file))
+    assert load_components(str(file)).v_parameterization is False
+    save_file(sd | {"v_pred": torch.tensor([])}, str(tmp_path / "v.safetensors"))
+    loaded = load_components(str(tmp_path / "v.safetensors"))
+    assert loaded.v_parameterization is True
+    assert "v-prediction SDXL" in capsys.readouterr().out
+    with safe_open(str(save_model(loaded, tmp_path / "again.safetensors")), "pt") as f:
+        assert "v_pred" in f.keys()  # kept for ComfyUI
+
+
+def test_gen_img_generates_with_an_sdxl_lora_and_refuses_sd_embeddings(tiny_parts, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from networks.lora import create_network
+    from tools import gen_img
+
+    parts = SDXL.build_tiny("tiny-sdxl")
+    network = create_network(1.0, 4, 4, None, parts.network_text_encoder, parts.unet)
+    lora = tmp_path / "l.safetensors"
+    network.save_weights(str(lora))
+    args = ["--ckpt", "tiny-sdxl", "--prompt", "a cat", "--outdir", str(tmp_path / "out"), "--W", "64", "--H", "64",
+            "--steps", "2", "--scale", "5", "--seed", "1", "--device", "cpu"]
+    gen_img.main(args + ["--network_weights", str(lora)])
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1
+    save_file({"emb_params": torch.zeros(1, 32)}, str(tmp_path / "e.safetensors"))
+    with pytest.raises(SystemExit) as exit_info:
+        gen_img.main(args + ["--textual_inversion_embeddings", str(tmp_path / "e.safetensors")])
+    assert exit_info.value.code == 2 and "SDXL embeddings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script, model, phrase", [
+    ("train_network", "tiny-sdxl", "trains SD 1.x / SD 2.x models; use sdxl_train_network.py"),
+    ("sdxl_train_network", "tiny-sd1", "trains SDXL models; use train_network.py"),
+    ("train_textual_inversion", "tiny-sdxl", "SDXL is not supported by this script yet"),
+    ("train_db", "tiny-sdxl", "SDXL is not supported by this script yet"),
+])
+def test_each_script_refuses_a_family_it_does_not_train(script, model, phrase, image_folder, tmp_path, capsys):
+    import importlib
+
+    from tests.helpers import tiny_lora_flags
+
+    flags = tiny_lora_flags(image_folder(count=1).parent, tmp_path / "out", steps=1)
+    flags[flags.index("tiny-sd1")] = model
+    if script in ("train_db", "train_textual_inversion"):
+        flags = [f for f in flags if f not in ("--network_dim", "4")]
+        flags += ["--token_string", "mychar", "--init_word", "cat"] if script == "train_textual_inversion" else []
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(script).main(flags)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and phrase in err, err
+
+
+def test_block_wise_network_args_are_refused_on_sdxl(tiny_parts):
+    from library.errors import UserError
+    from networks.lora import create_network
+
+    parts = tiny_parts["tiny-sdxl"]
+    with pytest.raises(UserError, match="block-wise .* not supported for SDXL"):
+        create_network(1.0, 4, 4, None, parts.network_text_encoder, parts.unet, down_lr_weight="sine")

@@ -1,0 +1,75 @@
+"""--cache_text_encoder_outputs_to_disk: sd-scripts' SDXL files, reused across runs, re-encoded when stale."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import sdxl_train_network
+from library.models.family import TextConditioning
+from library.training.text_outputs import OUR_KEY, TextOutputFiles
+from tests.helpers import tiny_lora_flags
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _files(parts, skip_check=False):
+    encoder = parts.family.prompt_encoder(parts, clip_skip=None, max_token_length=None)
+    return TextOutputFiles(parts, encoder.encoder_identity(), skip_check=skip_check), encoder
+
+
+def test_sdxl_files_have_sd_scripts_keys_and_read_back_exactly(tiny_parts, tmp_path):
+    parts = tiny_parts["tiny-sdxl"]
+    files, encoder = _files(parts)
+    with torch.no_grad():
+        row = encoder.conditioning(["a sks dog"]).rows()[0]
+    files.write(tmp_path / "img.png", "a sks dog", row)
+    assert files.path(tmp_path / "img.png") == tmp_path / "img_te_outputs.npz"
+    with np.load(tmp_path / "img_te_outputs.npz") as npz:
+        shapes = {name: npz[name].shape for name in npz.files}
+        assert all(npz[name].dtype == np.float32 for name in ("hidden_state1", "hidden_state2", "pool2"))
+    assert shapes == {"hidden_state1": (77, 32), "hidden_state2": (77, 64), "pool2": (64,), OUR_KEY: ()}
+    back = files.read(tmp_path / "img.png", "a sks dog")
+    assert torch.equal(back.hidden, row.hidden) and torch.equal(back.pooled, row.pooled)
+    assert files.read(tmp_path / "img.png", "an edited caption") is None  # stale: encoded again
+
+
+def test_a_file_without_our_key_is_trusted_only_with_skip_cache_check(tiny_parts, tmp_path):
+    parts = tiny_parts["tiny-sdxl"]
+    files, _ = _files(parts)
+    arrays = {"hidden_state1": np.ones((77, 32), np.float32), "hidden_state2": np.ones((77, 64), np.float32),
+              "pool2": np.ones(64, np.float32)}
+    np.savez(tmp_path / "img_te_outputs.npz", **arrays)  # as sd-scripts writes it
+    assert files.read(tmp_path / "img.png", "x") is None
+    trusted = _files(parts, skip_check=True)[0].read(tmp_path / "img.png", "x")
+    assert isinstance(trusted, TextConditioning) and trusted.hidden.shape == (77, 96) and float(trusted.pooled[0]) == 1
+
+
+def test_sd_families_write_their_own_file_name(tiny_parts, tmp_path):
+    files, encoder = _files(tiny_parts["tiny-sd1"])
+    with torch.no_grad():
+        files.write(tmp_path / "img.png", "cat", encoder.conditioning(["cat"]).rows()[0])
+    assert (tmp_path / "img_sd_te_outputs.npz").is_file() and not (tmp_path / "img_te_outputs.npz").exists()
+
+
+def test_a_second_run_reuses_the_files_and_trains_the_same(image_folder, tmp_path):
+    data = image_folder(count=2, repeats=1).parent  # 2 steps of batch 1: one epoch, every image used once
+    flags = ["--network_train_unet_only", "--cache_text_encoder_outputs_to_disk", "--resolution", "64"]
+
+    def run(out):
+        argv = tiny_lora_flags(data, tmp_path / out, *flags, steps=2, seed=3)
+        argv[argv.index("tiny-sd1")] = "tiny-sdxl"
+        argv[argv.index("--resolution") + 1] = "64"
+        return sdxl_train_network.main(argv)
+
+    first = run("a")
+    cached = sorted(data.rglob("*_te_outputs.npz"))
+    assert len(cached) == 2
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    second = run("b")
+    assert [p.stat().st_mtime_ns for p in cached] == stamps  # read, not rewritten
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(first.final_file)), load_file(str(second.final_file))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
