@@ -237,3 +237,11 @@ def test_metadata_says_sdxl(data, tmp_path):
     assert metadata["ss_v2"] == "False"
     assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     assert metadata["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
+
+
+def test_dry_run_lists_the_sdxl_refusals_with_the_plan(data, tmp_path, capsys):
+    sdxl_train_network.main(_flags(data, tmp_path / "o", "--dry_run", "--v2", "--enable_bucket",
+                                   "--bucket_reso_steps", "48", "--min_bucket_reso", "48", resolution="96"))
+    out = capsys.readouterr().out
+    assert "bucket_reso_steps 48 must be a multiple of 32 for SDXL" in out and "--v2 cannot be used with SDXL" in out
+    assert not (tmp_path / "o").exists()

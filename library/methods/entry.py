@@ -30,7 +30,9 @@ def dry_run(config: RunConfig) -> None:
         raise UserError("--dry_run checks a dataset: give --train_data_dir, --in_json or --dataset_config")
     from library.data.plan import plan_run, print_plan
 
-    print_plan(plan_run(config, verify=True), verbose=True)
+    plan = plan_run(config, verify=True)
+    plan.problems.extend(family_option_problems(config, plan))  # e.g. SDXL's bucket steps: the run would refuse
+    print_plan(plan, verbose=True)
 
 
 def start(argv: Sequence[str] | None, script: str, description: str, run: Callable[[RunConfig, object], object],
@@ -138,12 +140,18 @@ def check_base_model(config: RunConfig) -> None:
 def check_family_options(config: RunConfig, plan) -> None:
     """The script's family's rules on the options (sdxl_train_network.py: bucket steps of 32, no --v2), all at once."""
     from library.config.problems import raise_problems
+
+    raise_problems(family_option_problems(config, plan))
+
+
+def family_option_problems(config: RunConfig, plan) -> list[str]:
     from library.models.family import family_named
 
     families = config.get("model_families") or ()
-    if len(families) == 1:
-        steps = [dataset.spec.bucket_reso_steps for dataset in plan.datasets]
-        raise_problems(family_named(families[0]).option_problems(config, steps))
+    if len(families) != 1:
+        return []
+    steps = [dataset.spec.bucket_reso_steps for dataset in plan.datasets]
+    return family_named(families[0]).option_problems(config, steps)
 
 
 def check_model_family(config: RunConfig, found) -> None:
