@@ -196,8 +196,8 @@ def test_nothing_to_train_is_a_one_line_refusal(data, tmp_path, capsys):
 def test_latents_and_text_outputs_cached_to_disk_use_sd_scripts_sdxl_names(tmp_path):
     import numpy as np
 
-    # 3 images x 1 repeat at batch 2: 2 steps are one epoch (text-encoder output files are written when an image is
-    # first used, library/training/text_outputs.py; sd-scripts writes them all before the first step).
+    # 3 images x 1 repeat at batch 2: 2 steps are one epoch (every text-encoder output file is written before the
+    # first step, as sd-scripts does).
     folder = make_image_folder(tmp_path / "train", repeats=1, count=3, sizes=((64, 64), (96, 64), (64, 80)))
     result = sdxl_train_network.main(_flags(tmp_path / "train", tmp_path / "o", "--cache_latents",
                                             "--cache_latents_to_disk", "--network_train_unet_only",

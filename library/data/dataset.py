@@ -68,6 +68,19 @@ class TrainingDataset(torch.utils.data.Dataset):
         self.failures = DecodeFailures((e.path for d in plan.datasets for e in d.entries), strict=plan.strict,
                                        known=known)
 
+    def fixed_captions(self) -> list[tuple[str, str]]:
+        """(image path, final caption) of every image, once: what a text-encoder cache encodes before the first step.
+        Only meaningful when captions never change (no shuffling, dropout, warm-up or wildcards)."""
+        pairs = []
+        for dataset in self.plan.datasets:
+            for entry in dataset.entries:
+                caption = process_caption(entry.caption, entry.subset, random.Random(0), epoch=self.epoch, step=0,
+                                          max_train_steps=self.max_train_steps)
+                if self.caption_transform is not None:
+                    caption = self.caption_transform(caption, entry, random.Random(0))
+                pairs.append((str(entry.path), caption))
+        return list(dict.fromkeys(pairs))
+
     def set_epoch(self, epoch: int) -> None:
         """sd-scripts' 1-based training epoch: reshuffles the buckets and drives caption dropout every n epochs."""
         self.epoch = epoch

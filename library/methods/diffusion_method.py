@@ -57,6 +57,32 @@ class DiffusionMethod:
         if all_cached and not self.config.sample_prompts and not self.keeps_vae:
             self.parts.vae = None
 
+    def texts_ready(self, dataset) -> None:
+        """--cache_text_encoder_outputs(_to_disk): every caption is encoded (or its file read) before the first step,
+        as sd-scripts does; then, when nothing will sample, the text encoders are released (SDXL's are 3 GB in
+        float32). Captions that change, or a trained text encoder, were refused with these flags already."""
+        config = self.config
+        if not (config.get("cache_text_encoder_outputs") or config.get("cache_text_encoder_outputs_to_disk")):
+            return
+        if not self._fixed_captions or self.train_text_encoder:
+            return
+        pairs = dataset.fixed_captions()
+        size = max(d.spec.batch_size for d in dataset.plan.datasets)
+        for start in range(0, len(pairs), size):
+            paths, captions = zip(*pairs[start:start + size])
+            if config.get("cache_text_encoder_outputs_to_disk"):
+                self._read_or_write_files(list(captions), list(paths))
+            missing = sorted({c for c in captions if c not in self._text_cache})
+            if missing:
+                with torch.no_grad():
+                    self._text_cache.update(zip(missing, self.encode_prompts.conditioning(missing).rows()))
+        released = not config.sample_prompts
+        if released:
+            for text_encoder in self.parts.text_encoders:
+                text_encoder.to("meta")  # frees the weights; any later use fails loudly instead of reading garbage
+        print(f"text encoder outputs: {len(self._text_cache)} captions cached before training"
+              + ("; text encoders released (nothing samples)" if released else ""))
+
     def before_step(self, global_step: int) -> None:
         """Called before the batches of optimizer step `global_step + 1`."""
 

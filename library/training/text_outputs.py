@@ -4,8 +4,8 @@ SDXL writes sd-scripts' `<stem>_te_outputs.npz` (hidden_state1, hidden_state2, p
 and we reuse its; SD 1.x/2.x (for which sd-scripts has no such cache) write `<stem>_sd_te_outputs.npz`. Each file
 also holds `sd_trainer_key`, a digest of the caption and everything the encoding depends on: a file whose key differs
 (an edited caption, another model or max_token_length) is encoded again. A file without it (written by sd-scripts)
-is trusted only with --skip_cache_check, as sd-scripts trusts every file. A file is read, or written, when its image
-is first used (sd-scripts encodes every image before the first step); a run's first epoch covers them all.
+is trusted only with --skip_cache_check, as sd-scripts trusts every file. Every image's file is read or written
+before the first step (DiffusionMethod.texts_ready), as sd-scripts does.
 """
 
 from __future__ import annotations

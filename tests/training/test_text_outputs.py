@@ -73,3 +73,25 @@ def test_a_second_run_reuses_the_files_and_trains_the_same(image_folder, tmp_pat
 
     a, b = load_file(str(first.final_file)), load_file(str(second.final_file))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_every_caption_is_cached_before_the_first_step_and_the_encoders_released(image_folder, tmp_path, capsys):
+    data = image_folder(count=3, repeats=10).parent
+    argv = tiny_lora_flags(data, tmp_path / "a", "--network_train_unet_only", "--cache_text_encoder_outputs_to_disk",
+                           steps=1, seed=3)
+    argv[argv.index("tiny-sd1")] = "tiny-sdxl"
+    result = sdxl_train_network.main(argv)
+    assert len(sorted(data.rglob("*_te_outputs.npz"))) == 3  # one step used one image; all three were written
+    assert all(p.is_meta for te in result.method.parts.text_encoders for p in te.parameters())
+    assert "text encoders released" in capsys.readouterr().out
+
+
+def test_the_text_encoders_stay_when_the_run_samples(image_folder, tmp_path):
+    (tmp_path / "p.txt").write_text("a sks dog --w 64 --h 64 --s 2 --d 1\n")
+    argv = tiny_lora_flags(image_folder(count=1).parent, tmp_path / "a", "--network_train_unet_only",
+                           "--cache_text_encoder_outputs", "--sample_prompts", str(tmp_path / "p.txt"),
+                           "--sample_every_n_steps", "1", steps=1, seed=3)
+    argv[argv.index("tiny-sd1")] = "tiny-sdxl"
+    result = sdxl_train_network.main(argv)
+    assert not any(p.is_meta for te in result.method.parts.text_encoders for p in te.parameters())
+    assert list((tmp_path / "a" / "sample").glob("*.png"))
