@@ -90,7 +90,7 @@ def make_text_config(*, vocab_size: int, hidden_size: int, num_layers: int, inte
     }
 
 
-def _indices(keys, pattern: str) -> list[int]:
+def key_indices(keys, pattern: str) -> list[int]:
     rx = re.compile(pattern)
     return sorted({int(m.group(1)) for k in keys if (m := rx.match(k))})
 
@@ -99,7 +99,7 @@ def infer_unet_config(sd: Tensors, *, v2: bool, source: str) -> dict:
     """`sd`: ldm UNet tensors without the `model.diffusion_model.` prefix."""
     try:
         conv_in = sd["input_blocks.0.0.weight"]
-        inputs = _indices(sd, r"input_blocks\.(\d+)\.")
+        inputs = key_indices(sd, r"input_blocks\.(\d+)\.")
         downsamples = [i for i in inputs if f"input_blocks.{i}.0.op.weight" in sd]
         levels = len(downsamples) + 1
         layers_per_block = (len(inputs) - 1 - len(downsamples)) // levels
@@ -113,7 +113,7 @@ def infer_unet_config(sd: Tensors, *, v2: bool, source: str) -> dict:
             block_out_channels=[sd[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0] for i in firsts],
             layers_per_block=layers_per_block,
             attention_levels=attn,
-            transformer_depth=len(_indices(sd, re.escape(first_attn) + r"transformer_blocks\.(\d+)\.")),
+            transformer_depth=len(key_indices(sd, re.escape(first_attn) + r"transformer_blocks\.(\d+)\.")),
             cross_attention_dim=to_k.shape[1],
             use_linear_projection=sd[first_attn + "proj_in.weight"].ndim == 2,
             v2=v2,
@@ -126,12 +126,12 @@ def infer_unet_config(sd: Tensors, *, v2: bool, source: str) -> dict:
 def infer_vae_config(sd: Tensors, *, source: str, scaling_factor: float) -> dict:
     """`sd`: ldm VAE tensors without the `first_stage_model.` prefix; `scaling_factor`: the family's latent scale."""
     try:
-        downs = _indices(sd, r"encoder\.down\.(\d+)\.")
+        downs = key_indices(sd, r"encoder\.down\.(\d+)\.")
         return make_vae_config(
             in_channels=sd["encoder.conv_in.weight"].shape[1],
             out_channels=sd["decoder.conv_out.weight"].shape[0],
             block_out_channels=[sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] for i in downs],
-            layers_per_block=len(_indices(sd, r"encoder\.down\.0\.block\.(\d+)\.")),
+            layers_per_block=len(key_indices(sd, r"encoder\.down\.0\.block\.(\d+)\.")),
             latent_channels=sd["decoder.conv_in.weight"].shape[1],
             scaling_factor=scaling_factor,
         )
@@ -146,7 +146,7 @@ def infer_text_config(sd: Tensors, *, v2: bool, source: str) -> dict:
         return make_text_config(
             vocab_size=tokens.shape[0],
             hidden_size=tokens.shape[1],
-            num_layers=len(_indices(sd, r"encoder\.layers\.(\d+)\.")),
+            num_layers=len(key_indices(sd, r"encoder\.layers\.(\d+)\.")),
             intermediate_size=sd["encoder.layers.0.mlp.fc1.weight"].shape[0],
             max_positions=sd["embeddings.position_embedding.weight"].shape[0],
             v2=v2,

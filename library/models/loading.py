@@ -154,6 +154,26 @@ def _load_diffusers(source: str, tokenizer: str | None, *, local: bool) -> Compo
     return family.load_diffusers(source, tokenizer, local=local)
 
 
+def load_diffusers_parts(source: str, classes: dict[str, type], *, local: bool, hint: str) -> dict[str, Any]:
+    """Each `subfolder -> class` of a diffusers folder or hub id, loaded; a failure is one line ending in `hint`."""
+    try:
+        return {sub: cls.from_pretrained(source, subfolder=sub, local_files_only=local) for sub, cls in classes.items()}
+    except (OSError, ValueError, EnvironmentError) as err:
+        where = "folder" if local else "hub id"
+        raise UserError(f"{source}: cannot load this diffusers {where} ({first_line(err)}); {hint}") from None
+
+
+def prediction_type(source: str, *, local: bool) -> str | None:
+    """The scheduler's prediction_type in a local diffusers folder (v_prediction for v-models), else None."""
+    config = Path(source) / "scheduler" / "scheduler_config.json"
+    if not local or not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text()).get("prediction_type")
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{config}: unreadable scheduler config ({first_line(err)})") from None
+
+
 def first_line(err: Exception) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__

@@ -10,7 +10,6 @@ diffusers layouts), `ldm_configs` (configs from tensor shapes), `tokenizer` (the
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -97,25 +96,20 @@ class StableDiffusion(ModelFamily):
         )
 
     def load_diffusers(self, source: str, tokenizer: str | None, *, local: bool) -> Components:
-        from library.models.loading import first_line
+        from library.models.loading import load_diffusers_parts, prediction_type
 
         root = Path(source)
-        kwargs = {"local_files_only": local}
-        try:
-            unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs)
-            vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs)
-            text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs)
-        except (OSError, ValueError, EnvironmentError) as err:
-            where = "folder" if local else "hub id"
-            raise UserError(f"{source}: cannot load this diffusers {where} ({first_line(err)}); "
-                            "for offline use pass a local file or folder") from None
+        loaded = load_diffusers_parts(
+            source, {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}, local=local,
+            hint="for offline use pass a local file or folder")
+        unet, vae, text_encoder = loaded["unet"], loaded["vae"], loaded["text_encoder"]
         te_cfg = text_encoder.config
         v2 = te_cfg.hidden_act == "gelu" or te_cfg.hidden_size == 1024 or unet.config.cross_attention_dim == 1024
         tok_source = tokenizer or (str(root) if local and (root / "tokenizer").is_dir() else None)
         return Components(
             unet=unet, vae=vae, text_encoders=(text_encoder,), tokenizers=(load_tokenizer(v2, tok_source),),
             family=SD2 if v2 else SD1,
-            v_parameterization=_prediction_type(root) == "v_prediction" if local else False,
+            v_parameterization=prediction_type(source, local=local) == "v_prediction",
             source=source, source_dtype=unet.dtype,
         )
 
@@ -207,16 +201,6 @@ def _is_v2(shapes: Mapping[str, torch.Tensor]) -> bool:
     key = next((k for k in shapes if isinstance(k, str) and k.startswith(lc.UNET_PREFIX)
                 and k.endswith("attn2.to_k.weight")), None)
     return key is not None and shapes[key].shape[1] == 1024
-
-
-def _prediction_type(root: Path) -> str | None:
-    from library.models.loading import first_line
-
-    config = root / "scheduler" / "scheduler_config.json"
-    try:
-        return json.loads(config.read_text()).get("prediction_type") if config.is_file() else None
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{config}: unreadable scheduler config ({first_line(err)})") from None
 
 
 # sd-scripts' NetworkTrainer.vae_scale_factor for SD 1.x/2.x (also their VAE config's scaling_factor).

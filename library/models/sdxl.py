@@ -16,8 +16,6 @@ concatenated to the UNet's context; the pooled output is TE2's final-normed stat
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -30,7 +28,7 @@ from library.errors import UserError
 from library.models import ldm_convert as lc
 from library.models.components import Components
 from library.models.family import AdapterTargets, ImageConditioning, ModelFamily, TextConditioning, register
-from library.models.ldm_configs import NORM_GROUPS, heads_for, infer_vae_config, make_vae_config
+from library.models.ldm_configs import NORM_GROUPS, key_indices, heads_for, infer_vae_config, make_vae_config
 from library.models.tokenizer import MODEL_MAX_LENGTH, load_tokenizer
 
 TE1_PREFIX = "conditioner.embedders.0.transformer."
@@ -116,22 +114,14 @@ class StableDiffusionXL(ModelFamily):
                           text_encoder_extras=extras)
 
     def load_diffusers(self, source: str, tokenizer: str | None, *, local: bool) -> Components:
-        from library.models.loading import first_line
+        from library.models.loading import load_diffusers_parts, prediction_type
 
-        kwargs = {"local_files_only": local}
-        try:
-            unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs)
-            vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs)
-            te1 = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs)
-            te2 = CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", **kwargs)
-        except (OSError, ValueError, EnvironmentError) as err:
-            where = "folder" if local else "hub id"
-            raise UserError(f"{source}: cannot load this SDXL diffusers {where} ({first_line(err)}); an SDXL "
-                            "refiner (no text_encoder) is not supported: train SDXL base or a fine-tune") from None
-        prediction = None
-        config = Path(source) / "scheduler" / "scheduler_config.json"
-        if local and config.is_file():
-            prediction = json.loads(config.read_text()).get("prediction_type")
+        loaded = load_diffusers_parts(
+            source, {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
+                     "text_encoder_2": CLIPTextModelWithProjection}, local=local,
+            hint="an SDXL refiner (no text_encoder) is not supported: train SDXL base or a fine-tune")
+        unet, vae, te1, te2 = (loaded[k] for k in ("unet", "vae", "text_encoder", "text_encoder_2"))
+        prediction = prediction_type(source, local=local)
         folder = source if local and tokenizer is None and (Path(source) / "tokenizer_2").is_dir() else tokenizer
         return Components(unet=unet, vae=vae, text_encoders=(te1, te2), tokenizers=_tokenizers(folder),
                           family=self, v_parameterization=prediction == "v_prediction", source=source,
@@ -142,18 +132,12 @@ class StableDiffusionXL(ModelFamily):
         return ("tiny-sdxl",)
 
     def build_tiny(self, name: str, *, seed: int = 0, tokenizer=None) -> Components:
+        from library.models.tiny import seeded_modules
+
         unet_cfg, vae_cfg, te1_cfg, te2_cfg = tiny_configs(self.latent_scale)
-        state = torch.random.get_rng_state()
-        try:
-            torch.manual_seed(seed)
-            modules = (UNet2DConditionModel(**unet_cfg), AutoencoderKL(**vae_cfg),
-                       CLIPTextModel(CLIPTextConfig(**te1_cfg)), CLIPTextModelWithProjection(CLIPTextConfig(**te2_cfg)))
-            with torch.no_grad():
-                for module in modules:
-                    for p in module.parameters():
-                        p.add_(torch.randn_like(p) * 0.02)
-        finally:
-            torch.random.set_rng_state(state)
+        modules = seeded_modules(seed, lambda: UNet2DConditionModel(**unet_cfg), lambda: AutoencoderKL(**vae_cfg),
+                                 lambda: CLIPTextModel(CLIPTextConfig(**te1_cfg)),
+                                 lambda: CLIPTextModelWithProjection(CLIPTextConfig(**te2_cfg)))
         unet, vae, te1, te2 = (m.eval() for m in modules)
         tokenizers = tokenizer if isinstance(tokenizer, tuple) else _tokenizers(tokenizer)
         return Components(unet=unet, vae=vae, text_encoders=(te1, te2), tokenizers=tokenizers, family=self,
@@ -277,11 +261,11 @@ class SdxlPromptEncoder:
         return self.conditioning(captions).hidden
 
     def encoder_identity(self) -> str:
-        from library.training.text_encoding import CHUNK_TOKENS, chunk_count
+        from library.training.text_encoding import CHUNK_TOKENS, chunk_count, weights_fingerprint
 
         n = chunk_count(self.max_token_length)
         te1, te2 = self.parts.text_encoders
-        digest = _fingerprint(te1) + _fingerprint(te2)
+        digest = weights_fingerprint(te1, 8) + weights_fingerprint(te2, 8)
         return ";".join([f"source={self.source}", "family=sdxl", f"weights={digest}",
                          f"max_token_length={n * CHUNK_TOKENS}", f"dtype={str(te1.dtype).removeprefix('torch.')}"])
 
@@ -295,16 +279,6 @@ def _pool(te2, last_hidden: torch.Tensor, ids: torch.Tensor, eos: int) -> torch.
     state = last_hidden[torch.arange(len(ids), device=ids.device), first]
     projection = te2.text_projection
     return projection(state.to(projection.weight.dtype))
-
-
-def _fingerprint(module: torch.nn.Module) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, param in module.state_dict().items():
-        digest.update(name.encode())
-        digest.update(param.detach().flatten()[:16].float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:8]
 
 
 def time_ids(images: Sequence[ImageConditioning], device, dtype) -> torch.Tensor:
@@ -347,7 +321,7 @@ def _text_config(sd: Mapping[str, torch.Tensor], source: str, what: str, *, act:
         width = tokens.shape[1]
         projection = sd.get("text_projection.weight")
         return CLIPTextConfig(**_clip_config(
-            vocab=tokens.shape[0], width=width, layers=len(_indices(sd, r"encoder\.layers\.(\d+)\.")),
+            vocab=tokens.shape[0], width=width, layers=len(key_indices(sd, r"encoder\.layers\.(\d+)\.")),
             mlp=sd["encoder.layers.0.mlp.fc1.weight"].shape[0], act=act,
             projection=projection.shape[0] if projection is not None else width,
             positions=sd["embeddings.position_embedding.weight"].shape[0]))
@@ -361,11 +335,6 @@ def _clip_config(*, vocab: int, width: int, layers: int, mlp: int, act: str, pro
             "num_attention_heads": heads_for(width), "max_position_embeddings": positions, "hidden_act": act,
             "projection_dim": projection, "layer_norm_eps": 1e-5, "bos_token_id": 49406, "eos_token_id": 49407,
             "pad_token_id": 1}
-
-
-def _indices(keys, pattern: str) -> list[int]:
-    rx = re.compile(pattern)
-    return sorted({int(m.group(1)) for k in keys if (m := rx.match(k))})
 
 
 def unet_config(*, block_out_channels: Sequence[int], transformer_layers: Sequence[int], cross_attention_dim: int,
@@ -392,7 +361,7 @@ def infer_unet_config(sd: Mapping[str, torch.Tensor], source: str) -> dict:
     """`sd`: SGM UNet tensors without the `model.diffusion_model.` prefix."""
     try:
         firsts = (1, 4, 7)
-        depth = [len(_indices(sd, rf"input_blocks\.{i}\.1\.transformer_blocks\.(\d+)\.")) or 1 for i in firsts]
+        depth = [len(key_indices(sd, rf"input_blocks\.{i}\.1\.transformer_blocks\.(\d+)\.")) or 1 for i in firsts]
         to_k = next(v for k, v in sd.items() if k.endswith("attn2.to_k.weight"))
         return unet_config(
             block_out_channels=[sd[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0] for i in firsts],

@@ -42,22 +42,29 @@ def build_tiny(name: str, seed: int = 0, tokenizer=None) -> Components:
     return family.build_tiny(name, seed=seed, tokenizer=tokenizer)
 
 
+def seeded_modules(seed: int, *factories) -> list[torch.nn.Module]:
+    """Modules built in order from `seed`, every tensor then perturbed so no two are equal (swaps show in tests);
+    the caller's torch random state is left as it was."""
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        modules = [make() for make in factories]
+        with torch.no_grad():
+            for module in modules:
+                for p in module.parameters():
+                    p.add_(torch.randn_like(p) * 0.02)
+    finally:
+        torch.random.set_rng_state(state)
+    return modules
+
+
 def build_tiny_sd(family, *, v2: bool, seed: int, tokenizer) -> Components:
     """An SD 1.x/2.x family's seeded random tiny model; every tensor is perturbed so no two tensors are equal
     (swaps show in tests)."""
     unet_cfg, vae_cfg, text_cfg = tiny_configs(v2, family.latent_scale)
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**unet_cfg)
-        vae = AutoencoderKL(**vae_cfg)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
-        with torch.no_grad():
-            for module in (unet, vae, text_encoder):
-                for p in module.parameters():
-                    p.add_(torch.randn_like(p) * 0.02)
-    finally:
-        torch.random.set_rng_state(generator_state)
+    unet, vae, text_encoder = seeded_modules(seed, lambda: UNet2DConditionModel(**unet_cfg),
+                                             lambda: AutoencoderKL(**vae_cfg),
+                                             lambda: CLIPTextModel(CLIPTextConfig(**text_cfg)))
     return Components(
         unet=unet.eval(), vae=vae.eval(),
         text_encoders=(text_encoder.eval(),), tokenizers=(tokenizer,), family=family, v_parameterization=False,

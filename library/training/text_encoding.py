@@ -148,7 +148,7 @@ class PromptEncoder:
         parts = [
             f"source={self.source}",
             # The source name alone would let a file overwritten with another model reuse stale outputs.
-            f"weights={self._weights_fingerprint()}",
+            f"weights={weights_fingerprint(self.text_encoder)}",
             f"tokenizer=vocab{len(self.tokenizer)}-pad{self.tokenizer.pad_token_id}",
             f"clip_skip={self.clip_skip or 1}",  # None and 1 give identical states
             f"max_token_length={n * CHUNK_TOKENS}",  # None and 75 give identical states
@@ -156,10 +156,14 @@ class PromptEncoder:
         ]
         return ";".join(parts)
 
-    def _weights_fingerprint(self) -> str:
-        digest = hashlib.sha256()
-        for name, param in self.text_encoder.state_dict().items():
-            head = param.detach().flatten()[:FINGERPRINT_VALUES].float().cpu()
-            digest.update(name.encode())
-            digest.update(head.numpy().tobytes())
-        return digest.hexdigest()[:16]
+
+
+def weights_fingerprint(module: torch.nn.Module, length: int = 16) -> str:
+    """A digest of every tensor's name and first values: tells two models apart cheaply (a cache key part), so a
+    file overwritten with another model does not reuse stale outputs."""
+    digest = hashlib.sha256()
+    for name, param in module.state_dict().items():
+        head = param.detach().flatten()[:FINGERPRINT_VALUES].float().cpu()
+        digest.update(name.encode())
+        digest.update(head.numpy().tobytes())
+    return digest.hexdigest()[:length]
