@@ -6,7 +6,6 @@ ldm -> diffusers uses diffusers' own single-file converters; diffusers ships no 
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Mapping, TypeVar
 
 import torch
@@ -74,12 +73,31 @@ def split_openclip(ldm_openclip: Tensors) -> tuple[dict[str, torch.Tensor], dict
     return used, extras
 
 
-def openclip_to_transformers(used_openclip: Tensors) -> dict[str, torch.Tensor]:
-    """The used part of SD 2.x OpenCLIP (prefix stripped) -> CLIPTextModel keys, via diffusers' converter."""
-    width = used_openclip["token_embedding.weight"].shape[1]
-    stub_model = SimpleNamespace(config=SimpleNamespace(hidden_size=width))
-    converted = sfu.convert_open_clip_checkpoint(stub_model, add_prefix(used_openclip, OPENCLIP_PREFIX), prefix=OPENCLIP_PREFIX)
-    return {k.removeprefix("text_model."): v for k, v in converted.items()}
+def openclip_to_transformers(openclip: Mapping[str, V]) -> dict[str, V]:
+    """OpenCLIP text tensors (prefix stripped; SD 2.x's used part, or SDXL's bigG) -> CLIPTextModel keys.
+
+    The names diffusers' `convert_open_clip_checkpoint` gives, but every output is a view of a source tensor (the
+    fused `in_proj_*` split by rows, `text_projection` transposed into a Linear weight) rather than a copy, so a
+    streaming loader reads one source tensor at a time (`loading.stream`). Tensors CLIP has no place for
+    (`logit_scale`, `attn_mask`) are left out.
+    """
+    out = {}
+    for key, value in openclip.items():
+        if key == "text_projection":
+            out["text_projection.weight"] = value.T
+            continue
+        if not key.startswith(("transformer.resblocks.", "token_embedding.", "positional_embedding", "ln_final.")):
+            continue
+        for clip_name, openclip_name in reversed(_OPENCLIP_NAMES):
+            key = key.replace(openclip_name, clip_name)
+        stem, fused, kind = key.rpartition(".attn.in_proj_")
+        if fused:  # rows [q; k; v] of one packed projection
+            width = value.shape[0] // 3
+            for i, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+                out[f"{stem}.self_attn.{proj}.{kind}"] = value[i * width:(i + 1) * width]
+        else:
+            out[key] = value
+    return out
 
 
 # ---------------------------------------------------------------- diffusers / transformers -> ldm

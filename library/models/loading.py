@@ -91,24 +91,32 @@ class Prefixed:
 def stream(file: TensorFile, source: Prefixed, convert, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """(module key, tensor) pairs, read one source tensor at a time.
 
-    The converter runs on the meta tensors first: an output that is a source tensor, or a view of one, is read on
-    its own; if any output is a computed copy (no lineage to follow), the module's sources are read whole and
-    converted for real.
+    The converter runs on the meta tensors first: an output that is a source tensor, or a view of one (a slice,
+    a transpose), is cut from that source when it is read; a source is read once for all its views, and a view
+    smaller than its source is copied out so the source is freed at once. If any output is a computed copy (no
+    lineage to follow), the module's sources are read whole and converted for real.
     """
     converted = convert(source.stripped)
     by_id = {id(t): k for k, t in source.stripped.items()}
-    plan = {}
+    plan: dict[str, list[tuple[str, tuple | None]]] = {}  # source name -> [(module key, view or None)]
     for key, out in converted.items():
         if id(out) in by_id:
-            plan[key] = (by_id[id(out)], None)
+            plan.setdefault(by_id[id(out)], []).append((key, None))
         elif out._base is not None and id(out._base) in by_id:
-            plan[key] = (by_id[id(out._base)], (tuple(out.shape), out.stride(), out.storage_offset()))
+            view = (tuple(out.shape), out.stride(), out.storage_offset())
+            plan.setdefault(by_id[id(out._base)], []).append((key, view))
         else:
             yield from convert({k: file.load(source.prefix + k, dtype) for k in source.stripped}).items()
             return
-    for key, (name, view) in plan.items():
+    for name, outputs in plan.items():
         tensor = file.load(source.prefix + name, dtype)
-        yield key, (tensor.as_strided(*view) if view else tensor)
+        for key, view in outputs:
+            if view is None:
+                yield key, tensor
+                continue
+            part = tensor.as_strided(*view)
+            yield key, part if part.numel() == tensor.numel() else part.clone()
+        del tensor
 
 
 def main_dtype(sd: dict[str, torch.Tensor]) -> torch.dtype:

@@ -296,16 +296,10 @@ def _strip_text_model(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def _openclip_to_transformers(openclip: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """TE2 open_clip tensors (prefix stripped, no logit_scale) -> CLIPTextModelWithProjection keys; diffusers'
-    converter splits the fused q/k/v and transposes `text_projection` into a Linear weight."""
-    from types import SimpleNamespace
-
-    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
-
-    width = openclip["token_embedding.weight"].shape[1]
-    stub = SimpleNamespace(config=SimpleNamespace(hidden_size=width))
-    converted = convert_open_clip_checkpoint(stub, lc.add_prefix(openclip, TE2_PREFIX), prefix=TE2_PREFIX)
-    return {k: v for k, v in converted.items() if not k.endswith("position_ids")}
+    """TE2 open_clip tensors (prefix stripped, no logit_scale) -> CLIPTextModelWithProjection keys (its text model
+    under `text_model.`), as views of the sources: the fused q/k/v split, `text_projection` transposed."""
+    return {k if k == "text_projection.weight" else "text_model." + k: v
+            for k, v in lc.openclip_to_transformers(openclip).items()}
 
 
 def _transformers_to_openclip(te2_sd: Mapping[str, torch.Tensor], extras: Mapping[str, torch.Tensor]):
