@@ -7,7 +7,8 @@ from types import ModuleType
 
 from library.errors import UserError
 from networks.args import split_network_args
-from networks.plugin_trees import text_encoder_view, unet_view
+from networks.injection import adapter_targets
+from networks.plugin_trees import sgm_unet_view, text_encoder_view, unet_view
 from networks.registry import network_modules
 
 REQUIRED = ("create_network", "create_network_from_weights")
@@ -35,13 +36,14 @@ def is_ours(name: str) -> bool:
 
 def network_trees(name: str, text_encoder, unet):
     """The text encoder and UNet to hand the module: ours take the models; one written for sd-scripts gets views
-    with sd-scripts' module paths and class names, so it builds and names its adapters as under sd-scripts."""
+    with sd-scripts' module paths and class names, so it builds and names its adapters as under sd-scripts (for
+    SDXL, whose text encoders come as a list, sd-scripts' SGM-named UNet)."""
     if is_ours(name):
         return text_encoder, unet
-    if isinstance(text_encoder, (list, tuple)) or "add_embedding" in dict(unet.named_children()):
-        # sd-scripts hands these modules its own SGM-named SDXL UNet; our views only reshape the SD 1.x/2.x tree.
-        raise UserError(f"--network_module {name} cannot train SDXL models here yet: it would name its modules "
-                        f"differently from sd-scripts; use {', '.join(network_modules())} (LoRA, LoCon, LoHa, LoKr)")
+    count = len(text_encoder) if isinstance(text_encoder, (list, tuple)) else int(text_encoder is not None)
+    unet_side, _ = adapter_targets(count)
+    if unet is not None and unet_side.path_map is not None:
+        return text_encoder_view(text_encoder), sgm_unet_view(unet, unet_side.paths(unet))
     return text_encoder_view(text_encoder), unet_view(unet)
 
 

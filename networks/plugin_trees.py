@@ -2,10 +2,14 @@
 
 Modules written for sd-scripts (LyCORIS' `lycoris.kohya`, …) pick layers by class name and build each adapter's
 name from the module path, so they need sd-scripts' paths and class names. These views hold the real layers (no
-weights are copied); only the containers above them are stand-ins.
+weights are copied); only the containers above them are stand-ins. SD 1.x/2.x: sd-scripts' UNet has diffusers'
+paths, so the view keeps them (`unet_view`). SDXL: sd-scripts' own SDXL UNet has SGM paths
+(`input_blocks.4.1.transformer_blocks.0.attn1.to_q`), so the view rebuilds the tree under them (`sgm_unet_view`).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 from torch import nn
 
@@ -63,3 +67,91 @@ def unet_view(unet: nn.Module | None) -> nn.Module | None:
         return view
 
     return view_of(unet)
+
+
+# The classes of sd-scripts' SDXL UNet (library/sdxl_original_unet.py) that LyCORIS' presets target, by the diffusers
+# class that holds the same layers. Every other container there is an nn.ModuleList or nn.Sequential.
+SGM_CLASS_NAMES = {"ResnetBlock2D": "ResnetBlock2D", "Downsample2D": "Downsample2D", "Upsample2D": "Upsample2D",
+                   "Transformer2DModel": "Transformer2DModel", "BasicTransformerBlock": "BasicTransformerBlock",
+                   "Attention": "CrossAttention", "FeedForward": "FeedForward", "GEGLU": "GEGLU"}
+SGM_TOP_LEVEL = ("time_embed", "label_emb", "input_blocks", "middle_block", "output_blocks", "out")
+
+
+def _is_layer(module: nn.Module) -> bool:
+    return next(module.children(), None) is None or next(module.parameters(recurse=False), None) is not None
+
+
+def sgm_unet_view(unet: nn.Module, path_of: Callable[[str], str]) -> nn.Module:
+    """The UNet as sd-scripts' SGM-named SDXL UNet: every layer with weights under `path_of(its diffusers path)`,
+    the containers that hold sd-scripts' ResNet / transformer / attention blocks named after its classes.
+
+    A container's SGM path is the common prefix of its layers' SGM paths (the parent of the only one, for the
+    samplers: diffusers' `downsamplers.0.conv` is `input_blocks.3.0.op`). Layers without weights (activations,
+    dropout) are left out: nothing adapts them.
+    """
+    layers: dict[str, nn.Module] = {}
+    handed: list[str] = []
+    for path, module in unet.named_modules():
+        if not path or any(path.startswith(h + ".") for h in handed) or not _is_layer(module):
+            continue
+        handed.append(path)
+        if next(module.parameters(), None) is not None:
+            layers[path] = module
+    sgm = {path: path_of(path) for path in layers}
+
+    inside: dict[str, list[list[str]]] = {}  # diffusers container path -> its layers' SGM paths, split
+    for path in layers:
+        segments = path.split(".")
+        for i in range(1, len(segments)):
+            inside.setdefault(".".join(segments[:i]), []).append(sgm[path].split("."))
+    classes: dict[str, str] = {}  # SGM container path -> sd-scripts class name
+    for path, module in unet.named_modules():
+        name = SGM_CLASS_NAMES.get(type(module).__name__)
+        if name is not None and path in inside:
+            classes[".".join(_common(inside[path]))] = name
+
+    made: dict[str, type] = {}
+
+    def container(path: str) -> nn.Module:
+        name = classes.get(path, "SdxlUNet2DConditionModel" if not path else "ModuleList")
+        cls = made.setdefault(name, type(name, (nn.Module,), {"__doc__": f"a stand-in for sd-scripts' {name}"}))
+        return cls()
+
+    root = container("")
+    nodes: dict[str, nn.Module] = {"": root}
+
+    first_seen: dict[str, int] = {}  # named SGM paths in diffusers' order (in_layers, emb_layers, out_layers...)
+    for target in sgm.values():
+        segments = target.split(".")
+        for i in range(len(segments)):
+            first_seen.setdefault(".".join(segments[:i + 1]), len(first_seen))
+
+    def order(path: str) -> tuple:
+        segments = path.split(".")
+        top = SGM_TOP_LEVEL.index(segments[0]) if segments[0] in SGM_TOP_LEVEL else len(SGM_TOP_LEVEL)
+        return (top, *(int(s) if s.isdigit() else first_seen[".".join(segments[:i + 1])]
+                       for i, s in enumerate(segments) if i))
+
+    for path in sorted(layers, key=lambda p: order(sgm[p])):
+        *parents, leaf = sgm[path].split(".")
+        node = root
+        for i, segment in enumerate(parents):
+            at = ".".join(parents[:i + 1])
+            if at not in nodes:
+                nodes[at] = container(at)
+                node.add_module(segment, nodes[at])
+            node = nodes[at]
+        node.add_module(leaf, layers[path])
+    return root
+
+
+def _common(parts: list[list[str]]) -> list[str]:
+    """The longest common leading segments of several paths (the parent of the path, if there is only one)."""
+    if len(parts) == 1:
+        return parts[0][:-1]
+    common = []
+    for segments in zip(*parts):
+        if any(s != segments[0] for s in segments):
+            break
+        common.append(segments[0])
+    return common

@@ -151,16 +151,29 @@ def test_a_loaded_sdxl_file_keeps_logit_scale_and_round_trips_bytes(tiny_parts, 
     assert resaved.keys() == sd.keys() and all(torch.equal(resaved[k], sd[k]) for k in sd)
 
 
-def test_third_party_network_modules_are_refused_on_sdxl_with_one_line(tiny_parts):
-    from library.errors import UserError
+def test_third_party_network_modules_see_sd_scripts_sgm_named_sdxl_unet(tiny_parts):
+    """sd-scripts hands a --network_module its own SDXL UNet (SGM paths, its class names) and both text encoders."""
     from networks.plugin import network_trees
 
     parts = tiny_parts["tiny-sdxl"]
-    with pytest.raises(UserError, match="cannot train SDXL models here yet.*networks.lora"):
-        network_trees("lycoris.kohya", parts.network_text_encoder, parts.unet)
-    sd1 = tiny_parts["tiny-sd1"]
+    text_encoders, unet = network_trees("lycoris.kohya", parts.network_text_encoder, parts.unet)
+    modules = dict(unet.named_modules())
+    assert type(unet).__name__ == "SdxlUNet2DConditionModel"
+    assert modules["input_blocks.4.1.transformer_blocks.0.attn1.to_q"] is \
+        parts.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q
+    assert type(modules["input_blocks.4.1"]).__name__ == "Transformer2DModel"
+    assert type(modules["input_blocks.4.0"]).__name__ == "ResnetBlock2D"
+    assert type(modules["input_blocks.3.0"]).__name__ == "Downsample2D" and "input_blocks.3.0.op" in modules
+    assert type(modules["output_blocks.2.2"]).__name__ == "Upsample2D" and "output_blocks.2.2.conv" in modules
+    assert type(modules["input_blocks.4.1.transformer_blocks.0.attn2"]).__name__ == "CrossAttention"
+    assert not any(n.startswith(("down_blocks", "up_blocks", "mid_block", "conv_in")) for n in modules)
+    # Every weight of the UNet is in the view, once, as the same tensor object (nothing copied).
+    assert {id(p) for p in unet.parameters()} == {id(p) for p in parts.unet.parameters()}
+    assert len(list(unet.parameters())) == len(list(parts.unet.parameters()))
+    assert [dict(te.named_modules())["text_model.encoder.layers.0.self_attn.q_proj"] for te in text_encoders] == [
+        te.text_model.encoder.layers[0].self_attn.q_proj if hasattr(te, "text_model") else
+        te.encoder.layers[0].self_attn.q_proj for te in parts.text_encoders]
     assert network_trees("networks.lora", parts.network_text_encoder, parts.unet)[1] is parts.unet
-    network_trees("lycoris.kohya", sd1.network_text_encoder, sd1.unet)  # SD 1.x: views, no refusal
 
 
 def test_a_v_pred_marker_makes_a_v_prediction_model(tiny_parts, tmp_path, capsys):
