@@ -63,8 +63,8 @@ COMMON = ["--caption_extension", ".txt", "--resolution", "32", "--train_batch_si
           "--max_data_loader_n_workers", "0"]
 
 
-def _net(name, model, steps, *extra):
-    return (name, "train_network.py",
+def _net(name, model, steps, *extra, script="train_network.py"):
+    return (name, script,
             ["--pretrained_model_name_or_path", model, "--train_data_dir", f"{D}/net", *COMMON,
              "--output_dir", f"{WORK}/out/{name}", "--output_name", name, "--max_train_steps", str(steps),
              "--network_dim", "4", "--network_alpha", "2", "--seed", "1", *extra])
@@ -84,6 +84,13 @@ RUNS = [
          "--lr_scheduler", "cosine", "--lr_warmup_steps", "1", "--save_precision", "fp16"),
     # SD 2.x tiny model, trained as a v-prediction model
     _net("lora_sd2_v", "tiny-sd2", 2, "--network_module", "networks.lora", "--v2", "--v_parameterization"),
+    # SDXL: U-Net-only LoRA with both caches (the usual SDXL setting; the text encoders are released before the
+    # latents are cached), and LoCon with both text encoders trained and an SDXL sample image
+    _net("sdxl_cached", "tiny-sdxl", 2, "--network_module", "networks.lora", "--network_train_unet_only",
+         "--cache_latents", "--cache_text_encoder_outputs", script="sdxl_train_network.py"),
+    _net("sdxl_locon_te", "tiny-sdxl", 2, "--network_module", "networks.lora", "--network_args", "conv_dim=2",
+         "conv_alpha=1", "--sample_prompts", f"{WORK}/prompts.txt", "--sample_every_n_steps", "2",
+         "--sample_sampler", "euler_a", script="sdxl_train_network.py"),
     # Dreambooth full fine-tune with regularisation images, one .safetensors checkpoint
     ("db", "train_db.py",
      ["--pretrained_model_name_or_path", "tiny-sd1", "--train_data_dir", f"{D}/db", "--reg_data_dir", f"{D}/reg",

@@ -51,6 +51,23 @@ class _Item:
     resized: tuple[int, int]
 
 
+def fixed_captions(plan: RunPlan, *, max_train_steps: int | None = 0,
+                   caption_transform: Callable[[str, ImageEntry, random.Random], str] | None = None,
+                   ) -> list[tuple[str, str]]:
+    """(image path, final caption) of every image, once, as the first epoch's batches would caption them: what a
+    text-encoder cache encodes before the first step. Only meaningful when captions never change (no shuffling,
+    dropout, warm-up or wildcards)."""
+    pairs = []
+    for dataset in plan.datasets:
+        for entry in dataset.entries:
+            caption = process_caption(entry.caption, entry.subset, random.Random(0), epoch=0, step=0,
+                                      max_train_steps=max_train_steps)
+            if caption_transform is not None:
+                caption = caption_transform(caption, entry, random.Random(0))
+            pairs.append((str(entry.path), caption))
+    return list(dict.fromkeys(pairs))
+
+
 class TrainingDataset(torch.utils.data.Dataset):
     def __init__(self, plan: RunPlan, *, seed: int, max_train_steps: int = 0, latent_cache: LatentCache | None = None,
                  caption_transform: Callable[[str, ImageEntry, random.Random], str] | None = None):
@@ -67,19 +84,6 @@ class TrainingDataset(torch.utils.data.Dataset):
         known = latent_cache.failed if latent_cache is not None else None
         self.failures = DecodeFailures((e.path for d in plan.datasets for e in d.entries), strict=plan.strict,
                                        known=known)
-
-    def fixed_captions(self) -> list[tuple[str, str]]:
-        """(image path, final caption) of every image, once: what a text-encoder cache encodes before the first step.
-        Only meaningful when captions never change (no shuffling, dropout, warm-up or wildcards)."""
-        pairs = []
-        for dataset in self.plan.datasets:
-            for entry in dataset.entries:
-                caption = process_caption(entry.caption, entry.subset, random.Random(0), epoch=self.epoch, step=0,
-                                          max_train_steps=self.max_train_steps)
-                if self.caption_transform is not None:
-                    caption = self.caption_transform(caption, entry, random.Random(0))
-                pairs.append((str(entry.path), caption))
-        return list(dict.fromkeys(pairs))
 
     def set_epoch(self, epoch: int) -> None:
         """sd-scripts' 1-based training epoch: reshuffles the buckets and drives caption dropout every n epochs."""

@@ -9,11 +9,12 @@ from __future__ import annotations
 import torch
 
 from library.config.run_config import RunConfig
-from library.data.dataset import Batch
+from library.data.dataset import Batch, fixed_captions
 from library.data.plan import RunPlan
 from library.models.components import Components
 from library.models.family import TextConditioning
 from library.training.losses import LossSettings, training_loss
+from library.training.memory import release_freed_memory
 from library.training.noise import (
     NoiseSettings,
     draw_noise,
@@ -56,18 +57,21 @@ class DiffusionMethod:
         released, so its memory goes to training (SD's VAE is 0.33 GB in float32)."""
         if all_cached and not self.config.sample_prompts and not self.keeps_vae:
             self.parts.vae = None
+        release_freed_memory()  # the VAE's activations (and the VAE) while caching: ~1 GB kept by malloc at 512 px
 
-    def texts_ready(self, dataset) -> None:
+    def texts_ready(self, plan: RunPlan) -> None:
         """--cache_text_encoder_outputs(_to_disk): every caption is encoded (or its file read) before the first step,
         as sd-scripts does; then, when nothing will sample, the text encoders are released (SDXL's are 3 GB in
-        float32). Captions that change, or a trained text encoder, were refused with these flags already."""
+        float32). Called before the latents are cached, so the VAE runs without the text encoders beside it (the
+        run's peak memory). Captions that change, or a trained text encoder, were refused with these flags already."""
         config = self.config
         if not (config.get("cache_text_encoder_outputs") or config.get("cache_text_encoder_outputs_to_disk")):
             return
         if not self._fixed_captions or self.train_text_encoder:
             return
-        pairs = dataset.fixed_captions()
-        size = max(d.spec.batch_size for d in dataset.plan.datasets)
+        pairs = fixed_captions(plan, max_train_steps=config.max_train_steps,
+                               caption_transform=self.caption_transform)
+        size = max(d.spec.batch_size for d in plan.datasets)
         for start in range(0, len(pairs), size):
             paths, captions = zip(*pairs[start:start + size])
             if config.get("cache_text_encoder_outputs_to_disk"):
@@ -80,6 +84,7 @@ class DiffusionMethod:
         if released:
             for text_encoder in self.parts.text_encoders:
                 text_encoder.to("meta")  # frees the weights; any later use fails loudly instead of reading garbage
+            release_freed_memory()
         print(f"text encoder outputs: {len(self._text_cache)} captions cached before training"
               + ("; text encoders released (nothing samples)" if released else ""))
 

@@ -69,11 +69,11 @@ def train(config: RunConfig, plan: RunPlan, parts, make_method, *, save_ext: str
         accelerator.print("mixed_precision fp16 on a CPU: computing in float32 (CPUs have no fp16 autocast)")
     method = make_method(config, parts, accelerator.device, weight_dtype(config, accelerator.device), plan)
 
+    method.texts_ready(plan)
     latent_cache = build_latent_cache(config, plan, parts, accelerator)
     method.latents_ready(all_cached=latent_cache is not None)
     dataset = TrainingDataset(plan, seed=seed, max_train_steps=config.max_train_steps, latent_cache=latent_cache,
                               caption_transform=method.caption_transform)
-    method.texts_ready(dataset)
     procs, accumulation = accelerator.num_processes, config.gradient_accumulation_steps or 1
     per_epoch = len(dataset)
     steps_per_epoch = math.ceil(per_epoch / procs / accumulation)
