@@ -80,7 +80,11 @@ class AdapterModule(nn.Module):
         org = self._org_forward(x)
         if self.module_dropout and self.training and torch.rand(()) < self.module_dropout:
             return org
-        return org + self.adapter_forward(x) * self.multiplier
+        added = self.adapter_forward(x)
+        multiplier = self.multiplier
+        if not (isinstance(multiplier, (int, float)) and multiplier == 1):  # × 1.0 changes no bit: skip a
+            added = added * multiplier  # full-size multiply per adapted layer (training runs at multiplier 1)
+        return org + added
 
     # -------------------------------------------------------------- maths
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
