@@ -12,6 +12,7 @@ import toml
 import torch
 from safetensors.torch import load_file
 
+import sdxl_train
 import sdxl_train_network
 import train_db
 import train_hypernetwork
@@ -33,13 +34,15 @@ EXAMPLES = {
     "loha": (train_network, NETWORK, "safetensors"),
     "lokr": (train_network, NETWORK, "safetensors"),
     "sdxl_lora": (sdxl_train_network, NETWORK, "safetensors"),
+    "sdxl_db": (sdxl_train, DB, "safetensors"),
     "dreambooth": (train_db, DB, "safetensors"),
     "textual_inversion": (train_textual_inversion, TI, "pt"),
     "hypernetwork": (train_hypernetwork, HYPERNETWORK, "pt"),
 }
 NETWORK_MODULES = {"lora": "networks.lora", "locon": "networks.lora", "loha": "networks.loha", "lokr": "networks.lokr"}
 # example -> (the base model file it names, the built-in tiny model of that family); the others: SD 1.5, tiny-sd1
-MODELS = {"sdxl_lora": ("sd_xl_base_1.0.safetensors", "tiny-sdxl")}
+MODELS = {"sdxl_lora": ("sd_xl_base_1.0.safetensors", "tiny-sdxl"),
+          "sdxl_db": ("sd_xl_base_1.0.safetensors", "tiny-sdxl")}
 SD15 = ("v1-5-pruned-emaonly.safetensors", "tiny-sd1")
 # What the tiny model cannot take from the SD 1.5 settings, for every example: a CPU run (no fp16 autocast, no
 # bitsandbytes 8-bit optimizer), 32 px images (the buckets' 256..1024 px range), no loader processes, tmp folders.
@@ -184,6 +187,22 @@ def test_sdxl_lora_example_trains_the_unet_with_sd_scripts_sdxl_names(tiny_run, 
     assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
     assert metadata["ss_network_dim"] == str(flat["network_dim"])
     assert list((tmp_path / "out" / "sample").glob(f"{flat['output_name']}_e000001_*.png"))
+
+
+def test_sdxl_db_example_fine_tunes_the_unet_in_bf16_with_fused_adafactor(tiny_run, folders, tmp_path):
+    flat = _flat("sdxl_db")
+    # The 24 GB recipe the example promises: U-Net only, bf16 weights, fused Adafactor, both caches, checkpointing
+    assert flat["full_bf16"] and flat["mixed_precision"] == "bf16" and flat["fused_backward_pass"]
+    assert flat["optimizer_type"] == "Adafactor" and flat["cache_text_encoder_outputs"] and flat["cache_latents"]
+    assert flat["gradient_checkpointing"] and not flat.get("train_text_encoder") and flat["bucket_reso_steps"] % 32 == 0
+    tiny = [a for a in TINY if a not in ("--optimizer_type", "AdamW", "--mixed_precision", "no")]
+    result = sdxl_train.main(["--config_file", str(CONFIGS / "sdxl_db.toml"),
+                              *[MODELS["sdxl_db"][1] if a == "tiny-sd1" else a for a in tiny], *tiny_run, *folders])
+    assert result.global_step == 2 and result.method.parts.unet.dtype == torch.bfloat16
+    weights = load_file(str(result.final_file))
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.bfloat16}  # save_precision
+    assert any(k.startswith("conditioner.embedders.1.model.") for k in weights)  # a whole SDXL checkpoint
+    assert _metadata(result.final_file)["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
 
 
 def test_sdxl_lora_example_refuses_an_sd1_model(tiny_run, folders, capsys):

@@ -366,6 +366,19 @@ OPTIONS: tuple[Option, ...] = (
            scripts=DB_ONLY, minimum=0),
     Option("stop_text_encoder_training", int, None, "freeze the text encoder from this step (-1 = never train it)",
            "dreambooth", scripts=DB_ONLY, minimum=-1),
+    # sdxl_train.py's own (SDXL; train_db.py refuses them, naming their SD 1.x/2.x counterparts)
+    Option("learning_rate_te1", float, None, "sdxl_train.py: learning rate of text encoder 1, CLIP ViT-L (default: "
+           "learning_rate; 0 leaves it frozen)", "dreambooth", scripts=DB_ONLY, minimum=0),
+    Option("learning_rate_te2", float, None, "sdxl_train.py: learning rate of text encoder 2, OpenCLIP bigG (default: "
+           "learning_rate; 0 leaves it frozen)", "dreambooth", scripts=DB_ONLY, minimum=0),
+    Option("block_lr", str, None, "sdxl_train.py: 23 comma-separated U-Net learning rates (time/label embeddings, "
+           "input blocks 0-8, middle block 0-2, output blocks 0-8, out); they replace learning_rate for the U-Net, 0 "
+           "leaves a block frozen", "dreambooth", scripts=DB_ONLY, numbers=Numbers(float, (23,)), minimum=0),
+    Option("fused_optimizer_groups", int, None, "sdxl_train.py: step the optimizer in N groups inside backward",
+           "dreambooth", scripts=DB_ONLY, minimum=1, note=NOT_SUPPORTED + " (use --fused_backward_pass with "
+           "Adafactor, which frees each gradient the same way)"),
+    Option("diffusers_xformers", bool, False, "sdxl_train.py: xformers in the VAE (attention here is PyTorch SDPA "
+           "either way; accepted, changes nothing)", "dreambooth", scripts=DB_ONLY),
     Option("no_token_padding", bool, False, "do not pad caption tokens to full length (diffusers' DreamBooth)",
            "dreambooth", scripts=DB_ONLY, note=NOT_SUPPORTED),
     # Class images (prior preservation), as the Dreambooth extension and diffusers' example make them; sd-scripts

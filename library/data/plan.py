@@ -93,9 +93,11 @@ def text_encoder_trained(options: Mapping, script: str) -> bool:
     """Whether the run trains the text encoder (then its outputs cannot be cached), per sd-scripts' rules."""
     if script == "network":
         return not options.get("network_train_unet_only")
-    if script == "db":  # train_db trains it unless stop_text_encoder_training is negative
-        stop = options.get("stop_text_encoder_training")
-        return stop is None or stop >= 0
+    if script == "db":  # train_db trains it unless stop_text_encoder_training is negative; sdxl_train.py on request
+        from library.models.family import family_named
+
+        families = options.get("model_families") or ("sd1",)
+        return any(rate is not None for rate in family_named(families[0]).full_tune_text_encoders(options))
     return script == "ti"
 
 

@@ -12,6 +12,7 @@ import torch
 
 from library.config.run_config import RunConfig
 from library.data.plan import RunPlan
+from library.errors import UserError
 from library.methods.db_training import DIFFUSERS_FORMATS
 from library.methods.diffusion_method import DiffusionMethod
 from library.models.components import Components
@@ -22,41 +23,53 @@ PRECISION_NAMES = {dtype: name for name, dtype in PRECISIONS.items()}  # --save_
 
 class DreamBoothMethod(DiffusionMethod):
     keeps_vae = True  # every save writes the whole model, VAE included
+    keeps_text_encoders = True
 
     def __init__(self, config: RunConfig, parts: Components, device: torch.device, weight_dtype: torch.dtype,
                  plan: RunPlan | None = None):
         # sd-scripts: the text encoder trains unless --stop_text_encoder_training is negative; N >= 0 freezes it
         # once N optimizer steps are done.
+        # sdxl_train.py: the text encoders train with --train_text_encoder, each at its own rate (0: frozen).
         stop = config.stop_text_encoder_training
-        train_text_encoder = stop is None or stop >= 0
+        self.text_encoder_rates = parts.family.full_tune_text_encoders(config)
+        train_text_encoder = any(rate is not None for rate in self.text_encoder_rates)
         self.stop_text_encoder_at = stop if stop is not None and stop >= 0 else None
         # full_fp16/full_bf16 train the weights themselves in half precision; otherwise float32 under autocast.
         train_dtype = weight_dtype if (config.full_fp16 or config.full_bf16) else torch.float32
-        parts.unet.to(device=device, dtype=train_dtype).requires_grad_(True).train()
-        te_dtype = train_dtype if train_text_encoder else weight_dtype
-        for text_encoder in parts.text_encoders:
-            text_encoder.to(device=device, dtype=te_dtype).requires_grad_(train_text_encoder)
-            text_encoder.train(train_text_encoder)
+        train_unet = config.learning_rate != 0  # sd-scripts: --learning_rate 0 leaves the U-Net frozen
+        parts.unet.to(device=device, dtype=train_dtype).requires_grad_(train_unet).train(train_unet)
+        self.unet_block_rates = _block_rates(config, parts) if train_unet else None
+        for text_encoder, rate in zip(parts.text_encoders, self.text_encoder_rates):
+            trained = rate is not None
+            text_encoder.to(device=device, dtype=train_dtype if trained else weight_dtype).requires_grad_(trained)
+            text_encoder.train(trained)
         vae_dtype = torch.float32 if config.no_half_vae else weight_dtype
         parts.vae.to(device=device, dtype=vae_dtype).requires_grad_(False).eval()
         super().__init__(config, parts, device, weight_dtype, plan, train_text_encoder=train_text_encoder)
         if config.gradient_checkpointing:
             parts.unet.enable_gradient_checkpointing()
-            if train_text_encoder:
-                for text_encoder in parts.text_encoders:
+            for text_encoder, rate in zip(parts.text_encoders, self.text_encoder_rates):
+                if rate is not None:
                     text_encoder.gradient_checkpointing_enable()
         self._ema_params = self.trainable_params()  # fixed: after a text-encoder stop its EMA settles on it
         self.ema = _make_ema(config, self._ema_params) if config.use_ema else None
 
     # ------------------------------------------------------------------ what trains
     def param_groups(self):
-        lr = self.config.learning_rate
-        groups = [{"params": list(self.parts.unet.parameters()), "lr": lr}]
-        descriptions = ["unet"]
-        if self.train_text_encoder:
-            groups.append({"params": [p for te in self.parts.text_encoders for p in te.parameters()],
-                           "lr": self.config.learning_rate_te if self.config.learning_rate_te is not None else lr})
-            descriptions.append("textencoder")
+        groups, descriptions = [], []
+        if self.unet_block_rates is not None:  # --block_lr: one group per block; a block at 0 is frozen
+            for index, (rate, params) in enumerate(self.unet_block_rates):
+                if rate and params:
+                    groups.append({"params": params, "lr": rate})
+                    descriptions.append(f"unet_block{index:02d}")
+        elif self.config.learning_rate != 0:
+            groups.append({"params": list(self.parts.unet.parameters()), "lr": self.config.learning_rate})
+            descriptions.append("unet")
+        several = len(self.parts.text_encoders) > 1
+        for i, (text_encoder, rate) in enumerate(zip(self.parts.text_encoders, self.text_encoder_rates)):
+            if self.train_text_encoder and rate is not None:
+                groups.append({"params": list(text_encoder.parameters()), "lr": rate})
+                descriptions.append(f"textencoder{i + 1}" if several else "textencoder")
         return groups, descriptions
 
     def trainable_params(self) -> list[torch.nn.Parameter]:
@@ -117,6 +130,26 @@ class DreamBoothMethod(DiffusionMethod):
             yield
         finally:
             self.ema.restore(params)
+
+
+def _block_rates(config: RunConfig, parts: Components) -> list[tuple[float, list[torch.nn.Parameter]]] | None:
+    """--block_lr (sdxl_train.py): the U-Net's parameters by block, each with its block's rate; the parameters of a
+    block at 0 are frozen (sd-scripts leaves them out of the optimizer)."""
+    if not config.block_lr:
+        return None
+    block_of = parts.family.unet_block_of(parts.unet)
+    if block_of is None:
+        raise UserError(f"--block_lr is sdxl_train.py's (SDXL); {parts.family.label} models have no block list")
+    value = config.block_lr
+    rates = [float(v) for v in (value.split(",") if isinstance(value, str) else value)]
+    blocks: list[list[torch.nn.Parameter]] = [[] for _ in rates]
+    for name, param in parts.unet.named_parameters():
+        blocks[block_of(name)].append(param)
+    for rate, params in zip(rates, blocks):
+        if rate == 0:
+            for param in params:
+                param.requires_grad_(False)
+    return list(zip(rates, blocks))
 
 
 def _make_ema(config: RunConfig, params: list[torch.nn.Parameter]):

@@ -31,6 +31,7 @@ class DiffusionMethod:
     keeps_vae = False
     # Applied to every training caption after the usual processing: (caption, image entry, rng) -> caption.
     caption_transform = None
+    keeps_text_encoders = False  # True: every save writes them (a full model), so they stay loaded
     # Steps a resumed embedding or hypernetwork already had: its schedule and saved step count continue from there.
     step_offset = 0
 
@@ -53,10 +54,13 @@ class DiffusionMethod:
 
     # ------------------------------------------------------------------ hooks the loop calls
     def latents_ready(self, *, all_cached: bool) -> None:
-        """Called once latents are cached. If every latent is cached and nothing will decode or save a VAE, it is
-        released, so its memory goes to training (SD's VAE is 0.33 GB in float32)."""
-        if all_cached and not self.config.sample_prompts and not self.keeps_vae:
-            self.parts.vae = None
+        """Called once latents are cached. If every latent is cached and nothing samples, the VAE is released (or, for
+        a method whose saves write it, moved to the CPU), so its memory goes to training (0.33 GB in float32)."""
+        if all_cached and not self.config.sample_prompts:
+            if self.keeps_vae:
+                self.parts.vae.to("cpu")  # only the saves need it now: off the accelerator (sd-scripts does too)
+            else:
+                self.parts.vae = None
         release_freed_memory()  # the VAE's activations (and the VAE) while caching: ~1 GB kept by malloc at 512 px
 
     def texts_ready(self, plan: RunPlan) -> None:
@@ -80,11 +84,14 @@ class DiffusionMethod:
             if missing:
                 with torch.no_grad():
                     self._text_cache.update(zip(missing, self.encode_prompts.conditioning(missing).rows()))
-        released = not config.sample_prompts
+        released = not config.sample_prompts and not self.keeps_text_encoders
         if released:
             for text_encoder in self.parts.text_encoders:
                 text_encoder.to("meta")  # frees the weights; any later use fails loudly instead of reading garbage
             release_freed_memory()
+        elif not config.sample_prompts:
+            for text_encoder in self.parts.text_encoders:
+                text_encoder.to("cpu")  # only the saves need them now: off the accelerator (sd-scripts does too)
         print(f"text encoder outputs: {len(self._text_cache)} captions cached before training"
               + ("; text encoders released (nothing samples)" if released else ""))
 

@@ -8,7 +8,6 @@ from typing import Callable, Sequence
 
 from library.config.checks import check_value
 from library.config.declarations import OPTIONS
-from library.config.options import NETWORK
 from library.config.resolve import check_supported, options_for, resolve, write_resolved_config
 from library.config.run_config import RunConfig
 from library.console import quiet_libraries
@@ -148,10 +147,12 @@ def family_option_problems(config: RunConfig, plan) -> list[str]:
     from library.models.family import family_named
 
     families = config.get("model_families") or ()
-    if len(families) != 1:
+    if not families:
         return []
     steps = [dataset.spec.bucket_reso_steps for dataset in plan.datasets]
-    return family_named(families[0]).option_problems(config, steps)
+    # With several families (SD 1.x and 2.x), what every one of them refuses: the model decides the rest.
+    each = [family_named(name).option_problems(config, steps) for name in families]
+    return [problem for problem in each[0] if all(problem in others for others in each[1:])]
 
 
 def check_model_family(config: RunConfig, found) -> None:
@@ -162,10 +163,9 @@ def check_model_family(config: RunConfig, found) -> None:
     if not wanted or found in wanted:
         return
     labels = " / ".join(f.label for f in wanted)
-    if config.script == NETWORK:
-        script, hint = wanted[0].network_script, f"use {found.network_script} for it"
-    else:
-        script, hint = "this script", f"{found.label} is not supported by this script yet"
+    script = wanted[0].scripts.get(config.script, "this script")
+    other = found.scripts.get(config.script)
+    hint = f"use {other} for it" if other else f"{found.label} is not supported by this script yet"
     raise UserError(f"{config.pretrained_model_name_or_path}: this is an {found.label} model, and {script} trains "
                     f"{labels} models; {hint}")
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 
@@ -111,11 +111,32 @@ class ModelFamily:
     def option_problems(self, options: Any, bucket_steps: Sequence[int]) -> list[str]:
         """What the run's options get wrong for this family's script (e.g. --v2 with SDXL); `bucket_steps` are the
         datasets' bucket_reso_steps."""
+        kind = getattr(options, "script", "network")
+        script = self.scripts.get(kind, self.network_script)
+        problems = []
         bad = sorted({step for step in bucket_steps if step % self.bucket_step})
         if bad:
-            return [f"bucket_reso_steps {', '.join(map(str, bad))} must be a multiple of {self.bucket_step} for "
-                    f"{self.label} (sd-scripts' {self.network_script} requires it)"]
-        return []
+            problems.append(f"bucket_reso_steps {', '.join(map(str, bad))} must be a multiple of {self.bucket_step} "
+                            f"for {self.label} (sd-scripts' {script} requires it)")
+        mine = self.script_options.get(kind, ())
+        for other in families():
+            for name in other.script_options.get(kind, ()):
+                if name not in mine and options.get(name) not in (None, False):
+                    problems.append(f"--{name} belongs to {other.scripts[kind]} ({other.label} models); {script} "
+                                    f"does not take it" + (f": {self.script_options_hint[name]}"
+                                                           if name in self.script_options_hint else ""))
+        return list(dict.fromkeys(problems))
+
+    def full_tune_text_encoders(self, options: Any) -> tuple[float | None, ...]:
+        """A full fine-tune's learning rate of each text encoder, None for one it leaves frozen. train_db.py trains
+        its text encoder unless --stop_text_encoder_training is negative, at --learning_rate_te (or learning_rate)."""
+        stop = options.get("stop_text_encoder_training")
+        rate = options.get("learning_rate_te")
+        return (rate if rate is not None else options.get("learning_rate"),) if stop is None or stop >= 0 else (None,)
+
+    def unet_block_of(self, unet: torch.nn.Module) -> Callable[[str], int] | None:
+        """Parameter name -> the index of its block in the family's --block_lr list; None: no --block_lr here."""
+        return None
 
     def refuse_requested(self, found: "ModelFamily", source: str) -> None:
         """Raise a UserError if a model of family `found` cannot serve a run that insists on this family."""
@@ -163,9 +184,20 @@ class ModelFamily:
 
     lora_modelspec_implementation = "diffusers"  # sd-scripts' modelspec.implementation for this family's LoRAs
     latent_cache_suffix = "_sd.npz"  # sd-scripts' latent cache files: <stem>_<W>x<H><suffix>
-    # The sd-scripts entry script that trains networks on this family's models, and the bucket step it requires.
-    network_script = "train_network.py"
+    # sd-scripts' entry script of each kind (library.config.options: network, db, ti, hypernetwork) for this family's
+    # models, and the bucket step its trainers require.
+    scripts = {"network": "train_network.py", "db": "train_db.py", "ti": "train_textual_inversion.py",
+               "hypernetwork": "train_hypernetwork.py"}
     bucket_step = 64
+    # Options that only this family's script of a kind defines (sd-scripts' parsers differ: train_db.py has
+    # --stop_text_encoder_training, sdxl_train.py --learning_rate_te1...); another family's script refuses them, with
+    # the hint given here for the option it has instead.
+    script_options: ClassVar[Mapping[str, tuple[str, ...]]] = {}
+    script_options_hint: ClassVar[Mapping[str, str]] = {}
+
+    @property
+    def network_script(self) -> str:
+        return self.scripts["network"]
 
     text_cache_suffix = "_sd_te_outputs.npz"  # --cache_text_encoder_outputs_to_disk files: <stem><suffix>
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -55,7 +55,12 @@ TEXT_TARGETS = (AdapterTargets("lora_te1", CLIP_CLASSES), AdapterTargets("lora_t
 class StableDiffusionXL(ModelFamily):
     lora_modelspec_implementation = "https://github.com/Stability-AI/generative-models"
     latent_cache_suffix = "_sdxl.npz"
-    network_script = "sdxl_train_network.py"
+    scripts = {"network": "sdxl_train_network.py", "db": "sdxl_train.py", "ti": "sdxl_train_textual_inversion.py"}
+    script_options = {"db": ("learning_rate_te1", "learning_rate_te2", "block_lr", "diffusers_xformers",
+                             "fused_optimizer_groups")}  # sdxl_train.py's own
+    script_options_hint = {"learning_rate_te": "use --learning_rate_te1 / --learning_rate_te2",
+                           "stop_text_encoder_training": "the text encoders train with --train_text_encoder, for the "
+                           "whole run"}
     bucket_step = 32
 
     # ------------------------------------------------------------------ detection
@@ -74,6 +79,27 @@ class StableDiffusionXL(ModelFamily):
         if options.get("v2"):
             problems.append("--v2 cannot be used with SDXL (it insists on an SD 2.x model); drop it")
         return problems
+
+    def full_tune_text_encoders(self, options: Any) -> tuple[float | None, ...]:
+        """sdxl_train.py: the text encoders train only with --train_text_encoder, each at --learning_rate_te1/2 (or
+        learning_rate); a rate of 0 leaves that one frozen (sd-scripts' sdxl_train.py)."""
+        base = options.get("learning_rate")
+        rates = [options.get("learning_rate_te1"), options.get("learning_rate_te2")]
+        rates = [base if rate is None else rate for rate in rates]
+        trained = bool(options.get("train_text_encoder"))
+        return tuple(rate if trained and rate != 0 else None for rate in rates)
+
+    def unet_block_of(self, unet: torch.nn.Module) -> Callable[[str], int]:
+        """sd-scripts' 23 SDXL blocks (sdxl_train.py --block_lr): 0 time/label embeddings, 1-9 input_blocks 0-8,
+        10-12 middle_block 0-2, 13-21 output_blocks 0-8, 22 out (the final norm and conv)."""
+        paths = UNET_TARGETS.paths(unet)
+        first = {"time_embed": 0, "label_emb": 0, "input_blocks": 1, "middle_block": 10, "output_blocks": 13, "out": 22}
+
+        def block(name: str) -> int:
+            head, *rest = paths(name.rpartition(".")[0]).split(".")
+            return first[head] + (int(rest[0]) if head in ("input_blocks", "middle_block", "output_blocks") else 0)
+
+        return block
 
     # ------------------------------------------------------------------ loading
     def load_single_file(self, file, source: str, tokenizer: str | None, dtype: torch.dtype) -> Components:

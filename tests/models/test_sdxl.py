@@ -213,8 +213,9 @@ def test_gen_img_generates_with_an_sdxl_lora_and_refuses_sd_embeddings(tiny_part
 @pytest.mark.parametrize("script, model, phrase", [
     ("train_network", "tiny-sdxl", "trains SD 1.x / SD 2.x models; use sdxl_train_network.py"),
     ("sdxl_train_network", "tiny-sd1", "trains SDXL models; use train_network.py"),
-    ("train_textual_inversion", "tiny-sdxl", "SDXL is not supported by this script yet"),
-    ("train_db", "tiny-sdxl", "SDXL is not supported by this script yet"),
+    ("train_textual_inversion", "tiny-sdxl", "trains SD 1.x / SD 2.x models; use sdxl_train_textual_inversion.py"),
+    ("train_db", "tiny-sdxl", "trains SD 1.x / SD 2.x models; use sdxl_train.py"),
+    ("train_hypernetwork", "tiny-sdxl", "SDXL is not supported by this script yet"),
 ])
 def test_each_script_refuses_a_family_it_does_not_train(script, model, phrase, image_folder, tmp_path, capsys):
     import importlib
@@ -223,7 +224,7 @@ def test_each_script_refuses_a_family_it_does_not_train(script, model, phrase, i
 
     flags = tiny_lora_flags(image_folder(count=1).parent, tmp_path / "out", steps=1)
     flags[flags.index("tiny-sd1")] = model
-    if script in ("train_db", "train_textual_inversion"):
+    if script in ("train_db", "train_textual_inversion", "train_hypernetwork"):
         flags = [f for f in flags if f not in ("--network_dim", "4")]
         flags += ["--token_string", "mychar", "--init_word", "cat"] if script == "train_textual_inversion" else []
     with pytest.raises(SystemExit) as exit_info:
