@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 from library.config.checks import range_problem, range_text
 from library.config.suggest import did_you_mean
 from library.errors import UserError
-from networks.injection import NUM_OF_BLOCKS
+from networks.injection import BLOCK_LAYOUTS, BlockLayout
 
-NUM_BLOCKS = NUM_OF_BLOCKS * 2 + 1  # 25: sd-scripts' block_dims / block_alphas length
 LR_WEIGHT_PRESETS = ("sine", "cosine", "linear", "reverse_linear", "zeros")
 
 
@@ -31,13 +31,13 @@ def number(kind: type, **bounds) -> Callable[[str], int | float]:
     return parse
 
 
-def _number_list(kind: type, length: int, **bounds) -> Callable[[str], list]:
+def _number_list(kind: type, **bounds) -> Callable[[str], list]:
+    """Comma-separated numbers, each within `bounds`; how many a key needs depends on the model's blocks
+    (BlockLayout), so `apply_layout` counts them."""
     one = number(kind, **bounds)
 
     def parse(text: str) -> list:
         values = [kind(v) for v in str(text).split(",") if v.strip()]
-        if len(values) != length:
-            raise ValueError(f"needs {length} comma-separated values, got {len(values)}")
         for value in values:
             try:
                 one(value)
@@ -45,7 +45,7 @@ def _number_list(kind: type, length: int, **bounds) -> Callable[[str], list]:
                 raise OutOfRange(f"values {str(err).replace('must be', 'must each be')} (got {value})") from None
         return values
     limits = range_text(**bounds)
-    parse.__name__ = f"{length} comma-separated {kind.__name__}s" + (f", each {limits}" if limits else "")
+    parse.__name__ = f"comma-separated {kind.__name__}s" + (f", each {limits}" if limits else "")
     return parse
 
 
@@ -56,25 +56,61 @@ def boolean(text: str) -> bool:
     return value in ("true", "1")
 
 
-def lr_weights(text: str) -> list[float]:
-    """sd-scripts' down/up_lr_weight: a preset (sine, cosine, linear, reverse_linear, zeros)[+offset] or 12 numbers."""
-    text = str(text).strip()
-    name, _, offset = text.partition("+")
-    if name in LR_WEIGHT_PRESETS:
-        base, n = float(offset or 0.0), NUM_OF_BLOCKS
-        if not math.isfinite(base):
-            raise OutOfRange(f"the offset after '+' must be a finite number, got {offset}")
+@dataclass(frozen=True)
+class Preset:
+    """A down/up_lr_weight preset (sine, cosine, linear, reverse_linear, zeros) plus an offset: its values depend
+    on how many blocks the model has, so `apply_layout` expands it."""
+
+    name: str
+    offset: float
+
+    def values(self, n: int) -> list[float]:
         ramps = {"sine": [math.sin(math.pi * (i / (n - 1)) / 2) for i in range(n)],
                  "linear": [i / (n - 1) for i in range(n)], "zeros": [0.0] * n}
         ramps["cosine"], ramps["reverse_linear"] = ramps["sine"][::-1], ramps["linear"][::-1]
-        return [w + base for w in ramps[name]]
-    values = [float(v) for v in text.split(",") if v.strip()]
+        return [w + self.offset for w in ramps[self.name]]
+
+
+def lr_weights(text: str) -> Preset | list[float]:
+    """sd-scripts' down/up_lr_weight: a preset (sine, cosine, linear, reverse_linear, zeros)[+offset] or numbers
+    (one per IN or OUT block: 12 for SD 1.x/2.x, 9 for SDXL)."""
+    text = str(text).strip()
+    name, _, offset = text.partition("+")
+    if name in LR_WEIGHT_PRESETS:
+        base = float(offset or 0.0)
+        if not math.isfinite(base):
+            raise OutOfRange(f"the offset after '+' must be a finite number, got {offset}")
+        return Preset(name, base)
+    return _weights(text)
+
+
+def _weights(text: str) -> list[float]:
+    values = [float(v) for v in str(text).split(",") if v.strip()]
     for value in values:
         problem = range_problem(value, minimum=0)
         if problem:  # a negative weight would make the block's learning rate negative
             raise OutOfRange(f"weights {problem.replace('must be', 'must each be')} (got {value})")
-    # sd-scripts pads a short list with 1.0 and truncates a long one.
-    return (values + [1.0] * NUM_OF_BLOCKS)[:NUM_OF_BLOCKS]
+    return values
+
+
+BLOCK_COUNTED = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")
+
+
+def apply_layout(opts: dict[str, Any], layout: BlockLayout) -> dict[str, Any]:
+    """The block-wise keys sized for the model's blocks: block_dims & co. must give one value per block; presets
+    expand to the IN/OUT block count; weight lists shorter or longer than that are padded with 1.0 or cut, as
+    sd-scripts does (mid_lr_weight too: SDXL has 3 middle blocks)."""
+    out = dict(opts)
+    for key in BLOCK_COUNTED:
+        if key in out and len(out[key]) != layout.total:
+            raise UserError(f"--network_args {key}: needs {layout.total} comma-separated values for {layout.label} "
+                            f"models (one per block, in sd-scripts' order), got {len(out[key])}")
+    for key, n in (("down_lr_weight", layout.down), ("up_lr_weight", layout.up), ("mid_lr_weight", layout.mid)):
+        if key in out:
+            value = out[key]
+            values = value.values(n) if isinstance(value, Preset) else list(value)
+            out[key] = (values + [1.0] * n)[:n]
+    return out
 
 
 # Keys every network module accepts (sd-scripts' networks/lora.py create_network), each with its range: a dim of 0
@@ -83,10 +119,9 @@ COMMON_ARGS: dict[str, Callable[[str], Any]] = {
     "conv_dim": number(int, minimum=0), "conv_alpha": number(float, minimum=0),
     "dropout": number(float, minimum=0, below=1), "rank_dropout": number(float, minimum=0, below=1),
     "module_dropout": number(float, minimum=0, below=1),
-    "block_dims": _number_list(int, NUM_BLOCKS, minimum=0), "block_alphas": _number_list(float, NUM_BLOCKS, minimum=0),
-    "conv_block_dims": _number_list(int, NUM_BLOCKS, minimum=0),
-    "conv_block_alphas": _number_list(float, NUM_BLOCKS, minimum=0),
-    "down_lr_weight": lr_weights, "mid_lr_weight": number(float, minimum=0), "up_lr_weight": lr_weights,
+    "block_dims": _number_list(int, minimum=0), "block_alphas": _number_list(float, minimum=0),
+    "conv_block_dims": _number_list(int, minimum=0), "conv_block_alphas": _number_list(float, minimum=0),
+    "down_lr_weight": lr_weights, "mid_lr_weight": _weights, "up_lr_weight": lr_weights,
     "block_lr_zero_threshold": number(float, minimum=0), "loraplus_lr_ratio": number(float, above=0),
     "loraplus_unet_lr_ratio": number(float, above=0), "loraplus_text_encoder_lr_ratio": number(float, above=0),
     "verbose": boolean,
@@ -105,8 +140,9 @@ def split_network_args(items: Iterable[str] | None) -> dict[str, str]:
 
 
 def parse_network_args(raw: Mapping[str, Any], extra: Mapping[str, Callable[[str], Any]] | None = None,
-                       *, module: str = "networks.lora") -> dict[str, Any]:
-    """Typed values for the keys `module` accepts; an unknown key or a bad value is a UserError naming it."""
+                       *, module: str = "networks.lora", layout: BlockLayout | None = None) -> dict[str, Any]:
+    """Typed values for the keys `module` accepts; an unknown key or a bad value is a UserError naming it. With the
+    model's block `layout`, block-wise keys are counted and sized for it (`apply_layout`)."""
     accepted = {**COMMON_ARGS, **(extra or {})}
     typed: dict[str, Any] = {}
     for key, value in raw.items():
@@ -124,7 +160,7 @@ def parse_network_args(raw: Mapping[str, Any], extra: Mapping[str, Callable[[str
             raise UserError(f"--network_args {key}={value}: expected {kind} ({err})") from None
         if not all(math.isfinite(v) for v in _floats(typed[key])):  # float("nan") parses; no argument means it
             raise UserError(f"--network_args {key}={value}: {key} must be a finite number")
-    return typed
+    return apply_layout(typed, layout) if layout is not None else typed
 
 
 def _floats(value: Any) -> list[float]:
@@ -132,7 +168,7 @@ def _floats(value: Any) -> list[float]:
     return [v for v in items if isinstance(v, float)]
 
 
-def check_network_args(items: Iterable[str] | None, module_name: str | None) -> None:
+def check_network_args(items: Iterable[str] | None, module_name: str | None, layout: str = "sd") -> None:
     """--network_args checked before any weights load: the key=value form, and for the modules of this package
     (networks.lora, .loha, .lokr) the value of every key the module declares (type and range). Unknown keys are left
     to create_network, which names them; other modules (lycoris.kohya, ...) read their own arguments."""
@@ -150,4 +186,4 @@ def check_network_args(items: Iterable[str] | None, module_name: str | None) -> 
     if classes:
         extra = getattr(classes[0], "EXTRA_ARGS", None) or {}
         known = {key: value for key, value in raw.items() if key in COMMON_ARGS or key in extra}
-        parse_network_args(known, extra, module=name)
+        parse_network_args(known, extra, module=name, layout=BLOCK_LAYOUTS[layout])

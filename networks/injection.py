@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from torch import nn
 
@@ -84,3 +84,44 @@ def block_index(lora_name: str) -> int:
         index = 3 * block + (2 if kind in ("upsamplers", "downsamplers") else layer)
         return 1 + index if direction == "down" else NUM_OF_BLOCKS + 1 + index
     return NUM_OF_BLOCKS if "mid_block_" in lora_name else -1
+
+
+def sgm_block_index(lora_name: str) -> int:
+    """sd-scripts' 23-block index of an SDXL UNet adapter (SGM names, as --block_lr counts): 0 time/label
+    embeddings, 1-9 input_blocks 0-8, 10-12 middle_block 0-2, 13-21 output_blocks 0-8, 22 out; -1 otherwise."""
+    name = lora_name.removeprefix("lora_unet_")
+    if name == lora_name:
+        return -1
+    for head, first in (("input_blocks_", 1), ("middle_block_", 10), ("output_blocks_", 13)):
+        if name.startswith(head):
+            return first + int(name[len(head):].split("_")[0])
+    if name.startswith(("time_embed_", "label_emb_")):
+        return 0
+    return 22 if name.startswith("out_") else -1
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """sd-scripts' blocks of a UNet for block-wise network_args: block_dims & co. take one value per block
+    (`total`), down_lr_weight / up_lr_weight `down` / `up` values and mid_lr_weight `mid`; SDXL's list starts and
+    ends with a block that never gets adapters (the embeddings, the output layers)."""
+
+    label: str
+    down: int
+    mid: int
+    up: int
+    padded: bool  # one extra block before and after (SDXL)
+    index: Callable[[str], int]  # adapter name -> block index, -1 outside the blocks (text encoders)
+
+    @property
+    def total(self) -> int:
+        return self.down + self.mid + self.up + (2 if self.padded else 0)
+
+    def lr_weights(self, down: Sequence[float], mid: Sequence[float], up: Sequence[float]) -> list[float]:
+        """One learning-rate weight per block index (sd-scripts' get_block_lr_weight list)."""
+        weights = [*down, *mid, *up]
+        return [1.0, *weights, 1.0] if self.padded else weights
+
+
+BLOCK_LAYOUTS = {"sd": BlockLayout("SD 1.x/2.x", NUM_OF_BLOCKS, 1, NUM_OF_BLOCKS, False, block_index),
+                 "sdxl": BlockLayout("SDXL", 9, 3, 9, True, sgm_block_index)}

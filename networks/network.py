@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from library.errors import UserError
-from networks.args import NUM_BLOCKS, parse_network_args
-from networks.injection import (NUM_OF_BLOCKS, Target, adapter_targets, block_index, every_layer,
+from networks.args import parse_network_args
+from networks.injection import (BLOCK_LAYOUTS, BlockLayout, Target, adapter_targets, every_layer,
                                 text_encoder_targets, unet_targets)
 
 
@@ -18,8 +18,9 @@ class AdapterNetwork(nn.Module):
     """sd-scripts' network object API: apply_to, merge_to, set_multiplier, prepare_optimizer_params, save/load."""
 
     def __init__(self, module_class, text_encoder_loras: list, unet_loras: list, *, multiplier: float,
-                 options: dict[str, Any] | None = None):
+                 options: dict[str, Any] | None = None, block_layout: BlockLayout = BLOCK_LAYOUTS["sd"]):
         super().__init__()
+        self.block_layout = block_layout
         self.module_class = module_class
         self.multiplier = multiplier
         self.text_encoder_loras = text_encoder_loras
@@ -99,7 +100,7 @@ class AdapterNetwork(nn.Module):
         else:
             by_block: dict[int, list] = {}
             for lora in self.unet_loras:
-                by_block.setdefault(block_index(lora.lora_name), []).append(lora)
+                by_block.setdefault(self.block_layout.index(lora.lora_name), []).append(lora)
             for index in sorted(by_block):
                 weight = self.lr_weight(index)
                 lr = None if unet_lr is None else unet_lr * weight
@@ -123,26 +124,26 @@ class AdapterNetwork(nn.Module):
             groups.append(group)
             descriptions.append(label + suffix)
 
-    def _block_lr_weights(self):
-        opts = self.options
+    def _block_lr_weights(self) -> list[float] | None:
+        """sd-scripts' per-block learning-rate weights (get_block_lr_weight), one per block index; None without
+        down/mid/up_lr_weight. A given weight at or below block_lr_zero_threshold becomes 0 (that block does not
+        train); a list not given is all 1.0."""
+        opts, layout = self.options, self.block_layout
         if all(opts.get(k) is None for k in ("down_lr_weight", "mid_lr_weight", "up_lr_weight")):
             return None
         threshold = opts.get("block_lr_zero_threshold") or 0.0
-        clip = lambda ws: None if ws is None else [w if w > threshold else 0.0 for w in ws]  # noqa: E731
-        mid = opts.get("mid_lr_weight")
-        return clip(opts.get("down_lr_weight")), (None if mid is None else clip([mid])[0]), clip(opts.get("up_lr_weight"))
+
+        def given(key: str, n: int) -> list[float]:
+            values = opts.get(key)
+            return [1.0] * n if values is None else [w if w > threshold else 0.0 for w in values]
+
+        return layout.lr_weights(given("down_lr_weight", layout.down), given("mid_lr_weight", layout.mid),
+                                 given("up_lr_weight", layout.up))
 
     def lr_weight(self, index: int) -> float:
-        """sd-scripts' get_lr_weight: IN blocks use down_lr_weight[index], MID mid_lr_weight, OUT up_lr_weight."""
+        """The learning-rate weight of block `index` (1.0 outside the blocks: text encoders, or no weights)."""
         weights = self._block_lr_weights()
-        if weights is None or index < 0:
-            return 1.0
-        down, mid, up = weights
-        if index < NUM_OF_BLOCKS:
-            return 1.0 if down is None else down[index]
-        if index == NUM_OF_BLOCKS:
-            return 1.0 if mid is None else mid
-        return 1.0 if up is None else up[index - NUM_OF_BLOCKS - 1]
+        return 1.0 if weights is None or index < 0 else weights[index]
 
     @torch.no_grad()
     def scale_weight_norms(self, max_norm: float) -> torch.Tensor:
@@ -265,20 +266,24 @@ def _absent_modules(modules: list[str]) -> str:
     return f"they adapt {count} this model does not have; {other_model_hint(modules)}"
 
 
-BLOCKWISE_ARGS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
-                  "mid_lr_weight", "up_lr_weight")
-
 
 def build_network(module_class, multiplier, network_dim, network_alpha, text_encoder, unet, *, neuron_dropout=None,
                   modules_dim: dict | None = None, modules_alpha: dict | None = None, **network_args) -> AdapterNetwork:
     """Adapters for every target, with sd-scripts' dims: network_dim/alpha, conv_dim/alpha for 3×3 convolutions,
     block-wise dims for the UNet, or per-module dims (`modules_dim`, from a file)."""
-    opts = parse_network_args(network_args, getattr(module_class, "EXTRA_ARGS", None), module=module_class.MODULE)
+    encoders = [te for te in (text_encoder if isinstance(text_encoder, (list, tuple)) else [text_encoder])
+                if te is not None]
+    # The family with this many text encoders names them (lora_te, or lora_te1 / lora_te2), says what to adapt and
+    # how sd-scripts counts the UNet's blocks (25 for SD 1.x/2.x, 23 for SDXL).
+    unet_side, te_sides = adapter_targets(len(encoders))
+    layout = BLOCK_LAYOUTS[unet_side.blocks]
+    opts = parse_network_args(network_args, getattr(module_class, "EXTRA_ARGS", None), module=module_class.MODULE,
+                              layout=layout)
     dim = 4 if network_dim is None else int(network_dim)
     alpha = 1.0 if network_alpha is None else float(network_alpha)
     conv_dim = opts.get("conv_dim")
     conv_alpha = opts.get("conv_alpha", 1.0 if conv_dim is not None else None)
-    blocks = _block_dims(opts, dim, alpha, conv_dim, conv_alpha)
+    blocks = _block_dims(opts, dim, alpha, conv_dim, conv_alpha, layout.total)
     kwargs = {"dropout": neuron_dropout, "rank_dropout": opts.get("rank_dropout"),
               "module_dropout": opts.get("module_dropout"), **_module_kwargs(module_class, opts)}
     include_conv = modules_dim is not None or conv_dim is not None or blocks is not None and blocks[2] is not None
@@ -291,7 +296,7 @@ def build_network(module_class, multiplier, network_dim, network_alpha, text_enc
                     continue
                 d, a = modules_dim[target.lora_name], modules_alpha[target.lora_name]
             elif is_unet and blocks is not None:
-                index = block_index(target.lora_name)
+                index = layout.index(target.lora_name)
                 dims, alphas = (blocks[2], blocks[3]) if target.is_conv_kernel else (blocks[0], blocks[1])
                 d, a = (None, None) if dims is None else (dims[index], alphas[index])
             elif target.is_conv_kernel:
@@ -303,15 +308,6 @@ def build_network(module_class, multiplier, network_dim, network_alpha, text_enc
             loras.append(module_class(target.lora_name, target.module, multiplier, d, a, **kwargs))
         return loras
 
-    encoders = [te for te in (text_encoder if isinstance(text_encoder, (list, tuple)) else [text_encoder])
-                if te is not None]
-    # The family with this many text encoders names them (lora_te, or lora_te1 / lora_te2) and says what to adapt.
-    unet_side, te_sides = adapter_targets(len(encoders))
-    blockwise = [k for k in BLOCKWISE_ARGS if opts.get(k) is not None]
-    if blockwise and unet_side.path_map is not None:
-        # sd-scripts' SDXL blocks are 23 (not 25) with 9 down/up weights; our block index knows SD 1.x/2.x names only.
-        raise UserError(f"--network_args {', '.join(blockwise)}: block-wise dims and learning rates are not "
-                        "supported for SDXL yet; drop them")
     layers = [target for te, side in zip(encoders, te_sides)
               for target in every_layer(te, None, text_encoder_prefix=side.prefix)]
     layers += list(every_layer(None, unet, unet_prefix=unet_side.prefix,
@@ -324,21 +320,22 @@ def build_network(module_class, multiplier, network_dim, network_alpha, text_enc
         te_loras = [lora for te, side in zip(encoders, te_sides)
                     for lora in make(text_encoder_targets(te, side), False)]
         unet_loras = make(unet_targets(unet, unet_side, include_conv=include_conv), True) if unet is not None else []
-    network = AdapterNetwork(module_class, te_loras, unet_loras, multiplier=multiplier, options=opts)
+    network = AdapterNetwork(module_class, te_loras, unet_loras, multiplier=multiplier, options=opts,
+                             block_layout=layout)
     network.layer_names = frozenset(target.lora_name for target in layers)
     return network
 
 
-def _block_dims(opts, dim, alpha, conv_dim, conv_alpha):
-    """(dims, alphas, conv dims, conv alphas) per 25 blocks when block_dims is given (sd-scripts'
-    get_block_dims_and_alphas), else None."""
+def _block_dims(opts, dim, alpha, conv_dim, conv_alpha, total: int):
+    """(dims, alphas, conv dims, conv alphas) per block (`total`: 25 for SD 1.x/2.x, 23 for SDXL) when block_dims is
+    given (sd-scripts' get_block_dims_and_alphas), else None."""
     if opts.get("block_dims") is None:
         return None
     dims = opts["block_dims"]
-    alphas = opts.get("block_alphas") or [alpha] * NUM_BLOCKS
-    conv_dims = opts.get("conv_block_dims") or ([conv_dim] * NUM_BLOCKS if conv_dim is not None else None)
+    alphas = opts.get("block_alphas") or [alpha] * total
+    conv_dims = opts.get("conv_block_dims") or ([conv_dim] * total if conv_dim is not None else None)
     conv_alphas = opts.get("conv_block_alphas") or (
-        [conv_alpha if conv_alpha is not None else 1.0] * NUM_BLOCKS if conv_dims is not None else None)
+        [conv_alpha if conv_alpha is not None else 1.0] * total if conv_dims is not None else None)
     return dims, alphas, conv_dims, conv_alphas
 
 

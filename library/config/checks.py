@@ -200,7 +200,13 @@ def rule_problems(config, declared: Mapping[str, Option]) -> list[str]:
         from networks.args import check_network_args
 
         try:
-            check_network_args(config.get("network_args"), config.get("network_module"))
+            families = config.get("model_families") or ()
+            layout = "sd"
+            if families:  # the script's family (SD 1.x/2.x share one layout) sizes the block-wise keys
+                from library.models.family import family_named
+
+                layout = family_named(families[0]).unet_targets.blocks
+            check_network_args(config.get("network_args"), config.get("network_module"), layout)
         except UserError as err:
             problems.append(str(err))
     return problems

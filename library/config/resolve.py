@@ -65,9 +65,11 @@ def _expected(opt: Option) -> str:
     return "a whole number" if opt.type is int else "a number"
 
 
-def resolve(argv: Sequence[str] | None, script: str, options: Iterable[Option], description: str = "") -> RunConfig:
+def resolve(argv: Sequence[str] | None, script: str, options: Iterable[Option], description: str = "",
+            *, families: Sequence[str] = ()) -> RunConfig:
     """Resolve the run's options: every problem of the file and the flags in one error. `--output_config` writes
-    them as TOML and exits here."""
+    them as TOML and exits here. `families`: the model families the script trains (`model_families`; some checks,
+    such as block-wise network_args counts, depend on them)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     everything = {o.name: o for o in options}
     declared = options_for(script, everything.values())
@@ -91,6 +93,8 @@ def resolve(argv: Sequence[str] | None, script: str, options: Iterable[Option], 
     origins |= {name: "command line" for name in given}
     notes += _old_spelling(values, origins, declared)
     config = RunConfig(values, origins, script)
+    if families:
+        config = config.replace(model_families=tuple(families))
     # Every value against its declaration (ranges, names, paths) before anything is read or loaded.
     bad_values = value_problems(config, declared)
     problems += [*bad_values.values(), *rule_problems(config, declared)]

@@ -49,8 +49,7 @@ def start(argv: Sequence[str] | None, script: str, description: str, run: Callab
 
 
 def _start(argv, script, description, run, families):
-    config = resolve(argv, script, OPTIONS, description)
-    config = config.replace(model_families=families)
+    config = resolve(argv, script, OPTIONS, description, families=families)
     if config.get("token_string") and not config.output_name:
         config = config.replace(output_name=config.token_string)  # sd-scripts names an embedding after its token
         check_value(declared_option("output_name"), config.output_name,
@@ -133,7 +132,9 @@ def check_base_model(config: RunConfig) -> None:
     from library.models.detect import check_base_model as check
 
     if config.pretrained_model_name_or_path:
-        check(config.pretrained_model_name_or_path)
+        found = check(config.pretrained_model_name_or_path)
+        if found is not None and not config.get("v2"):  # --v2 insists on SD 2.x: the loader's message says more
+            check_model_family(config, found)
 
 
 def check_family_options(config: RunConfig, plan) -> None:

@@ -76,6 +76,9 @@ class AdapterTargets:
     # model -> (module path -> the path adapter names use), when files name modules otherwise than the loaded model
     # does (SDXL: sd-scripts' SGM names `input_blocks.4.1...` for diffusers' `down_blocks.1.attentions.0...`).
     path_map: Callable[[torch.nn.Module], Callable[[str], str]] | None = None
+    # sd-scripts' block layout of the adapter names, for block-wise network_args (networks/injection.BLOCK_LAYOUTS):
+    # "sd" (25 blocks: 12 in, 1 mid, 12 out) or "sdxl" (23: embeddings, 9 in, 3 mid, 9 out, out).
+    blocks: str = "sd"
 
     def paths(self, model: torch.nn.Module) -> Callable[[str], str]:
         return self.path_map(model) if self.path_map is not None else (lambda path: path)

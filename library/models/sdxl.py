@@ -47,7 +47,7 @@ def _sgm_paths(unet: torch.nn.Module):
 
 CLIP_CLASSES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
 UNET_TARGETS = AdapterTargets("lora_unet", ("Transformer2DModel",), ("ResnetBlock2D", "Downsample2D", "Upsample2D"),
-                              path_map=_sgm_paths)
+                              path_map=_sgm_paths, blocks="sdxl")
 TEXT_TARGETS = (AdapterTargets("lora_te1", CLIP_CLASSES), AdapterTargets("lora_te2", CLIP_CLASSES))
 
 

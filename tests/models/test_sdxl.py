@@ -233,10 +233,37 @@ def test_each_script_refuses_a_family_it_does_not_train(script, model, phrase, i
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and phrase in err, err
 
 
-def test_block_wise_network_args_are_refused_on_sdxl(tiny_parts):
+def test_block_wise_network_args_use_sd_scripts_23_sdxl_blocks(tiny_parts):
+    """block_dims & co. take 23 values on SDXL (embeddings, input_blocks 0-8, middle_block 0-2, output_blocks 0-8,
+    out); down/up_lr_weight 9 and mid_lr_weight 3 (sd-scripts' networks/lora.py with is_sdxl)."""
     from library.errors import UserError
+    from networks.injection import sgm_block_index
     from networks.lora import create_network
 
     parts = tiny_parts["tiny-sdxl"]
-    with pytest.raises(UserError, match="block-wise .* not supported for SDXL"):
-        create_network(1.0, 4, 4, None, parts.network_text_encoder, parts.unet, down_lr_weight="sine")
+    dims = ["0"] + ["2"] * 9 + ["3"] * 3 + ["5"] * 9 + ["0"]
+    network = create_network(1.0, 4, 4, None, parts.network_text_encoder, parts.unet, block_dims=",".join(dims))
+    assert network.unet_loras
+    for module in network.unet_loras:
+        index = sgm_block_index(module.lora_name)
+        assert module.dim == (2 if index <= 9 else 3 if index <= 12 else 5), module.lora_name
+    assert {m.dim for m in network.text_encoder_loras} == {4}
+    # The adapter-name map agrees with sdxl_train.py's --block_lr map of the same layers (derived from module paths).
+    block_of = parts.family.unet_block_of(parts.unet)
+    for module in network.unet_loras:
+        path = next(n for n, m in parts.unet.named_modules() if m is module.org_module)
+        assert block_of(path + ".weight") == sgm_block_index(module.lora_name), module.lora_name
+    with pytest.raises(UserError, match="block_dims: needs 23 comma-separated values for SDXL models"):
+        create_network(1.0, 4, 4, None, parts.network_text_encoder, parts.unet, block_dims=",".join(["4"] * 25))
+
+    weighted = create_network(1.0, 4, 4, None, parts.network_text_encoder, parts.unet, conv_dim="2",
+                              down_lr_weight="zeros", mid_lr_weight="0.5,0.25", up_lr_weight="linear")
+    groups, names = weighted.prepare_optimizer_params(None, 1e-4, None)
+    lrs = dict(zip(names, (g.get("lr") for g in groups)))
+    assert not any(n.startswith("unet ") and 1 <= int(n.split()[1]) <= 9 for n in names)  # zero-weight IN blocks
+    assert lrs["unet 10"] == pytest.approx(5e-5) and lrs["unet 11"] == pytest.approx(2.5e-5)
+    assert lrs["unet 12"] == pytest.approx(1e-4)  # mid_lr_weight padded with 1.0 to 3 values, as sd-scripts does
+    assert lrs["unet 21"] == pytest.approx(1e-4) and lrs["unet 17"] == pytest.approx(1e-4 * 4 / 8)
+    assert "unet 13" not in lrs  # linear ramp: output_blocks 0 weighs 0
+
+
