@@ -191,3 +191,32 @@ def test_each_script_names_the_other_for_the_other_family(data, tmp_path, capsys
     assert "this is an SDXL model" in err and "use sdxl_train.py" in err
     err = _refusal(sdxl_train.main, _flags(data, tmp_path / "b", model="tiny-sd1"), capsys)
     assert "trains SDXL models; use train_db.py" in err
+
+
+def test_in_json_fine_tuning_metadata_trains_with_its_captions(tmp_path, capsys):
+    """sd-scripts' fine-tuning flow (finetune/merge_captions_to_metadata.py's JSON) as sdxl_train.py reads it."""
+    import json
+
+    from tests.helpers import make_image_folder
+
+    folder = make_image_folder(tmp_path / "images", count=2)
+    meta = tmp_path / "meta_cap.json"
+    meta.write_text(json.dumps({"img000.png": {"caption": "a red circle"}, "img001.png": {"caption": "a blue box"}}))
+    result = sdxl_train.main(["--pretrained_model_name_or_path", "tiny-sdxl", "--in_json", str(meta),
+                              "--train_data_dir", str(folder), "--dataset_repeats", "2", "--resolution", "32",
+                              "--output_dir", str(tmp_path / "out"), "--output_name", "ft", "--train_batch_size", "2",
+                              "--max_train_steps", "2", "--learning_rate", "1e-4", "--max_data_loader_n_workers",
+                              "0", "--cache_latents", "--cache_text_encoder_outputs", "--save_model_as",
+                              "safetensors"])
+    assert result.global_step == 2 and result.final_file.is_file()
+    assert "2 captions cached before training" in capsys.readouterr().out
+    assert set(result.method._text_cache) == {"a red circle", "a blue box"}
+
+
+def test_a_model_of_the_other_family_is_refused_from_its_header_before_the_data(tiny_files, tmp_path, capsys):
+    """The family is read from the file's tensor names first: no dataset scan, no weights loaded (a real SDXL file
+    takes a minute to load)."""
+    argv = ["--pretrained_model_name_or_path", str(tiny_files["tiny-sdxl"]["safetensors"]), "--train_data_dir",
+            str(tmp_path / "no_such_folder"), "--output_dir", str(tmp_path / "out")]
+    err = _refusal(train_db.main, argv, capsys)
+    assert "this is an SDXL model" in err and "use sdxl_train.py" in err and "no_such_folder" not in err

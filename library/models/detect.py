@@ -19,21 +19,26 @@ REFINER_PHRASE = ("an SDXL refiner, which cannot be trained here (nor in sd-scri
 SDXL_TEXT_PREFIX = "conditioner.embedders."
 
 
-def check_base_model(source: str) -> None:
-    """Refuse at once a base model that is not an SD 1.x/2.x model, from headers only (a file's tensor names, a
-    folder's model_index.json): the trainers call it before the dataset scan, the loader before it loads."""
+def check_base_model(source: str):
+    """Refuse at once a base model that is not a Stable Diffusion model, from headers only (a file's tensor names, a
+    folder's model_index.json): the trainers call it before the dataset scan, the loader before it loads. Returns
+    the model's family when the headers tell it (None for a hub id or an unrecognised layout: the loader decides)."""
+    from library.models.family import family_of_file, family_of_tiny
+
     source = str(source)
     path = Path(source).expanduser()
     if source in tiny_model_names():
-        return
+        return family_of_tiny(source)
     if path.is_dir():
-        _check_diffusers_folder(path, str(path))
+        return _check_diffusers_folder(path, str(path))
     elif path.exists():
         # Reads the names and shapes only: a .safetensors header, a zipped .ckpt's pickle (tensor data memory-mapped).
         with open_checkpoint(path) as file:
             kind = foreign_kind([*file.meta, *file.non_tensor_keys], file.non_tensor_keys)
+            family = None if kind else family_of_file(file.meta)
         if kind:
             raise UserError(f"{path}: this file is {kind}")
+        return family
     elif not is_hub_id(source):
         raise UserError(f"{source}: no such file or folder; pass a .safetensors/.ckpt file, a diffusers folder, "
                         f"a hub id, or {' / '.join(tiny_model_names())} for a built-in demo model")
@@ -54,9 +59,12 @@ def _check_diffusers_folder(root: Path, source: str) -> None:
         model_index = json.loads(index.read_text())
         pipeline = model_index.get("_class_name", "")
     except (OSError, ValueError, AttributeError):
-        return  # the loader reports what it cannot read, part by part
+        return None  # the loader reports what it cannot read, part by part
     if "XL" in str(pipeline) and model_index.get("text_encoder") in (None, [None, None]):
         raise UserError(f"{source}: this folder is {REFINER_PHRASE} ({pipeline} without text_encoder)")
+    from library.models.family import family_of_folder
+
+    return family_of_folder(model_index)
 
 
 def foreign_kind(keys: Iterable[str], values: dict | None = None) -> str | None:
