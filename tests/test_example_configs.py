@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import sdxl_train
 import sdxl_train_network
+import sdxl_train_textual_inversion
 import train_db
 import train_hypernetwork
 import train_network
@@ -35,6 +36,7 @@ EXAMPLES = {
     "lokr": (train_network, NETWORK, "safetensors"),
     "sdxl_lora": (sdxl_train_network, NETWORK, "safetensors"),
     "sdxl_db": (sdxl_train, DB, "safetensors"),
+    "sdxl_ti": (sdxl_train_textual_inversion, TI, "safetensors"),
     "dreambooth": (train_db, DB, "safetensors"),
     "textual_inversion": (train_textual_inversion, TI, "pt"),
     "hypernetwork": (train_hypernetwork, HYPERNETWORK, "pt"),
@@ -42,7 +44,8 @@ EXAMPLES = {
 NETWORK_MODULES = {"lora": "networks.lora", "locon": "networks.lora", "loha": "networks.loha", "lokr": "networks.lokr"}
 # example -> (the base model file it names, the built-in tiny model of that family); the others: SD 1.5, tiny-sd1
 MODELS = {"sdxl_lora": ("sd_xl_base_1.0.safetensors", "tiny-sdxl"),
-          "sdxl_db": ("sd_xl_base_1.0.safetensors", "tiny-sdxl")}
+          "sdxl_db": ("sd_xl_base_1.0.safetensors", "tiny-sdxl"),
+          "sdxl_ti": ("sd_xl_base_1.0.safetensors", "tiny-sdxl")}
 SD15 = ("v1-5-pruned-emaonly.safetensors", "tiny-sd1")
 # What the tiny model cannot take from the SD 1.5 settings, for every example: a CPU run (no fp16 autocast, no
 # bitsandbytes 8-bit optimizer), 32 px images (the buckets' 256..1024 px range), no loader processes, tmp folders.

@@ -280,8 +280,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("output_dir", str, None, "folder for the outputs", "saving", path=OUTPUT_DIR),
     Option("output_name", str, None, "file name of the output, without extension", "saving",
            path=FILE_NAME, max_bytes=MOST_NAME_BYTES),
-    Option("save_model_as", str, None, "output format (default: safetensors for networks, pt for TI, "
-           "the input's format for train_db)", "saving",
+    Option("save_model_as", str, None, "output format (default: safetensors for networks, pt for TI (safetensors "
+           "for SDXL TI, which refuses pt), the input's format for train_db)", "saving",
            choices=("ckpt", "pt", "safetensors", "diffusers", "diffusers_safetensors"),
            per_script=((NETWORK, "safetensors"), (TI, "pt"), (HYPERNETWORK, "pt"))),
     Option("save_precision", str, None, "precision of saved weights (default: as trained)", "saving",
@@ -416,8 +416,8 @@ OPTIONS: tuple[Option, ...] = (
            "the text encoder's own initialisation of new tokens)", "textual_inversion", scripts=TI_ONLY),
     Option("num_vectors_per_token", int, 1, "embedding vectors behind the token", "textual_inversion", scripts=TI_ONLY,
            minimum=1),
-    Option("weights", str, None, "start from this embedding (A1111 .pt, sd-scripts or diffusers file) or hypernetwork "
-           ".pt, keeping its step count", "textual_inversion", scripts=EMB, path=INPUT_PATH),
+    Option("weights", str, None, "start from this embedding (A1111 .pt, sd-scripts or diffusers file; SDXL: a "
+           "clip_l/clip_g file or learned_embeds(_2) folder) or hypernetwork .pt, keeping its step count", "textual_inversion", scripts=EMB, path=INPUT_PATH),
     Option("use_object_template", bool, False, "ignore captions; use built-in object prompts ('a photo of a {}')",
            "textual_inversion", scripts=TI_ONLY),
     Option("use_style_template", bool, False, "ignore captions; use built-in style prompts ('a painting in the style of "

@@ -1,4 +1,5 @@
-"""Textual-inversion embedding files in the AUTOMATIC1111, sd-scripts (kohya) and diffusers layouts."""
+"""Textual-inversion embedding files in the AUTOMATIC1111, sd-scripts (kohya) and diffusers layouts; SDXL ones (one
+vector set per text encoder) as sd-scripts' {"clip_l", "clip_g"} file or diffusers' pair of files."""
 
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ from library.safe_write import atomic_dir, write_atomically
 A1111, KOHYA, DIFFUSERS = "a1111", "kohya", "diffusers"
 KOHYA_KEY = "emb_params"
 DIFFUSERS_SAFETENSORS, DIFFUSERS_BIN = "learned_embeds.safetensors", "learned_embeds.bin"
+# diffusers' textual_inversion_sdxl.py writes text encoder 2's vectors beside text encoder 1's, under this name.
+DIFFUSERS_SAFETENSORS_2, DIFFUSERS_BIN_2 = "learned_embeds_2.safetensors", "learned_embeds_2.bin"
+DIFFUSERS_FILES = (DIFFUSERS_SAFETENSORS, DIFFUSERS_BIN, DIFFUSERS_SAFETENSORS_2, DIFFUSERS_BIN_2)
+# sd-scripts' sdxl_train_textual_inversion.py keys, in text-encoder order (A1111 needs both; ComfyUI reads each).
+SDXL_KEYS = ("clip_l", "clip_g")
 # A1111 writes the CLIP id of "*" as its placeholder token; its loader ignores it, but the key must be there.
 A1111_PLACEHOLDER, A1111_PLACEHOLDER_ID = "*", 265
 SHORTHASH_LENGTH = 10
@@ -31,6 +37,13 @@ class Embedding:
     step: int  # A1111 "step", or safetensors metadata "ss_steps" when present, else 0
     name: str | None  # the name/token the file records; None for sd-scripts' emb_params
     layout: str  # "a1111" | "kohya" | "diffusers"
+
+
+@dataclass(frozen=True, eq=False)
+class SdxlEmbedding:
+    vectors: dict[str, torch.Tensor]  # "clip_l" / "clip_g" -> (n, width) float32, CPU; the same n in both
+    step: int  # safetensors metadata "ss_steps" when present, else 0
+    layout: str  # "kohya" (sd-scripts' {"clip_l", "clip_g"} file) | "diffusers" (learned_embeds + learned_embeds_2)
 
 
 # ---- saving -----------------------------------------------------------------------------------------------------
@@ -88,12 +101,41 @@ def save_diffusers(folder, vectors, *, token: str, metadata: Mapping[str, str] |
     return folder
 
 
+def save_sdxl(path, vectors: Mapping[str, torch.Tensor], *, metadata: Mapping[str, str] | None = None,
+              dtype: torch.dtype | None = None) -> Path:
+    """Write sd-scripts' SDXL embedding {"clip_l": (n, 768), "clip_g": (n, 1280)} as .safetensors with `metadata`:
+    what AUTOMATIC1111 (both keys), ComfyUI (each key for its encoder) and diffusers (one key per call) read."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise UserError(f"SDXL embedding {path} must end in .safetensors: the {'/'.join(SDXL_KEYS)} layout is "
+                        "saved as safetensors only")
+    tensors = {key: _stored(vectors[key], dtype) for key in SDXL_KEYS}
+    _check_counts(path, tensors, error=ValueError)  # our own vectors: a bug, not a user's file
+    meta = dict(metadata) if metadata else None
+    return write_atomically(path, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=meta))
+
+
+def save_sdxl_diffusers(folder, vectors: Mapping[str, torch.Tensor], *, token: str,
+                        metadata: Mapping[str, str] | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write what diffusers' textual_inversion_sdxl.py writes: folder/learned_embeds.safetensors = {token: clip_l}
+    and folder/learned_embeds_2.safetensors = {token: clip_g}, each read by one load_textual_inversion call."""
+    folder = Path(folder)
+    refuse_foreign_folder(folder)
+    tensors = {key: _stored(vectors[key], dtype) for key in SDXL_KEYS}
+    _check_counts(folder, tensors, error=ValueError)
+    meta = {"format": "pt", **(metadata or {})}
+    with atomic_dir(folder) as tmp:
+        for key, name in zip(SDXL_KEYS, (DIFFUSERS_SAFETENSORS, DIFFUSERS_SAFETENSORS_2)):
+            safetensors.torch.save_file({token: tensors[key]}, str(tmp / name), metadata=meta)
+    return folder
+
+
 def refuse_foreign_folder(folder: Path) -> None:
     # The folder is replaced as a whole, so anything else in it would be deleted with the old embedding.
     if folder.exists() and not folder.is_dir():
         raise UserError(f"diffusers embedding folder {folder} is a file; name a folder (new or an old embedding's)")
     if folder.is_dir():
-        others = sorted(p.name for p in folder.iterdir() if p.name not in (DIFFUSERS_SAFETENSORS, DIFFUSERS_BIN))
+        others = sorted(p.name for p in folder.iterdir() if p.name not in DIFFUSERS_FILES)
         if others:
             raise UserError(f"diffusers embedding folder {folder} holds other files ({others[0]}, ...) that saving "
                             f"would delete; name a new folder")
@@ -111,9 +153,18 @@ def _stored(vectors: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 # ---- loading ----------------------------------------------------------------------------------------------------
 
 def is_embedding_file(path) -> bool:
-    """True when load_embedding(path) succeeds."""
+    """True when load_embedding(path) succeeds (an SD 1.x/2.x embedding)."""
+    return _loads(load_embedding, path)
+
+
+def is_any_embedding_file(path) -> bool:
+    """True for an embedding of any family: load_embedding(path) or load_sdxl_embedding(path) succeeds."""
+    return _loads(load_embedding, path) or _loads(load_sdxl_embedding, path)
+
+
+def _loads(load, path) -> bool:
     try:
-        load_embedding(path)
+        load(path)
     except UserError:
         return False
     return True
@@ -129,6 +180,56 @@ def load_embedding(path) -> Embedding:
     return _parse(path, data, _metadata_step(metadata))
 
 
+def load_sdxl_embedding(path) -> SdxlEmbedding:
+    """Read an SDXL embedding: sd-scripts' {"clip_l", "clip_g"} file (.safetensors or a torch pickle), or a folder
+    of diffusers' learned_embeds + learned_embeds_2 files; anything else -> UserError."""
+    path = Path(path)
+    if path.is_dir() and any((path / name).is_file() for name in (DIFFUSERS_SAFETENSORS_2, DIFFUSERS_BIN_2)):
+        return _load_sdxl_diffusers(path)
+    file = _embedding_file(path)
+    if file.suffix.lower() == ".safetensors":
+        data, metadata = _read_safetensors(file, wanted=SDXL_KEYS)
+    else:
+        data, metadata = _read_pickle(file), {}
+    if not isinstance(data, dict) or not all(key in data for key in SDXL_KEYS):
+        what = _sd_embedding_kind(file, data)
+        raise UserError(f"{path} is not an SDXL embedding: it holds {what}; an SDXL embedding has both "
+                        f"{' and '.join(SDXL_KEYS)} tensors (sd-scripts' sdxl_train_textual_inversion.py files)")
+    vectors = {key: _vectors(file, key, data[key]) for key in SDXL_KEYS}
+    _check_counts(path, vectors)
+    return SdxlEmbedding(vectors, _metadata_step(metadata), KOHYA)
+
+
+def _load_sdxl_diffusers(folder: Path) -> SdxlEmbedding:
+    vectors, step = {}, 0
+    for key, names in zip(SDXL_KEYS, ((DIFFUSERS_SAFETENSORS, DIFFUSERS_BIN), (DIFFUSERS_SAFETENSORS_2, DIFFUSERS_BIN_2))):
+        file = next((folder / name for name in names if (folder / name).is_file()), None)
+        if file is None:
+            raise UserError(f"diffusers SDXL embedding folder {folder} has no {names[0]} (text encoder "
+                            f"{SDXL_KEYS.index(key) + 1}'s vectors); re-save it")
+        embedding = load_embedding(file)
+        vectors[key], step = embedding.vectors, max(step, embedding.step)
+    _check_counts(folder, vectors)
+    return SdxlEmbedding(vectors, step, DIFFUSERS)
+
+
+def _check_counts(path: Path, vectors: Mapping[str, torch.Tensor], error: type[Exception] = UserError) -> None:
+    counts = {key: v.shape[0] for key, v in vectors.items()}
+    if len(set(counts.values())) != 1:
+        described = ", ".join(f"{key} {n}" for key, n in counts.items())
+        raise error(f"SDXL embedding {path} has different vector counts per text encoder ({described}); "
+                        "each encoder needs one vector per token: re-save it")
+
+
+def _sd_embedding_kind(path: Path, data: Any) -> str:
+    try:
+        embedding = _parse(path, data, 0)
+    except UserError:
+        return _entries(data) if isinstance(data, dict) else f"a {type(data).__name__}"
+    return (f"one {embedding.vectors.shape[1]}-wide vector set ({embedding.layout} layout, an SD 1.x/2.x embedding: "
+            f"train_textual_inversion.py's)")
+
+
 def _embedding_file(path: Path) -> Path:
     if not path.exists():
         raise UserError(f"embedding {path} does not exist; check the path")
@@ -141,12 +242,14 @@ def _embedding_file(path: Path) -> Path:
                     f"name the embedding file itself or a diffusers textual-inversion folder")
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+def _read_safetensors(path: Path, wanted: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, str]]:
     try:
         with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
             keys = list(f.keys())
-            # Only an embedding's single tensor is read: a LoRA or a checkpoint is refused from its key list alone.
-            data = {key: f.get_tensor(key) for key in keys} if len(keys) == 1 else dict.fromkeys(keys)
+            # Only an embedding's own tensors are read (its single tensor, or the `wanted` keys when all are there):
+            # a LoRA or a checkpoint is refused from its key list alone.
+            read = keys if len(keys) == 1 else list(wanted) if wanted and set(wanted) <= set(keys) else []
+            data = {key: f.get_tensor(key) if key in read else None for key in keys}
             return data, f.metadata() or {}
     except (safetensors.SafetensorError, OSError, ValueError) as err:
         raise _unreadable(path, err) from None
@@ -190,7 +293,8 @@ def _parse(path: Path, data: Any, step: int) -> Embedding:
     if "string_to_param" in data:
         return _parse_a1111(path, data)
     if "clip_l" in data and "clip_g" in data:
-        raise UserError(f"{path} is an SDXL embedding (clip_l, clip_g); only SD 1.x/2.x embeddings are supported")
+        raise UserError(f"{path} is an SDXL embedding (clip_l, clip_g); only SD 1.x/2.x embeddings are supported "
+                        "here (sdxl_train_textual_inversion.py --weights continues SDXL ones)")
     if len(data) != 1:
         raise UserError(f"{path} is not a textual-inversion embedding: it holds {_entries(data)} "
                         f"(a LoRA or a checkpoint?); an embedding holds one tensor")

@@ -1,8 +1,10 @@
-"""What train_textual_inversion.py trains: the vectors of a new token, everything else frozen (sd-scripts' rules)."""
+"""What train_textual_inversion.py and sdxl_train_textual_inversion.py train: the vectors of a new token in each text
+encoder's input embedding (SD 1.x/2.x: one; SDXL: clip_l and clip_g), everything else frozen (sd-scripts' rules)."""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -68,7 +70,8 @@ class _TokenExpandingEncoder:
 
 
 class _VectorsState:
-    """What --save_state keeps of a textual inversion: the vectors only, not the frozen matrix around them."""
+    """What --save_state keeps of a textual inversion: the vectors only, not the frozen matrix around them (one such
+    object per text encoder)."""
 
     def __init__(self, embedding: NewTokenEmbedding):
         self.embedding = embedding
@@ -81,6 +84,14 @@ class _VectorsState:
             self.embedding.vectors.copy_(state["vectors"])
 
 
+@dataclass(frozen=True)
+class _Start:
+    """What --weights gives a run: each text encoder's vectors (in the family's embedding-key order) and the step."""
+
+    vectors: tuple[torch.Tensor, ...]
+    step: int
+
+
 class TextualInversionMethod(DiffusionMethod):
     def __init__(self, config: RunConfig, parts: Components, device: torch.device, weight_dtype: torch.dtype,
                  plan: RunPlan | None = None):
@@ -91,21 +102,30 @@ class TextualInversionMethod(DiffusionMethod):
         if config.output_dir and config.output_name:  # before any training, not after it
             suffix = EMBEDDING_FORMATS.get(config.save_model_as, "")
             _refuse_foreign(Path(config.output_dir) / f"{config.output_name}{suffix}")
-        start = _resume_from(config)
+        self.keys = parts.family.embedding_keys()  # SD 1.x/2.x: ("emb_params",); SDXL: ("clip_l", "clip_g")
+        start = _resume_from(config, self.keys)
         count = _vector_count(config, start)
         self.tokens = [token] + [f"{token}{i}" for i in range(1, count)]
-        base = parts.text_encoder.get_input_embeddings()
-        # Before the new tokens exist: an init word containing the token must read the base model's own rows.
-        vectors = _initial_vectors(config, parts.tokenizer, base.weight.detach(), count, start)
-        first_id = add_new_tokens(parts.tokenizer, self.tokens, flag=f"--token_string {token}",
-                                  fix="it has an embedding of its own; choose a made-up word (e.g. 'mychar')")
-        self.embedding = NewTokenEmbedding(base, first_id, vectors)
-        parts.text_encoder.set_input_embeddings(self.embedding)
+        # The same new tokens in every tokenizer, each encoder's rows initialised from the init word in that encoder.
+        self.embeddings: list[NewTokenEmbedding] = []
+        initial: list[torch.Tensor] = []
+        for index, (text_encoder, tokenizer) in enumerate(zip(parts.text_encoders, parts.tokenizers)):
+            base = text_encoder.get_input_embeddings()
+            # Before the new tokens exist: an init word containing the token must read the base model's own rows.
+            rows = start.vectors[index] if start is not None else None
+            what = f"its {self.keys[index]} vectors" if len(self.keys) > 1 else "its vectors"
+            vectors = _initial_vectors(config, tokenizer, base.weight.detach(), count, rows, what, say=index == 0)
+            first_id = add_new_tokens(tokenizer, self.tokens, flag=f"--token_string {token}",
+                                      fix="it has an embedding of its own; choose a made-up word (e.g. 'mychar')")
+            initial.append(vectors)
+            self.embeddings.append(NewTokenEmbedding(base, first_id, vectors))
+            text_encoder.set_input_embeddings(self.embeddings[-1])
         self.step_offset = start.step if start is not None else 0
         freeze_models(parts, device, weight_dtype, no_half_vae=bool(config.no_half_vae))
         # The cast above rounded the vectors to the frozen models' dtype; they train in float32 from their source.
-        self.embedding.vectors.data = vectors.detach().float().to(device)
-        self.embedding.vectors.requires_grad_(True)
+        for embedding, vectors in zip(self.embeddings, initial):
+            embedding.vectors.data = vectors.detach().float().to(device)
+            embedding.vectors.requires_grad_(True)
         super().__init__(config, parts, device, weight_dtype, plan, train_text_encoder=True)
         self.encode_prompts = _TokenExpandingEncoder(self.encode_prompts, token, self.tokens)
         self.caption_transform = template_transform(config, name=token, require_name=True)
@@ -114,26 +134,41 @@ class TextualInversionMethod(DiffusionMethod):
         self.checkpoint = CheckpointIdentity(config.pretrained_model_name_or_path)
         if config.gradient_checkpointing:
             parts.unet.enable_gradient_checkpointing()
-            parts.text_encoder.gradient_checkpointing_enable()
+            for text_encoder in parts.text_encoders:
+                text_encoder.gradient_checkpointing_enable()
         # Train mode for gradient checkpointing (diffusers/transformers only checkpoint then); CLIP has no dropout.
-        parts.unet.train(bool(config.gradient_checkpointing))
-        parts.text_encoder.train(bool(config.gradient_checkpointing))
-        print(f"textual inversion: {count} vector(s) for '{token}' (token ids {first_id}…{first_id + count - 1})"
+        for module in (parts.unet, *parts.text_encoders):
+            module.train(bool(config.gradient_checkpointing))
+        ids = ", ".join(f"{e.first_id}…{e.first_id + count - 1}" for e in self.embeddings)
+        print(f"textual inversion: {count} vector(s) for '{token}' (token ids {ids}"
+              + (f" in {' / '.join(self.keys)}" if len(self.keys) > 1 else "") + ")"
               + (f", continuing from step {self.step_offset}" if self.step_offset else ""))
 
     # ------------------------------------------------------------------ what trains
     def param_groups(self):
-        return [{"params": [self.embedding.vectors], "lr": self.config.learning_rate}], ["embedding"]
+        # One group for every encoder's vectors, as sd-scripts (its trainable_params hold both embedding matrices).
+        return [{"params": self.trainable_params(), "lr": self.config.learning_rate}], ["embedding"]
 
     def trainable_params(self) -> list[torch.nn.Parameter]:
-        return [self.embedding.vectors]
+        return [embedding.vectors for embedding in self.embeddings]
 
     def checkpoint_objects(self) -> list:
-        return [_VectorsState(self.embedding)]
+        return [_VectorsState(embedding) for embedding in self.embeddings]
+
+    @property
+    def embedding(self) -> NewTokenEmbedding:
+        """The one text encoder's embedding (SD 1.x/2.x); SDXL has one per encoder in `embeddings`."""
+        return _only(self.embeddings, "embeddings")
 
     @property
     def vectors(self) -> torch.Tensor:
+        """The trained vectors of the one text encoder (SD 1.x/2.x); SDXL: `vectors_by_key`."""
         return self.embedding.vectors.detach()
+
+    @property
+    def vectors_by_key(self) -> dict[str, torch.Tensor]:
+        """Each text encoder's trained vectors under its file key ("emb_params"; "clip_l", "clip_g")."""
+        return {key: embedding.vectors.detach() for key, embedding in zip(self.keys, self.embeddings)}
 
     # ------------------------------------------------------------------ saving
     def export(self, path: Path, *, dtype: torch.dtype | None, metadata: dict[str, str] | None, global_step: int = 0,
@@ -141,10 +176,16 @@ class TextualInversionMethod(DiffusionMethod):
         from library.formats import embedding_files as files
 
         _refuse_foreign(path)
-        vectors = self.vectors.cpu()
         dtype = dtype or torch.float32
         step = self.step_offset + global_step
         fmt = self.config.save_model_as
+        if len(self.embeddings) > 1:
+            vectors = {key: v.cpu() for key, v in self.vectors_by_key.items()}
+            metadata = _embedding_metadata(metadata, step)
+            if fmt == "diffusers":
+                return files.save_sdxl_diffusers(path, vectors, token=self.tokens[0], metadata=metadata, dtype=dtype)
+            return files.save_sdxl(path, vectors, metadata=metadata, dtype=dtype)
+        vectors = self.vectors.cpu()
         if fmt == "pt":
             return files.save_a1111(path, vectors, name=self.tokens[0], step=step,
                                     sd_checkpoint=self.checkpoint.shorthash_from(metadata),
@@ -153,6 +194,12 @@ class TextualInversionMethod(DiffusionMethod):
         if fmt == "diffusers":
             return files.save_diffusers(path, vectors, token=self.tokens[0], metadata=metadata, dtype=dtype)
         return files.save_kohya(path, vectors, metadata=metadata, dtype=dtype)
+
+
+def _only(values: list, what: str):
+    if len(values) != 1:
+        raise AttributeError(f"this model has {len(values)} text encoders: use the per-encoder {what}")
+    return values[0]
 
 
 def _embedding_metadata(metadata: dict[str, str] | None, step: int) -> dict[str, str]:
@@ -168,24 +215,29 @@ def _embedding_metadata(metadata: dict[str, str] | None, step: int) -> dict[str,
     return {k: v for k, v in out.items() if not k.startswith("ss_network")}
 
 
-def _resume_from(config: RunConfig):
+def _resume_from(config: RunConfig, keys: tuple[str, ...]) -> _Start | None:
     if not config.weights:
         return None
-    from library.formats.embedding_files import load_embedding
+    from library.formats.embedding_files import SDXL_KEYS, load_embedding, load_sdxl_embedding
 
-    return load_embedding(config.weights)
+    if tuple(keys) == SDXL_KEYS:
+        loaded = load_sdxl_embedding(config.weights)
+        return _Start(tuple(loaded.vectors[key] for key in keys), loaded.step)
+    loaded = load_embedding(config.weights)
+    return _Start((loaded.vectors,), loaded.step)
 
 
-def _vector_count(config: RunConfig, start) -> int:
+def _vector_count(config: RunConfig, start: _Start | None) -> int:
     count = config.num_vectors_per_token or 1
     if count < 1:
         raise UserError(f"--num_vectors_per_token {count}: give 1 or more")
-    if start is None or start.vectors.shape[0] == count:
+    held = start.vectors[0].shape[0] if start is not None else count
+    if held == count:
         return count
     if config.is_set("num_vectors_per_token"):
-        raise UserError(f"--weights {config.weights} holds {start.vectors.shape[0]} vectors but "
-                        f"--num_vectors_per_token is {count}: set it to {start.vectors.shape[0]} or leave it out")
-    return start.vectors.shape[0]
+        raise UserError(f"--weights {config.weights} holds {held} vectors but "
+                        f"--num_vectors_per_token is {count}: set it to {held} or leave it out")
+    return held
 
 
 def add_new_tokens(tokenizer, tokens: list[str], *, flag: str, fix: str) -> int:
@@ -202,18 +254,19 @@ def add_new_tokens(tokenizer, tokens: list[str], *, flag: str, fix: str) -> int:
     return ids[0]
 
 
-def _initial_vectors(config: RunConfig, tokenizer, weight: torch.Tensor, count: int, start) -> torch.Tensor:
+def _initial_vectors(config: RunConfig, tokenizer, weight: torch.Tensor, count: int, start: torch.Tensor | None,
+                     what: str, *, say: bool = True) -> torch.Tensor:
     if start is not None:
-        if start.vectors.shape[1] != weight.shape[1]:
-            raise UserError(f"--weights {config.weights}: its vectors are {start.vectors.shape[1]} wide, this text "
-                            f"encoder's are {weight.shape[1]} (an embedding for another model family)")
-        return start.vectors.float()
+        if start.shape[1] != weight.shape[1]:
+            raise UserError(f"--weights {config.weights}: {what} are {start.shape[1]} wide, this text encoder's are "
+                            f"{weight.shape[1]} (an embedding for another model family)")
+        return start.float()
     if config.init_word:
         # Ids of the words' tokens, cycled over the vectors (sd-scripts); the base tokenizer knows none of ours.
         ids = tokenizer.encode(config.init_word, add_special_tokens=False)
         if not ids:
             raise UserError(f"--init_word '{config.init_word}' gives no tokens; use one or more words")
-        if len(ids) > count:
+        if len(ids) > count and say:  # once, not once per text encoder
             print(f"--init_word '{config.init_word}' is {len(ids)} tokens; the first {count} initialise the vectors")
         return torch.stack([weight[ids[i % len(ids)]].float() for i in range(count)])
     return _mean_resized(weight.float(), count)
@@ -243,10 +296,10 @@ def _check_captions_mention(token: str, plan: RunPlan) -> None:
 
 
 def _refuse_foreign(path: Path) -> None:
-    from library.formats.embedding_files import is_embedding_file, refuse_foreign_folder
+    from library.formats.embedding_files import is_any_embedding_file, refuse_foreign_folder
 
     if path.is_dir():
         refuse_foreign_folder(path)  # a diffusers embedding folder is replaced whole: nothing else may be in it
-    if path.exists() and not is_embedding_file(path):
+    if path.exists() and not is_any_embedding_file(path):
         raise UserError(f"{path}: already exists and is not a textual-inversion embedding; refusing to overwrite it, "
                         "choose another --output_name or --output_dir")
