@@ -19,9 +19,10 @@ from networks.registry import all_module_classes, signature_names
 _TE_SPELLINGS = (("lora_te_encoder_", "lora_te_text_model_encoder_"),)
 
 
-# SD's UNet 3×3 convolutions (ResNet conv1/conv2, up/down-sampler conv). LoHa and low-rank LoKr store a conv's
+# The UNet's 3×3 convolutions: diffusers names (SD 1.x/2.x: ResNet conv1/conv2, up/down-sampler conv) and SGM names
+# (SDXL: ResBlock in_layers.2/out_layers.3, Downsample op, Upsample conv). LoHa and low-rank LoKr store a conv's
 # factors as 2-D matrices over in·k·k columns, so only the layer's name tells a 3×3 kernel from a Linear.
-KERNEL_NAME_ENDINGS = ("_conv1", "_conv2", "_conv")
+KERNEL_NAME_ENDINGS = ("_conv1", "_conv2", "_conv", "_in_layers_2", "_out_layers_3", "_op")
 
 
 def is_unet_kernel_name(name: str) -> bool:
@@ -138,21 +139,56 @@ def what_it_is(keys: list[str], algorithm: str) -> str:
     return "tensors this project does not read (a file of another tool or adapter type?)"
 
 
-# Module names of models other than SD 1.x/2.x in sd-scripts' layout -> what the file is.
+# Module-name prefixes by model family in sd-scripts' layout -> what the file is.
 SDXL_TEXT_ENCODER_PREFIXES = ("lora_te1_", "lora_te2_")
 LDM_UNET_PREFIXES = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
+SD_PREFIXES = ("lora_te_", "lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_")
 
 
 def other_model_hint(module_names: list[str]) -> str:
-    """Why modules name no layer of this SD 1.x/2.x model, saying what to do about it."""
+    """Which model family the modules' names belong to, saying what to do about it (the model at hand has none of
+    them; it may be of the same family at another size, so the hint names the family, not the model)."""
     if any(name.startswith(SDXL_TEXT_ENCODER_PREFIXES) for name in module_names):
-        return ("an SDXL network (lora_te1_/lora_te2_: two text encoders), but this is an SD 1.x/2.x model: "
-                "use it with an SDXL model")
+        return ("an SDXL network (lora_te1_/lora_te2_: two text encoders): use it with the SDXL model it was "
+                "trained for")
     if any(name.startswith(LDM_UNET_PREFIXES) for name in module_names):
-        return ("its UNet modules use the original (LDM) names input_blocks/middle_block/output_blocks, as SDXL "
-                "networks do; SD 1.x/2.x networks name them down_blocks/mid_block/up_blocks: use it with the model "
-                "it was trained for")
+        return ("its UNet modules use the original (LDM/SGM) names input_blocks/middle_block/output_blocks, as SDXL "
+                "networks do (SD 1.x/2.x networks name them down_blocks/mid_block/up_blocks): use it with the SDXL "
+                "model it was trained for")
+    if any(name.startswith(SD_PREFIXES) for name in module_names):
+        return ("an SD 1.x/2.x network (lora_te_ text encoder, down_blocks/up_blocks UNet names): use it with the "
+                "SD 1.x/2.x model it was trained for (SD 1.x vs 2.x?), not an SDXL model")
     return "is it for another base model (SD 1.x vs 2.x, SDXL) or a different text encoder? use it with that model"
+
+
+def family_of_network(module_names, metadata: dict[str, str] | None = None):
+    """(model family, v-parameterization) a network file is for: from its ss_base_model_version, else from its
+    module names (lora_te1_/lora_te2_ text encoders, SGM UNet names: SDXL); (None, False) when neither tells
+    (SD 1.x and 2.x networks share their names)."""
+    from library.models.family import families
+
+    version = (metadata or {}).get("ss_base_model_version")
+    for family in families():
+        for v_parameterization in (False, True):
+            if version and family.base_model_version(v_parameterization) == version:
+                return family, v_parameterization
+    names = list(module_names)
+    fitting = [family for family in families() if names and _names_fit(family, names)]
+    return (fitting[0], False) if len(fitting) == 1 else (None, False)
+
+
+def _names_fit(family, names: list[str]) -> bool:
+    """Whether every module name has one of the family's prefixes and its style of UNet block names."""
+    text = tuple(f"{targets.prefix}_" for targets in family.text_encoder_targets)
+    unet = f"{family.unet_targets.prefix}_"
+    sgm = family.unet_targets.path_map is not None  # the family names UNet blocks input_blocks/... (SGM)
+    for name in names:
+        if name.startswith(unet):
+            if name.startswith(LDM_UNET_PREFIXES) != sgm and name.startswith(LDM_UNET_PREFIXES + SD_PREFIXES[1:]):
+                return False
+        elif not name.startswith(text):
+            return False
+    return True
 
 
 def describe_network_file(weights: dict[str, torch.Tensor], *, source: str) -> NetworkFileInfo:

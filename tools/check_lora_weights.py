@@ -52,7 +52,10 @@ def describe(path: Path, *, verbose: bool = False) -> list[str]:
             _refuse_foreign(path, keys, others)
             return checkpoint_summary(path, file)
     # Networks and embeddings are small: they are read whole, after the header-only file is closed.
-    return network_summary(path, verbose) if kind == "network" else embedding_summary(path)
+    if kind == "network":
+        return network_summary(path, verbose)
+    family = _multi_encoder_embedding_family(keys)
+    return embedding_summary(path) if family is None else multi_encoder_embedding_summary(path, family)
 
 
 def _is_network(keys: list[str]) -> bool:
@@ -92,13 +95,14 @@ def network_summary(path: Path, verbose: bool) -> list[str]:
     algorithm = info.label  # LoCon for a LoRA that also adapts 3×3 convolutions (conv_dim), as sd-scripts says
     unet = sum(name.startswith("lora_unet_") for name in modules)
     te = sum(name.startswith("lora_te") for name in modules)
+    te_counts = _text_encoder_counts(modules, te)
     from networks.files import is_unet_kernel_name
 
     # LoHa/LoKr factors of a 3×3 conv are 2-D like a Linear's: the layer's name tells them apart.
     conv = sorted(set(info.conv_modules) | {n for n in modules if is_unet_kernel_name(n)})
     linear = [name for name in modules if name not in conv]
     lines = [f"{path}: {algorithm} network ({info.algorithm}, kohya key layout)",
-             f"  modules: {len(modules)} (UNet {unet}, text encoder {te}"
+             f"  modules: {len(modules)} (UNet {unet}, {te_counts}"
              + (f", other {len(modules) - unet - te}" if len(modules) - unet - te else "")
              + f"); conv 3×3 modules: {len(conv)}"]
     if linear:
@@ -118,6 +122,14 @@ def network_summary(path: Path, verbose: bool) -> list[str]:
         lines.append("  per module (tensor shape, mean |w|):")
         lines += [_module_line(name, modules[name], info) for name in sorted(modules)]
     return lines
+
+
+def _text_encoder_counts(modules: dict, total: int) -> str:
+    """"text encoder N", or SDXL's two (lora_te1_ / lora_te2_) counted each on its own."""
+    numbered = sorted({name[len("lora_te"):].partition("_")[0] for name in modules if name.startswith("lora_te")} - {""})
+    if not numbered:
+        return f"text encoder {total}"
+    return ", ".join(f"text encoder {n} {sum(name.startswith(f'lora_te{n}_') for name in modules)}" for n in numbered)
 
 
 def _grouped(weights: dict[str, torch.Tensor], names) -> dict[str, dict[str, torch.Tensor]]:
@@ -149,9 +161,16 @@ def _order(text: str):
 
 
 def _base_model(metadata: dict[str, str], modules: dict, module_class) -> str:
+    from networks.files import family_of_network
+
     recorded = [f"{key}={metadata[key]}" for key in BASE_KEYS if metadata.get(key)]
     if recorded:
         return ", ".join(recorded)
+    family, _ = family_of_network(modules)
+    if family is not None:  # names only one family gives (SDXL's lora_te1_/lora_te2_, SGM block names)
+        prefixes = "/".join(f"{t.prefix}_" for t in family.text_encoder_targets)
+        sgm = " and SGM UNet names" if family.unet_targets.path_map is not None else ""
+        return f"not recorded; {prefixes} text encoders{sgm}: {family.label}"
     width = _context_width(modules, module_class)
     if width is None:
         return "not recorded in the metadata"
@@ -249,6 +268,32 @@ def embedding_summary(path: Path) -> list[str]:
     return [f"{path}: textual-inversion embedding ({layout} layout): {count} vectors × {width} wide, "
             f"step {embedding.step}{name}",
             f"  {width}-wide vectors fit {family}"]
+
+
+def _multi_encoder_embedding_family(keys: list[str]):
+    """The family whose embedding files hold one tensor per text encoder under exactly these names (SDXL's
+    clip_l / clip_g), else None."""
+    from library.models.family import families
+
+    for family in families():
+        try:
+            names = family.embedding_keys()
+        except NotImplementedError:
+            continue
+        if len(names) > 1 and set(names) == set(keys):
+            return family
+    return None
+
+
+def multi_encoder_embedding_summary(path: Path, family) -> list[str]:
+    from library.models.checkpoint_io import read_state_dict
+
+    tensors, _ = read_state_dict(path)
+    shapes = ", ".join(f"{key} {tensors[key].shape[0]}×{tensors[key].shape[-1]}" for key in family.embedding_keys())
+    counts = {tensors[key].shape[0] for key in family.embedding_keys()}
+    note = "" if len(counts) == 1 else "; warning: the text encoders have different vector counts (damaged?)"
+    return [f"{path}: textual-inversion embedding ({family.label} layout, one tensor per text encoder): {shapes}",
+            f"  fits {family.label}{note}"]
 
 
 def hypernetwork_summary(path: Path) -> list[str]:

@@ -1,5 +1,9 @@
 #!/usr/bin/env python
-"""Convert an SD 1.x/2.x LoRA/LoCon between sd-scripts' kohya layout and diffusers' (peft lora_A/lora_B) layout.
+"""Convert an SD 1.x/2.x or SDXL LoRA/LoCon between sd-scripts' kohya layout and diffusers' (peft lora_A/lora_B) layout.
+
+SDXL files (kohya: `lora_te1_`/`lora_te2_`, SGM UNet names `lora_unet_input_blocks_4_1_…`) map to diffusers'
+`text_encoder.`/`text_encoder_2.`/`unet.down_blocks.1.attentions.0…` keys and back; a diffusers file is read as
+SDXL when it has `text_encoder_2.` keys or UNet modules only SDXL has (else with --sdxl).
 
 The source layout is read from its tensor names; --to defaults to the other one. DST may be a folder (diffusers:
 `pytorch_lora_weights.safetensors` inside it, as save_lora_weights names it) or a file path. Each module's kohya
@@ -26,7 +30,9 @@ DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WE
 LAYOUTS = {"kohya": "kohya", "diffusers": "peft"}
 KOHYA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 TOOL_OPTIONS = (Option("to", str, None, "layout to write (default: the other one than SRC's)", "convert",
-                       choices=tuple(LAYOUTS)),)
+                       choices=tuple(LAYOUTS)),
+                Option("sdxl", bool, False, "diffusers -> kohya: read SRC as an SDXL LoRA (SGM names, lora_te1_/"
+                       "lora_te2_) even where its keys do not tell (a UNet-only file of attention layers)", "convert"))
 POSITIONALS = (("src", "LoRA to read: kohya or diffusers .safetensors/.pt file, or a diffusers LoRA folder"),
                ("dst", "where to write: a folder (diffusers) or a file path (.safetensors; kohya also .pt/.ckpt)"))
 
@@ -34,7 +40,7 @@ POSITIONALS = (("src", "LoRA to read: kohya or diffusers .safetensors/.pt file, 
 @exit_on_user_error
 def main(argv=None) -> Path:
     args = parse_tool_args(argv, __doc__, TOOL_OPTIONS + tuple(o for o in OPTIONS if o.name == "save_precision"),
-                           ["to", "save_precision"], POSITIONALS)
+                           ["to", "sdxl", "save_precision"], POSITIONALS)
     from library.console import quiet_libraries
 
     quiet_libraries()  # before anything imports diffusers, whose bitsandbytes import logs a warning
@@ -54,7 +60,7 @@ def main(argv=None) -> Path:
         raise UserError(f"{source}: already in the {args.to} layout; to change precision use --save_precision "
                         f"with --to {'diffusers' if layout == 'kohya' else 'kohya'}, or copy the file")
     dst = write_diffusers(weights, args.dst, dtype, source) if to == "peft" else \
-        write_kohya(weights, metadata, args.dst, dtype, source)
+        write_kohya(weights, metadata, args.dst, dtype, source, sdxl=args.sdxl or None)
     print(f"wrote {dst}")
     return dst
 
@@ -111,8 +117,8 @@ def _diffusers_file(dst: Path) -> Path:
     return dst
 
 
-def write_kohya(weights, metadata, dst, dtype, source) -> Path:
-    from networks.files import save_network_file
+def write_kohya(weights, metadata, dst, dtype, source, *, sdxl: bool | None = None) -> Path:
+    from networks.files import family_of_network, save_network_file
     from networks.lora_layouts import peft_scales, peft_to_kohya, split_peft
 
     dst = Path(dst)
@@ -121,13 +127,17 @@ def write_kohya(weights, metadata, dst, dtype, source) -> Path:
     unet_sd, te_sd = split_peft(weights, source=str(source))
     scales = {}
     for component, config in _adapter_configs(metadata, source).items():
-        modules = {k.rsplit(".lora_", 1)[0] for k in (unet_sd if component == "unet" else te_sd)}
+        modules = {k.rsplit(".lora_", 1)[0] for k in (unet_sd if component == "unet" else te_sd)
+                   if k.startswith(f"{component}.")}
         scales |= peft_scales(modules, config, component)
-    kohya = peft_to_kohya(unet_sd, te_sd, scales=scales, source=str(source))
+    kohya = peft_to_kohya(unet_sd, te_sd, scales=scales, source=str(source), sdxl=sdxl)
     ranks = {int(v) for k, v in kohya.items() if k.endswith(".alpha")}
     rank = str(min(ranks)) if len(ranks) == 1 else "Dynamic"  # sd-scripts' word for per-module ranks
     print(f"{source}: {len(kohya) // 3} modules, rank {rank}, written with alpha = rank")
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": rank, "ss_network_alpha": rank}
+    family, _ = family_of_network({k.partition(".")[0] for k in kohya})
+    if family is not None:  # SDXL names say the base model; SD 1.x and 2.x share theirs, so nothing is guessed
+        meta = {key: str(value) for key, value in family.ss_keys(False).items()} | meta
     return save_network_file(kohya, dst, dtype=dtype, metadata=meta)
 
 

@@ -3,6 +3,8 @@
 
 The layers are the ones our LoRA network adapts (UNet attention/feed-forward/proj_in/out, text-encoder q/k/v/out,
 fc1/fc2, and with --conv_dim the ResNet and sampler convolutions). alpha = rank, so the scale is 1 and up·down is ΔW.
+SDXL models (detected; sd-scripts' --sdxl insists on it) give SGM UNet names and lora_te1_/lora_te2_, and SDXL's
+ss_base_model_version and modelspec.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ TOOL_OPTIONS = (
     Option("device", str, "cpu", "device for the SVDs (cuda to use a GPU)", "extract"),
     Option("load_precision", str, None, "dtype both models are loaded in (default: float32); the differences are "
            "still taken in float32", "extract", choices=("float", "fp16", "bf16")),
+    Option("sdxl", bool, False, "insist that both models are SDXL, as sd-scripts' flag says (the family is "
+           "detected from the files either way)", "extract"),
     Option("no_metadata", bool, False, "do not write the modelspec metadata (the minimal ss_* LoRA metadata is "
            "still written), as sd-scripts does", "extract"),
 )
@@ -46,13 +50,13 @@ def weight_differences(base, tuned, *, conv_dim: int | None, min_diff: float) ->
     from networks import lora
 
     kwargs = {} if conv_dim is None else {"conv_dim": str(conv_dim), "conv_alpha": str(conv_dim)}
-    nets = [lora.create_network(1.0, 1, 1, None, p.text_encoder, p.unet, **kwargs) for p in (base, tuned)]
+    nets = [lora.create_network(1.0, 1, 1, None, p.network_text_encoder, p.unet, **kwargs) for p in (base, tuned)]
     text = _pairs(nets[0].text_encoder_loras, nets[1].text_encoder_loras)
     unet = _pairs(nets[0].unet_loras, nets[1].unet_loras)
     diffs = {name: t.weight.float() - b.weight.float() for name, (b, t) in text.items()}
     largest = max((float(d.abs().max()) for d in diffs.values()), default=0.0)
-    if largest <= min_diff:  # sd-scripts: a text encoder this close to the base is left out entirely
-        print(f"text encoder is the same (max |Δ| {largest:.2g} <= --min_diff {min_diff}): extracting the UNet only")
+    if largest <= min_diff:  # sd-scripts: text encoders this close to the base are left out entirely
+        print(f"text encoder{'s are' if len(base.text_encoders) > 1 else ' is'} the same (max |Δ| {largest:.2g} <= --min_diff {min_diff}): extracting the UNet only")
         diffs = {}
     for name, (b, t) in unet.items():
         diff = t.weight.float() - b.weight.float()
@@ -69,7 +73,7 @@ def _pairs(base_loras, tuned_loras) -> dict:
         other = tuned.get(module.lora_name)
         if other is None or other.weight.shape != module.org_module.weight.shape:
             raise UserError(f"--model_tuned: its layer {module.lora_name} is missing or shaped differently from "
-                            "--model_org's; both models must be the same family and size (SD 1.x vs 2.x?)")
+                            "--model_org's; both models must be the same family and size (SD 1.x vs 2.x vs SDXL?)")
         pairs[module.lora_name] = (module.org_module, other)
     return pairs
 
@@ -116,6 +120,23 @@ def _check_args(args) -> None:
         raise UserError(f"--clamp_quantile {args.clamp_quantile}: must be in (0, 1]; 1 turns clipping off")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: no CUDA device here; use --device cpu")
+    if args.sdxl and args.v2:
+        raise UserError("--v2 and --sdxl cannot be used together (as in sd-scripts); give the one that fits the models")
+
+
+def check_families(base, tuned, args) -> None:
+    """Both models of one family (and SDXL with --sdxl), before any difference is taken."""
+    from library.models.family import family_named
+
+    if args.sdxl:
+        sdxl = family_named("sdxl")
+        for flag, parts in (("--model_org", base), ("--model_tuned", tuned)):
+            if parts.family is not sdxl:
+                raise UserError(f"{flag} {parts.source}: an {parts.family.label} model, but --sdxl says both are "
+                                f"{sdxl.label}; drop --sdxl or give {sdxl.label} models")
+    if base.family is not tuned.family:
+        raise UserError(f"--model_tuned {tuned.source}: an {tuned.family.label} model, but --model_org is "
+                        f"{base.family.label}; both models must be of the same family")
 
 
 def save_extracted(weights: dict[str, torch.Tensor], parts, args) -> Path:
@@ -143,6 +164,7 @@ def main(argv=None) -> list:
     dtype = LOAD_DTYPES[args.load_precision]
     base = load_components(args.model_org, options=args, v_parameterization=args.v_parameterization, dtype=dtype)
     tuned = load_components(args.model_tuned, options=args, v_parameterization=args.v_parameterization, dtype=dtype)
+    check_families(base, tuned, args)
     diffs = weight_differences(base, tuned, conv_dim=args.conv_dim, min_diff=args.min_diff)
     if not diffs:
         raise UserError(f"--model_tuned {args.model_tuned}: no LoRA-targeted layer differs from --model_org; "

@@ -3,7 +3,7 @@
 
 Each module's ΔW = up·down·alpha/rank is re-factorised to its best rank-r approximation. The new alpha is
 old_scale · new_rank (as sd-scripts sets it), so the scale alpha/rank is unchanged and the written ΔW is exactly
-that approximation.
+that approximation. Module names are kept as they are, so SD 1.x/2.x and SDXL files resize alike.
 """
 
 from __future__ import annotations

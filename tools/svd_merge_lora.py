@@ -3,6 +3,7 @@
 
 Inputs may be LoRA/LoCon of any ranks, or LoHa/LoKr (their ΔW is rebuilt by our module classes). Each module's sum
 is re-factorised to its best rank --new_rank approximation (--new_conv_rank for 3×3 convolutions), alpha = rank.
+SD 1.x/2.x and SDXL networks alike (module names are kept); --lbws weights modules by block, as in merge_lora.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from library.errors import UserError, exit_on_user_error  # noqa: E402
-from tools.merge_lora import (add_common_arguments, check_common, check_network_output, merge_dtypes,  # noqa: E402
-                              network_metadata)
+from tools.merge_lora import (add_common_arguments, block_weights, check_common,  # noqa: E402
+                              check_network_output, merge_dtypes, network_metadata)
 from tools.merge_models import make_parser  # noqa: E402
 
 
@@ -47,23 +48,27 @@ def module_delta(info, name: str, weights: dict[str, torch.Tensor], source: Path
                     f"({', '.join(sorted(weights))}); the file is damaged or uses a layout we do not read")
 
 
-def summed_deltas(inputs: list[Path], ratios: list[float], dtype: torch.dtype):
+def summed_deltas(inputs: list[Path], ratios: list[float], dtype: torch.dtype, lbws=None):
     """(name -> Σ ratio·ΔW in float32, first file's metadata). Inputs are rounded to `dtype` first (sd-scripts'
     --precision); the sums run in float32, which the SVD needs anyway."""
     from networks.files import describe_network_file, read_network_file
 
     deltas: dict[str, torch.Tensor] = {}
     first_metadata = None
-    for path, ratio in zip(inputs, ratios):
+    for path, ratio, weights_of in zip(inputs, ratios, lbws or [None] * len(inputs)):
         weights, metadata = read_network_file(path)
         first_metadata = metadata if first_metadata is None else first_metadata
         info = describe_network_file(weights, source=str(path))
+        if weights_of is not None:  # --lbws: each module's ΔW times its block's weight, as sd-scripts
+            weights_of.check(path, info.dims)
         grouped: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in weights.items():
             module, _, rest = key.partition(".")
             grouped.setdefault(module, {})[rest] = value.to(dtype) if value.is_floating_point() else value
         for name in info.dims:
             delta = module_delta(info, name, grouped[name], path) * ratio
+            if weights_of is not None:
+                delta = delta * weights_of(name)
             if name in deltas:
                 delta = _fit(delta, deltas[name], f"{path}: {name}")
                 deltas[name] = deltas[name] + delta
@@ -121,13 +126,13 @@ def main(argv=None) -> list:
     from networks.files import save_network_file
 
     merge_dtype, dtype = merge_dtypes(args)
-    deltas, first_metadata = summed_deltas(inputs, ratios, merge_dtype)
+    deltas, first_metadata = summed_deltas(inputs, ratios, merge_dtype, block_weights(args, len(inputs)))
     conv_rank = args.new_conv_rank if args.new_conv_rank is not None else args.new_rank
     clamp = args.clamp_quantile if args.clamp_quantile < 1.0 else None
     weights, report = refactor(deltas, args.new_rank, conv_rank, clamp_quantile=clamp, device=args.device)
     metadata = network_metadata(weights, first_metadata, inputs, ratios,
                                 note=f"svd-merged to rank {args.new_rank} (conv {conv_rank})",
-                                minimal=args.no_metadata)
+                                minimal=args.no_metadata, title=dst.stem)
     save_network_file(weights, dst, dtype=dtype, metadata=metadata)
     mean = sum(m.retained for m in report) / len(report)
     print(f"merged {len(inputs)} networks into {len(report)} LoRA modules at rank {args.new_rank} "
