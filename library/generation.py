@@ -1,9 +1,11 @@
-"""Generate images from a base model with LoRA-family networks, textual-inversion embeddings and a hypernetwork."""
+"""Generate images from a base model (SD 1.x/2.x, SDXL) with LoRA-family networks, textual-inversion embeddings and a
+hypernetwork; SDXL images get sd-scripts' size/crop conditioning (gen_img.py's --original_width..., --ow/--oh...)."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import random
 import re
@@ -45,8 +47,8 @@ class GenerationSetup:
     sampler: str = "ddim"
     steps: int = 50
     scale: float = 7.5
-    width: int = 512
-    height: int = 512
+    width: int | None = 512  # None: the family's (sd-scripts' gen_img.py: 1024 for SDXL, else 512)
+    height: int | None = 512
     seed: int | None = None  # None: a fresh random seed per image
     negative_prompt: str | None = None
     clip_skip: int | None = None
@@ -55,6 +57,40 @@ class GenerationSetup:
     vae: str | None = None
     dtype: torch.dtype = torch.float32
     device: str | None = None  # None: cuda when there is one
+    sdxl: bool = False  # sd-scripts' gen_img.py --sdxl: the model must be an SDXL one
+    # SDXL size/crop conditioning (sd-scripts' gen_img.py): None = the image size (original), original (negative), 0.
+    original_width: int | None = None
+    original_height: int | None = None
+    original_width_negative: int | None = None
+    original_height_negative: int | None = None
+    crop_top: int | None = None
+    crop_left: int | None = None
+
+
+# SDXL prompt-line options of sd-scripts' gen_img.py (`a cat --ow 2048 --oh 1024 --ct 0 --cl 0`) -> field.
+SIZE_LINE_OPTIONS = {"ow": "original_width", "oh": "original_height", "nw": "original_width_negative",
+                     "nh": "original_height_negative", "ct": "crop_top", "cl": "crop_left"}
+
+
+@dataclass(frozen=True)
+class GenerationPrompt(SamplePrompt):
+    """A prompt with the SDXL size/crop conditioning (ignored by families without it)."""
+
+    original_width: int | None = None
+    original_height: int | None = None
+    original_width_negative: int | None = None
+    original_height_negative: int | None = None
+    crop_top: int | None = None
+    crop_left: int | None = None
+
+    def size_conditioning(self) -> dict[str, tuple[int, int]]:
+        """diffusers' SDXL pipeline arguments, defaulted as sd-scripts' gen_img.py does; (height, width) order."""
+        original = (self.original_height or self.height, self.original_width or self.width)
+        negative = (self.original_height_negative or original[0], self.original_width_negative or original[1])
+        crop, target = (self.crop_top or 0, self.crop_left or 0), (self.height, self.width)
+        return {"original_size": original, "crops_coords_top_left": crop, "target_size": target,
+                "negative_original_size": negative, "negative_crops_coords_top_left": crop,
+                "negative_target_size": target}
 
 
 @dataclass
@@ -83,6 +119,11 @@ class Generator:
         self.device = torch.device(setup.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.parts = load_components(setup.ckpt, options=setup, v_parameterization=setup.v_parameterization,
                                      vae=setup.vae, dtype=setup.dtype)
+        if setup.sdxl and self.parts.family.name != "sdxl":
+            raise UserError(f"--sdxl: {setup.ckpt} is an {self.parts.family.label} model, not an SDXL one; drop --sdxl")
+        # sd-scripts' gen_img.py: 1024 x 1024 for SDXL, else 512 x 512, unless --W/--H say otherwise.
+        side = 1024 if self.parts.family.name == "sdxl" else 512
+        self.width, self.height = setup.width or side, setup.height or side
         self.model_name = _model_name(setup.ckpt)
         self.model_hash = _file_shorthash(setup.ckpt, 10)
         self.embeddings = install_embeddings(self.parts, setup.embeddings)
@@ -154,18 +195,23 @@ class Generator:
         return network
 
     # ------------------------------------------------------------------ prompts
-    def request(self, line: str, *, where: str = "prompt", enum: int = 0) -> SamplePrompt:
-        """A prompt line in sd-scripts' syntax (`a cat --n blurry --d 3`); what it leaves out comes from the setup."""
-        parsed = parse_prompt_line(line, where=where, enum=enum)
-        given = given_fields(line)
+    def request(self, line: str, *, where: str = "prompt", enum: int = 0) -> GenerationPrompt:
+        """A prompt line in sd-scripts' syntax (`a cat --n blurry --d 3`, SDXL also `--ow 2048 --ct 0`); what it
+        leaves out comes from the setup."""
+        line, sizes = split_size_options(line, where)
+        parsed = GenerationPrompt(**dataclasses.asdict(parse_prompt_line(line, where=where, enum=enum)), **sizes)
+        given = given_fields(line) | set(sizes)
         s = self.setup
-        defaults = {"negative_prompt": s.negative_prompt, "width": s.width, "height": s.height, "steps": s.steps,
-                    "scale": s.scale, "seed": s.seed, "sample_sampler": s.sampler, "clip_skip": s.clip_skip}
+        defaults = {"negative_prompt": s.negative_prompt, "width": self.width, "height": self.height,
+                    "steps": s.steps, "scale": s.scale, "seed": s.seed, "sample_sampler": s.sampler,
+                    "clip_skip": s.clip_skip, **{f: getattr(s, f) for f in SIZE_LINE_OPTIONS.values()}}
         return dataclasses.replace(parsed, **{k: v for k, v in defaults.items() if k not in given})
 
     def resolve(self, prompt: SamplePrompt | str, **overrides: Any) -> SamplePrompt:
         """Every field settled: overrides applied, a random seed drawn if none is set, size and sampler checked."""
         request = self.request(prompt) if isinstance(prompt, str) else prompt
+        if not isinstance(request, GenerationPrompt):
+            request = GenerationPrompt(**dataclasses.asdict(request))
         request = dataclasses.replace(request, **overrides)
         if request.seed is None:
             request = dataclasses.replace(request, seed=random.SystemRandom().randrange(A1111_SEED_LIMIT))
@@ -195,6 +241,8 @@ class Generator:
                 kwargs.update(image=init_image.convert("RGB").resize(size, Image.LANCZOS), strength=strength)
             else:
                 kwargs.update(width=request.width, height=request.height)
+            if "original_size" in inspect.signature(pipe.__call__).parameters:  # SDXL's size/crop conditioning
+                kwargs.update(request.size_conditioning())
             result = pipe(num_inference_steps=request.steps, guidance_scale=request.scale, generator=generator,
                           output_type="pil", **kwargs)
         return result.images[0]
@@ -237,6 +285,21 @@ class Generator:
         return save_png(image, path, self.parameters(request, strength=strength))
 
 
+def split_size_options(line: str, where: str) -> tuple[str, dict[str, int]]:
+    """The line without sd-scripts' SDXL size options (--ow, --oh, --nw, --nh, --ct, --cl), and their values."""
+    prompt, *options = (" " + line.strip()).split(" --")
+    kept, sizes = [prompt], {}
+    for option in options:
+        flag, _, value = option.strip().partition(" ")
+        if flag.lower() not in SIZE_LINE_OPTIONS:
+            kept.append(option)
+            continue
+        if not re.fullmatch(r"\d+", value.strip()):
+            raise UserError(f"{where}: '--{flag} {value.strip()}' needs a whole number >= 0, e.g. '--{flag} 1024'")
+        sizes[SIZE_LINE_OPTIONS[flag.lower()]] = int(value.strip())
+    return " --".join(kept).strip(), sizes
+
+
 def given_fields(line: str) -> set[str]:
     """SamplePrompt fields a prompt line sets itself, split as parse_prompt_line splits it."""
     options = (" " + line.strip()).split(" --")[1:]
@@ -261,34 +324,48 @@ def save_png(image: Image.Image, path, parameters: str) -> Path:
 
 # ---------------------------------------------------------------------------------------------- embeddings
 def install_embeddings(parts, files: Sequence) -> list[LoadedEmbedding]:
-    """Add each file's token(s) to the tokenizer (name = file stem, as A1111) and its vectors to the text encoder."""
-    from library.formats.embedding_files import load_embedding
+    """Add each file's token(s) to the tokenizer(s) (name = file stem, as A1111) and its vectors to the text
+    encoder(s): one vector set for SD 1.x/2.x, SDXL's {"clip_l", "clip_g"} pair (one set per text encoder)."""
     from library.methods.ti_method import NewTokenEmbedding, add_new_tokens
 
     if not files:
         return []
-    if len(parts.text_encoders) != 1:
-        raise UserError(f"--textual_inversion_embeddings: {parts.family.label} embeddings (one vector set per text "
-                        "encoder) are not supported yet; generate without them")
-    width = parts.text_encoder.get_input_embeddings().weight.shape[1]
-    loaded, vectors = [], []
+    encoders = parts.text_encoders
+    widths = [te.get_input_embeddings().weight.shape[1] for te in encoders]
+    loaded, vectors = [], []  # vectors: per file, one (n, width) tensor per text encoder
     for file in files:
         path = _existing(file, "embedding", "--textual_inversion_embeddings")
-        embedding = load_embedding(path)
-        if embedding.vectors.shape[1] != width:
-            raise UserError(f"--textual_inversion_embeddings {file}: its vectors are {embedding.vectors.shape[1]} "
-                            f"wide, this text encoder's are {width} (an embedding for another model family)")
+        per_encoder = _embedding_vectors(parts, path, file)
+        for tensor, width in zip(per_encoder, widths):
+            if tensor.shape[1] != width:
+                raise UserError(f"--textual_inversion_embeddings {file}: its vectors are {tensor.shape[1]} wide, "
+                                f"this text encoder's are {width} (an embedding for another model family)")
         name = path.stem if path.is_file() else path.name
-        tokens = (name, *(f"{name}{i}" for i in range(1, embedding.vectors.shape[0])))
+        tokens = (name, *(f"{name}{i}" for i in range(1, per_encoder[0].shape[0])))
         loaded.append(LoadedEmbedding(path, tokens, _file_shorthash(path, 12) if path.is_file() else "IsADirectory"))
-        vectors.append(embedding.vectors)
-    first_id = add_new_tokens(parts.tokenizer, [t for e in loaded for t in e.tokens],
-                              flag="--textual_inversion_embeddings",
-                              fix="rename the file (its stem is the embedding's name, and two cannot share one)")
-    base = parts.text_encoder.get_input_embeddings()
-    embedding = NewTokenEmbedding(base, first_id, torch.cat(vectors)).to(base.weight.device)
-    parts.text_encoder.set_input_embeddings(embedding)
+        vectors.append(per_encoder)
+    for i, (tokenizer, text_encoder) in enumerate(zip(parts.tokenizers, encoders)):
+        first_id = add_new_tokens(tokenizer, [t for e in loaded for t in e.tokens],
+                                  flag="--textual_inversion_embeddings",
+                                  fix="rename the file (its stem is the embedding's name, and two cannot share one)")
+        base = text_encoder.get_input_embeddings()
+        embedding = NewTokenEmbedding(base, first_id, torch.cat([v[i] for v in vectors])).to(base.weight.device)
+        text_encoder.set_input_embeddings(embedding)
     return loaded
+
+
+def _embedding_vectors(parts, path: Path, file) -> list[torch.Tensor]:
+    """The file's vectors for each of the model's text encoders, in order."""
+    from library.formats.embedding_files import load_embedding, load_sdxl_embedding
+
+    if len(parts.text_encoders) == 1:
+        return [load_embedding(path).vectors]
+    try:
+        embedding = load_sdxl_embedding(path)
+    except UserError as err:
+        raise UserError(f"--textual_inversion_embeddings {file}: {parts.family.label} embeddings have one vector set "
+                        f"per text encoder ({err})") from None
+    return [embedding.vectors[key] for key in parts.family.embedding_keys()]
 
 
 # ---------------------------------------------------------------------------------------------- A1111 infotext

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Convert an SD 1.x/2.x model: the form of DST decides the output — a folder is diffusers, a .safetensors/.ckpt
-path a single file — so single-file <-> diffusers, .ckpt <-> .safetensors and precision changes are one command."""
+"""Convert an SD 1.x/2.x or SDXL model: the form of DST decides the output — a folder is diffusers, a
+.safetensors/.ckpt path a single file — so single-file <-> diffusers, .ckpt <-> .safetensors and precision changes
+are one command. Without --save_precision the weights keep the precision they are stored in."""
 
 from __future__ import annotations
 
@@ -30,7 +31,14 @@ def main(argv=None) -> None:
     parts = load_components(args.src, options=args, v_parameterization=args.v_parameterization,
                             vae=args.vae, tokenizer=args.tokenizer)
     print(parts.describe())
-    dst = save_model(parts, args.dst, precision=args.save_precision)
+    precision = args.save_precision
+    if precision is None:  # a diffusers folder loads as float32 whatever it holds: keep what it stores
+        from library.models.saving import PRECISIONS
+        from tools.merge_models import stored_dtype
+
+        stored = stored_dtype(args.src)
+        precision = next((name for name, dtype in PRECISIONS.items() if dtype == stored), None)
+    dst = save_model(parts, args.dst, precision=precision)
     print(f"wrote {dst}")
 
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Generate images from an SD 1.x/2.x model with LoRA networks, embeddings and a hypernetwork (sd-scripts' gen_img.py
-flags); each PNG is written as <outdir>/<index>_<seed>.png with AUTOMATIC1111's "parameters" text chunk.
+"""Generate images from an SD 1.x/2.x or SDXL model with LoRA networks, embeddings and a hypernetwork (sd-scripts'
+gen_img.py flags); each PNG is written as <outdir>/<index>_<seed>.png with AUTOMATIC1111's "parameters" text chunk.
 
-Prompts take sd-scripts' options: `a cat --n blurry --w 512 --h 768 --d 42 --s 30 --l 7 --ss euler_a`.
+Prompts take sd-scripts' options: `a cat --n blurry --w 512 --h 768 --d 42 --s 30 --l 7 --ss euler_a`, and for SDXL
+the size/crop conditioning `--ow 2048 --oh 1024 --nw 512 --nh 512 --ct 0 --cl 0` (original, negative original, crop).
 """
 
 from __future__ import annotations
@@ -21,11 +22,26 @@ from library.errors import UserError, exit_on_user_error  # noqa: E402
 SECTION = "generation"
 # The options xyz_grid.py shares (the model, its add-ons and the sampling defaults).
 BASE_OPTIONS = (
-    Option("ckpt", str, None, "base model: .safetensors/.ckpt file, diffusers folder, hub id or tiny-sd1", SECTION),
+    Option("ckpt", str, None, "base model (SD 1.x/2.x or SDXL): .safetensors/.ckpt file, diffusers folder, hub id, "
+           "tiny-sd1 or tiny-sdxl", SECTION),
     Option("prompt", str, None, "the prompt (sd-scripts options such as --n, --d may follow inside it)", SECTION),
     Option("negative_prompt", str, None, "negative prompt for prompts without --n", SECTION),
-    Option("W", int, 512, "image width (rounded down to a multiple of 8)", SECTION),
-    Option("H", int, 512, "image height (rounded down to a multiple of 8)", SECTION),
+    Option("W", int, None, "image width, rounded down to a multiple of 8 (default 1024 for SDXL, else 512)", SECTION),
+    Option("H", int, None, "image height, rounded down to a multiple of 8 (default 1024 for SDXL, else 512)", SECTION),
+    # sd-scripts' gen_img.py SDXL size/crop conditioning; prompts override them with --ow --oh --nw --nh --ct --cl.
+    Option("original_width", int, None, "SDXL: original width for the size conditioning (default: the width)",
+           SECTION),
+    Option("original_height", int, None, "SDXL: original height for the size conditioning (default: the height)",
+           SECTION),
+    Option("original_width_negative", int, None, "SDXL: original width for the negative prompt's conditioning "
+           "(default: --original_width)", SECTION),
+    Option("original_height_negative", int, None, "SDXL: original height for the negative prompt's conditioning "
+           "(default: --original_height)", SECTION),
+    Option("crop_top", int, None, "SDXL: crop top for the size conditioning (default 0)", SECTION),
+    Option("crop_left", int, None, "SDXL: crop left for the size conditioning (default 0)", SECTION),
+    Option("sdxl", bool, False, "sd-scripts: load an SDXL model (the family is read from the model; with this flag "
+           "another family is refused)", SECTION),
+    Option("v1", bool, False, "accepted (sd-scripts: an SD 1.x model); the family is read from the model", SECTION),
     Option("steps", int, 50, "sampling steps", SECTION),
     Option("scale", float, 7.5, "classifier-free guidance scale (CFG)", SECTION),
     Option("sampler", str, "ddim", "sampler: ddim, pndm, lms, euler, euler_a, heun, dpm_2, dpm_2_a, dpmsolver, "
@@ -64,6 +80,10 @@ def parse_args(argv, description: str, extra: tuple[Option, ...]):
     return parse_tool_args(argv, description, options, [o.name for o in BASE_OPTIONS + extra] + list(SHARED_FLAGS))
 
 
+SIZE_FLAGS = ("original_width", "original_height", "original_width_negative", "original_height_negative",
+              "crop_top", "crop_left")
+
+
 def setup_from_args(args):
     """The GenerationSetup the shared options describe; user mistakes -> UserError before any model loads."""
     import torch
@@ -74,6 +94,12 @@ def setup_from_args(args):
         raise UserError("--ckpt is required: the base model (.safetensors/.ckpt, diffusers folder, or tiny-sd1)")
     if args.fp16 and args.bf16:
         raise UserError("--fp16 and --bf16 exclude each other; give one")
+    if args.sdxl and (args.v1 or args.v2):
+        raise UserError(f"--sdxl and --{'v1' if args.v1 else 'v2'} exclude each other; give the one for the model")
+    for flag in ("W", "H", *SIZE_FLAGS):
+        value = getattr(args, flag)
+        if value is not None and value < (0 if flag.startswith("crop") else 1):
+            raise UserError(f"--{flag} {value}: give {'0' if flag.startswith('crop') else '1'} or more")
     files = args.network_weights or []
     muls = args.network_mul or [1.0]
     if len(muls) not in (1, len(files)):
@@ -85,7 +111,7 @@ def setup_from_args(args):
         embeddings=list(args.textual_inversion_embeddings or []), hypernetwork=args.hypernetwork,
         hypernetwork_strength=args.hypernetwork_mul, sampler=args.sampler, steps=args.steps, scale=args.scale,
         width=args.W, height=args.H, seed=args.seed, negative_prompt=args.negative_prompt, dtype=dtype,
-        device=args.device, **{flag: getattr(args, flag) for flag in SHARED_FLAGS})
+        device=args.device, sdxl=args.sdxl, **{flag: getattr(args, flag) for flag in SHARED_FLAGS + SIZE_FLAGS})
 
 
 def check_sampling_defaults(setup) -> None:

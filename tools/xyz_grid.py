@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Generate one labelled grid of images over up to three axes (AUTOMATIC1111's X/Y/Z plot): LoRA file and weight,
 prompt, seed, steps, CFG scale, sampler; with --z, one grid per z value, stacked top to bottom under its label.
+SD 1.x/2.x and SDXL models take gen_img.py's options (SDXL: --original_width ... and --ow/--oh/--ct/--cl in prompts).
 
 Axes are TYPE:v1,v2,… e.g. --x "lora_weight:0,0.5,1" --y "seed:1,2" --z "lora:a.safetensors,b.safetensors";
 a value holding commas is double-quoted (prompt:"a cat, red","a dog"). The lora and lora_weight axes act on the first

@@ -1,10 +1,12 @@
-"""Pure state-dict merges of SD 1.x/2.x single-file (ldm layout) checkpoints: weighted sum, add difference, by block."""
+"""Pure state-dict merges of single-file (ldm / SGM layout) checkpoints of every family: weighted sum, sd-scripts'
+N-model sum, add difference, and by UNet block (SD 1.x/2.x's 12/25-block layout, SDXL's 9/23-block one)."""
 
 from __future__ import annotations
 
 import math
 import re
-from typing import Callable, Mapping, NamedTuple
+from dataclasses import dataclass
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -12,17 +14,58 @@ from library.errors import UserError
 
 UNET_PREFIX = "model.diffusion_model."
 
-# option name -> (ldm module name, indices that hold weights in SD 1.x/2.x). out.1 and time_embed.1 are SiLUs
-# without weights, so naming them would silently do nothing: they are rejected instead.
-BLOCKS: dict[str, tuple[str, tuple[int, ...]]] = {
-    "input_blocks": ("input_blocks", tuple(range(12))),
-    "middle_blocks": ("middle_block", (0, 1, 2)),
-    "output_blocks": ("output_blocks", tuple(range(12))),
-    "out": ("out", (0, 2)),
-    "time_embed": ("time_embed", (0, 2)),
-}
-_OPTION_OF_MODULE = {module: option for option, (module, _) in BLOCKS.items()}
-_BLOCK_KEY = re.compile(rf"^{re.escape(UNET_PREFIX)}([a-z_]+)\.(\d+)\.")
+
+@dataclass(frozen=True)
+class CheckpointBlocks:
+    """The UNet blocks of a family's single files (checkpoint keys), as merge_unet_blocks names them (adapter names
+    have their own: networks/injection.BlockLayout).
+
+    `blocks`: option name -> (ldm module name, indices that hold weights). `block_list`: sd-scripts' flat block list
+    (SD 1.x: block_dims' 25; SDXL: --block_lr's 23), each entry the (option, indices) it covers.
+    """
+
+    label: str
+    blocks: Mapping[str, tuple[str, tuple[int, ...]]]
+    block_list: tuple[tuple[tuple[str, tuple[int, ...]], ...], ...]
+
+
+# out.1 and time_embed.1 are SiLUs without weights, so naming them would silently do nothing: they are rejected.
+SD1_LAYOUT = CheckpointBlocks(
+    "SD 1.x/2.x",
+    {"input_blocks": ("input_blocks", tuple(range(12))), "middle_blocks": ("middle_block", (0, 1, 2)),
+     "output_blocks": ("output_blocks", tuple(range(12))), "out": ("out", (0, 2)),
+     "time_embed": ("time_embed", (0, 2))},
+    # sd-scripts' 25 blocks (networks/lora.py block_dims): IN00-IN11, M00, OUT00-OUT11; time_embed and out are in none.
+    (*((("input_blocks", (i,)),) for i in range(12)), (("middle_blocks", (0, 1, 2)),),
+     *((("output_blocks", (i,)),) for i in range(12))))
+# SDXL (sdxl-reference.md §2.1): input_blocks.0-8, middle_block.0-2, output_blocks.0-8, and the size/pooled-text
+# embedding `label_emb.0.{0,2}` beside time_embed. The 23 blocks are sd-scripts' --block_lr map (sdxl_train.py):
+# 0 time_embed + label_emb, 1-9 input_blocks.0-8, 10-12 middle_block.0-2, 13-21 output_blocks.0-8, 22 out.
+SDXL_LAYOUT = CheckpointBlocks(
+    "SDXL",
+    {"input_blocks": ("input_blocks", tuple(range(9))), "middle_blocks": ("middle_block", (0, 1, 2)),
+     "output_blocks": ("output_blocks", tuple(range(9))), "out": ("out", (0, 2)),
+     "time_embed": ("time_embed", (0, 2)), "label_emb": ("label_emb.0", (0, 2))},
+    ((("time_embed", (0, 2)), ("label_emb", (0, 2))), *((("input_blocks", (i,)),) for i in range(9)),
+     *((("middle_blocks", (i,)),) for i in range(3)), *((("output_blocks", (i,)),) for i in range(9)),
+     (("out", (0, 2)),)))
+# Which layout a family's files have (by ModelFamily.name); SD 2.x shares SD 1.x's.
+LAYOUTS = {"sd1": SD1_LAYOUT, "sd2": SD1_LAYOUT, "sdxl": SDXL_LAYOUT}
+BLOCK_OPTIONS = tuple(dict.fromkeys([*SD1_LAYOUT.blocks, *SDXL_LAYOUT.blocks]))
+BLOCKS = SD1_LAYOUT.blocks  # SD 1.x/2.x's table, as before
+# A UNet key's block: `input_blocks.4.` -> ("input_blocks", 4); SDXL's `label_emb.0.2.` -> ("label_emb.0", 2).
+_BLOCK_KEY = re.compile(rf"^{re.escape(UNET_PREFIX)}(label_emb\.0|[a-z_]+)\.(\d+)\.")
+_OPTION_OF_MODULE = {module: option for layout in (SD1_LAYOUT, SDXL_LAYOUT)
+                     for option, (module, _) in layout.blocks.items()}
+
+
+def layout_of(family) -> CheckpointBlocks:
+    """The block layout of a loaded or detected family (None: SD 1.x/2.x, sd-scripts' default)."""
+    name = getattr(family, "name", None) or "sd1"
+    if name not in LAYOUTS:
+        raise UserError(f"merging by UNet block is not supported for {family} models")
+    return LAYOUTS[name]
+
 
 StateDict = dict[str, torch.Tensor]
 
@@ -53,15 +96,65 @@ def add_difference(a: StateDict, b: StateDict, c: StateDict, alpha: float, *,
     return _merge(a, [b, c], mix, dtype)
 
 
-def merge_by_blocks(a: StateDict, b: StateDict, *, input_blocks: Mapping[int, float],
-                    middle_blocks: Mapping[int, float], output_blocks: Mapping[int, float],
-                    out: Mapping[int, float], time_embed: Mapping[int, float], base_alpha: float,
-                    dtype: torch.dtype | None = None) -> Merged:
-    """Weighted sum with a ratio (the share of B) per UNet block; every key no ratio names uses base_alpha."""
-    ratios = {"input_blocks": input_blocks, "middle_blocks": middle_blocks, "output_blocks": output_blocks,
-              "out": out, "time_embed": time_embed}
+def sum_of_models(models: Sequence[StateDict], ratios: Sequence[float], *, dtype: torch.dtype | None = None,
+                  compute_dtype: torch.dtype = torch.float32, unet_only: bool = False,
+                  device: str | torch.device = "cpu") -> Merged:
+    """sd-scripts' tools/merge_models.py: Σ ratio_i·model_i over the first model's keys (ratios are not normalised);
+    a model missing a key lends its share to the first model's tensor; `unet_only` keeps the first model's VAE and
+    text encoders. A single model at ratio 1 (the others 0) gives its tensors exactly."""
+    if len(models) != len(ratios):
+        raise UserError(f"--ratios: got {len(ratios)} values for {len(models)} models; give one ratio per model")
+    for ratio in ratios:
+        _check_ratio(ratio, "--ratios")
+    first, others = models[0], list(models[1:])
+    merged: StateDict = {}
+    missing = []
+    for key, tensor in first.items():
+        if not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):
+            merged[key] = tensor  # integer buffers are indices, not weights: keep the first model's
+            continue
+        if unet_only and not _is_unet_key(key):
+            merged[key] = _cast(tensor, dtype or tensor.dtype)
+            continue
+        terms = [(ratios[0], tensor)]
+        for ratio, other in zip(ratios[1:], others):
+            if key in other:
+                _check_shapes(key, tensor, [other[key]])
+                terms.append((ratio, other[key]))
+            else:
+                missing.append(key)
+                terms.append((ratio, tensor))
+        merged[key] = _cast(_weighted(terms, compute_dtype, device), dtype or tensor.dtype)
+    ignored = sorted({key for other in others for key in other if key not in first})
+    return Merged(merged, sorted(set(missing)), ignored)
+
+
+def _is_unet_key(key: str) -> bool:
+    # sd-scripts' is_unet_key: everything but the VAE and the text encoders (SD 1.x/2.x and SDXL prefixes).
+    return not ("first_stage_model" in key or "cond_stage_model" in key or "conditioner." in key)
+
+
+def _weighted(terms: list[tuple[float, torch.Tensor]], compute_dtype: torch.dtype,
+              device: str | torch.device) -> torch.Tensor:
+    used = [(ratio, tensor) for ratio, tensor in terms if ratio != 0]
+    if len(used) == 1 and used[0][0] == 1:
+        return used[0][1]  # exactly that model's tensor, whatever float rounding would do
+    total = None
+    for ratio, tensor in used:
+        term = tensor.to(device=device, dtype=compute_dtype) * ratio
+        total = term if total is None else total + term
+    if total is None:
+        return torch.zeros_like(terms[0][1])
+    return total.cpu()
+
+
+def merge_by_blocks(a: StateDict, b: StateDict, *, base_alpha: float, dtype: torch.dtype | None = None,
+                    layout: CheckpointBlocks = SD1_LAYOUT, **ratios: Mapping[int, float]) -> Merged:
+    """Weighted sum with a ratio (the share of B) per UNet block; every key no ratio names uses base_alpha.
+    `ratios`: option name (input_blocks, middle_blocks, output_blocks, out, time_embed; SDXL also label_emb) ->
+    {index: ratio}, indices checked against `layout`."""
     for option, given in ratios.items():
-        check_block_indices(given, option=f"--{option}")
+        check_block_indices(given, option=f"--{option}", layout=layout)
         for value in given.values():
             _check_ratio(value, f"--{option}")
     _check_ratio(base_alpha, "--base_alpha")
@@ -84,8 +177,10 @@ def block_ratio(key: str, ratios: Mapping[str, Mapping[int, float]]) -> float | 
     return ratios.get(option, {}).get(int(match.group(2)))
 
 
-def parse_block_ratios(text: str, *, option: str) -> dict[int, float]:
-    """"0:0.5, 1:0.5, 11:0.3" -> {0: 0.5, 1: 0.5, 11: 0.3}; an empty string names no block."""
+def parse_block_ratios(text: str, *, option: str, layout: CheckpointBlocks | None = None,
+                       check_indices: bool = True) -> dict[int, float]:
+    """"0:0.5, 1:0.5, 11:0.3" -> {0: 0.5, 1: 0.5, 11: 0.3}; an empty string names no block. Indices are checked
+    against `layout` (default: SD 1.x/2.x's, for the options it has) unless `check_indices` is False."""
     ratios: dict[int, float] = {}
     for item in (part.strip() for part in text.split(",")):
         if not item:
@@ -94,18 +189,49 @@ def parse_block_ratios(text: str, *, option: str) -> dict[int, float]:
         if index in ratios:
             raise UserError(f"{option} {text!r}: block {index} is given twice; give each block once")
         ratios[index] = ratio
-    if option.lstrip("-") in BLOCKS:
-        check_block_indices(ratios, option=option)
+    if check_indices and (layout is not None or option.lstrip("-") in BLOCKS):
+        check_block_indices(ratios, option=option, layout=layout or SD1_LAYOUT)
     return ratios
 
 
-def check_block_indices(ratios: Mapping[int, float], *, option: str) -> None:
-    """Refuse indices that are not weighted layers of that block option in SD 1.x/2.x."""
-    _, valid = BLOCKS[option.lstrip("-")]
+def parse_block_list(text: str, *, option: str, layout: CheckpointBlocks) -> dict[str, dict[int, float]]:
+    """sd-scripts' flat block list ("r0,r1,...": 25 for SD 1.x/2.x, 23 for SDXL, in --block_lr order) -> the
+    per-option ratios merge_by_blocks takes."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    count = len(layout.block_list)
+    if len(items) != count:
+        raise UserError(f"{option}: {layout.label} has {count} blocks, got {len(items)} values; give {count} "
+                        "comma-separated ratios (" + _list_help(layout) + ")")
+    ratios: dict[str, dict[int, float]] = {}
+    for item, entry in zip(items, layout.block_list):
+        try:
+            ratio = float(item)
+        except ValueError:
+            raise UserError(f"{option}: cannot read {item!r} as a ratio; give numbers such as 0.5") from None
+        _check_ratio(ratio, option)
+        for name, indices in entry:
+            ratios.setdefault(name, {}).update(dict.fromkeys(indices, ratio))
+    return ratios
+
+
+def _list_help(layout: CheckpointBlocks) -> str:
+    if layout is SDXL_LAYOUT:
+        return "0 time_embed+label_emb, 1-9 input_blocks.0-8, 10-12 middle_block.0-2, 13-21 output_blocks.0-8, 22 out"
+    return "0-11 input_blocks.0-11, 12 middle_block, 13-24 output_blocks.0-11"
+
+
+def check_block_indices(ratios: Mapping[int, float], *, option: str, layout: CheckpointBlocks = SD1_LAYOUT) -> None:
+    """Refuse indices that are not weighted layers of that block option in the layout's family."""
+    name = option.lstrip("-")
+    if name not in layout.blocks:
+        if ratios:
+            raise UserError(f"{option}: {layout.label} models have no {name} block; drop {option}")
+        return
+    _, valid = layout.blocks[name]
     for index in ratios:
         if index not in valid:
             shown = f"{valid[0]}-{valid[-1]}" if len(valid) > 2 else " and ".join(map(str, valid))
-            raise UserError(f"{option}: block {index} does not exist in SD 1.x/2.x; valid indices are {shown}")
+            raise UserError(f"{option}: block {index} does not exist in {layout.label}; valid indices are {shown}")
 
 
 def _parse_pair(item: str, text: str, option: str) -> tuple[int, float]:
