@@ -13,7 +13,9 @@ $__settings_before = @(Get-Variable | ForEach-Object { $_.Name })
 $config_file = "./configs/lora.toml"        # training options as TOML (see configs/lora.toml)
 $sample_prompts = ""                        # prompt file for preview images (empty: as in the TOML / none)
 $script = "train_network.py"                # entry script: train_network.py, train_db.py,
-                                            # train_textual_inversion.py or train_hypernetwork.py
+                                            # train_textual_inversion.py, train_hypernetwork.py; SDXL:
+                                            # sdxl_train_network.py, sdxl_train.py,
+                                            # sdxl_train_textual_inversion.py
 $multi_gpu = "0"                            # number of GPUs; 2 or more trains on that many (0/1: one device)
 $num_cpu_threads_per_process = "4"          # CPU threads per training process
 $extra_args = ""                            # other trainer flags (they override the TOML), space separated

@@ -226,7 +226,16 @@ def sdxl_section() -> list[str]:
             rows.append([f"`--{name}`", "not declared: fails as an unknown option", "—"])
         else:
             rows.append([f"`--{name}`", cell(status(opt)), default_text(opt)])
-    return out + table(["option", "status", "default"], rows) + [""]
+    out += table(["option", "status", "default"], rows) + [""]
+    out += ["## sdxl_train_textual_inversion.py", "",
+            "sd-trainer's `sdxl_train_textual_inversion.py` takes its `train_textual_inversion.py`'s options (the "
+            "table above), as sd-scripts' script of that name does, and trains one embedding per SDXL text encoder "
+            "(the same tokens in both). It saves sd-scripts' `{clip_l, clip_g}` safetensors file (the default here; "
+            "`--save_model_as diffusers` writes diffusers' `learned_embeds` + `learned_embeds_2`) and refuses "
+            "`--save_model_as pt` / `ckpt` (there is no SDXL .pt layout), SD 1.x/2.x models, `--v2` and bucket steps "
+            "that are not a multiple of 32. sd-scripts' SDXL textual inversion cannot cache text-encoder outputs "
+            "either: the text encoders run every step.", ""]
+    return out
 
 
 def gui_keys_section() -> list[str]:
