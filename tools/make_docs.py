@@ -203,14 +203,7 @@ def sdxl_section() -> list[str]:
            "`sdxl_train_network.py` takes its `train_network.py`'s, and trains SDXL models with them: it refuses "
            "SD 1.x/2.x models, `--v2` and a `--bucket_reso_steps` that is not a multiple of 32, and `--clip_skip` "
            "does not apply. The options sd-scripts' SDXL trainers add (`add_sdxl_training_arguments`):", ""]
-    rows = []
-    for name in SDXL_OPTIONS:
-        opt = declared.get(name)
-        if opt is None:
-            rows.append([f"`--{name}`", "not declared: fails as an unknown option", "—"])
-        else:
-            rows.append([f"`--{name}`", cell(status(opt)), default_text(opt)])
-    out += table(["option", "status", "default"], rows) + [""]
+    out += _status_table(declared, SDXL_OPTIONS)
     declared = options_for(DB, OPTIONS)
     out += ["## sdxl_train.py", "",
             "sd-trainer's `sdxl_train.py` fine-tunes SDXL models on the loop `train_db.py` uses, with sd-scripts' "
@@ -219,14 +212,7 @@ def sdxl_section() -> list[str]:
             "`add_sdxl_training_arguments`' (above) and sd-scripts' `sdxl_train.py`'s own, below; it refuses "
             "`train_db.py`'s own `--learning_rate_te` and `--stop_text_encoder_training` (`train_db.py` refuses these "
             "in turn), SD 1.x/2.x models, `--v2` and bucket steps that are not a multiple of 32.", ""]
-    rows = []
-    for name in SDXL_TRAIN_OPTIONS:
-        opt = declared.get(name)
-        if opt is None:
-            rows.append([f"`--{name}`", "not declared: fails as an unknown option", "—"])
-        else:
-            rows.append([f"`--{name}`", cell(status(opt)), default_text(opt)])
-    out += table(["option", "status", "default"], rows) + [""]
+    out += _status_table(declared, SDXL_TRAIN_OPTIONS)
     out += ["## sdxl_train_textual_inversion.py", "",
             "sd-trainer's `sdxl_train_textual_inversion.py` takes its `train_textual_inversion.py`'s options (the "
             "table above), as sd-scripts' script of that name does, and trains one embedding per SDXL text encoder "
@@ -236,6 +222,18 @@ def sdxl_section() -> list[str]:
             "that are not a multiple of 32. sd-scripts' SDXL textual inversion cannot cache text-encoder outputs "
             "either: the text encoders run every step.", ""]
     return out
+
+
+def _status_table(declared: dict[str, Option], names) -> list[str]:
+    """The option / status / default table of `names` (sd-scripts' options of one script) as declared here."""
+    rows = []
+    for name in names:
+        opt = declared.get(name)
+        if opt is None:
+            rows.append([f"`--{name}`", "not declared: fails as an unknown option", "—"])
+        else:
+            rows.append([f"`--{name}`", cell(status(opt)), default_text(opt)])
+    return table(["option", "status", "default"], rows) + [""]
 
 
 def gui_keys_section() -> list[str]:
