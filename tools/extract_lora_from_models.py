@@ -120,8 +120,12 @@ def _check_args(args) -> None:
         raise UserError(f"--clamp_quantile {args.clamp_quantile}: must be in (0, 1]; 1 turns clipping off")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: no CUDA device here; use --device cpu")
-    if args.sdxl and args.v2:
-        raise UserError("--v2 and --sdxl cannot be used together (as in sd-scripts); give the one that fits the models")
+    if args.sdxl:  # the SDXL family's own rule: --v2 insists on SD 2.x (sd-scripts refuses the pair too)
+        from library.models.family import family_named
+
+        problems = family_named("sdxl").option_problems(vars(args), [])
+        if problems:
+            raise UserError(f"--sdxl: {problems[0]}")
 
 
 def check_families(base, tuned, args) -> None:

@@ -94,8 +94,13 @@ def setup_from_args(args):
         raise UserError("--ckpt is required: the base model (.safetensors/.ckpt, diffusers folder, or tiny-sd1)")
     if args.fp16 and args.bf16:
         raise UserError("--fp16 and --bf16 exclude each other; give one")
-    if args.sdxl and (args.v1 or args.v2):
-        raise UserError(f"--sdxl and --{'v1' if args.v1 else 'v2'} exclude each other; give the one for the model")
+    if args.sdxl:  # the SDXL family's own rule refuses --v2; --v1 (sd-scripts' SD 1.x switch) likewise
+        from library.models.family import family_named
+
+        problems = (["--v1 asks for an SD 1.x model; give the one for the model"] if args.v1 else []) + \
+            family_named("sdxl").option_problems(vars(args), [])
+        if problems:
+            raise UserError(f"--sdxl: {problems[0]}")
     for flag in ("W", "H", *SIZE_FLAGS):
         value = getattr(args, flag)
         if value is not None and value < (0 if flag.startswith("crop") else 1):

@@ -322,7 +322,7 @@ def test_gen_img_sdxl_defaults_and_refusals(tmp_path, capsys):
     assert request.size_conditioning()["crops_coords_top_left"] == (0, 0)
     for argv, needle in ((["--ckpt", "tiny-sd1", "--sdxl", "--steps", "2", "--W", "64", "--H", "64"],
                           "is an SD 1.x model, not an SDXL one"),
-                         (["--ckpt", "tiny-sdxl", "--sdxl", "--v2"], "--sdxl and --v2 exclude each other"),
+                         (["--ckpt", "tiny-sdxl", "--sdxl", "--v2"], "--v2 cannot be used with SDXL"),
                          (["--ckpt", "tiny-sdxl", "--crop_top", "-1"], "--crop_top -1: give 0 or more")):
         code, _, err = run(gen_img, [*argv, "--prompt", "a cat", "--outdir", tmp_path / "o"], capsys)
         assert_one_line_error(code, err, needle)
