@@ -138,6 +138,25 @@ def test_fused_backward_pass_equals_the_plain_step(data, tmp_path):
     assert _same(_state(fused.method.parts.unet), _state(usual.method.parts.unet))
 
 
+def test_fused_optimizer_groups_equal_the_plain_step_for_any_per_parameter_optimizer(data, tmp_path, capsys):
+    """sd-scripts' --fused_optimizer_groups N: N groups stepped inside backward, each once all its gradients are
+    there; for AdamW (per-parameter) that is the usual step exactly. Clipping is per group, so it is off here."""
+    common = ["--optimizer_type", "AdamW", "--max_grad_norm", "0", "--train_text_encoder"]
+    usual = sdxl_train.main(_flags(data, tmp_path / "usual", *common))
+    grouped = sdxl_train.main(_flags(data, tmp_path / "grouped", *common, "--fused_optimizer_groups", "4"))
+    assert grouped.losses == usual.losses
+    for ours, theirs in ((grouped.method.parts.unet, usual.method.parts.unet),
+                         *zip(grouped.method.parts.text_encoders, usual.method.parts.text_encoders)):
+        assert _same(_state(ours), _state(theirs))
+    capsys.readouterr()  # the runs' progress bars
+    err = _refusal(sdxl_train.main, _flags(data, tmp_path / "both", "--fused_optimizer_groups", "4",
+                                           "--fused_backward_pass"), capsys)
+    assert "give one" in err
+    err = _refusal(sdxl_train.main, _flags(data, tmp_path / "acc", "--fused_optimizer_groups", "4",
+                                           "--gradient_accumulation_steps", "2"), capsys)
+    assert "--fused_optimizer_groups" in err and "accumulate" in err
+
+
 def test_resume_continues_exactly_like_the_uninterrupted_run(data, tmp_path):
     common = ["--save_every_n_steps", "1", "--save_state", "--optimizer_type", "AdamW"]
     full = sdxl_train.main(_flags(data, tmp_path / "a", *common, steps=2))

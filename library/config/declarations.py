@@ -374,9 +374,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("block_lr", str, None, "sdxl_train.py: 23 comma-separated U-Net learning rates (time/label embeddings, "
            "input blocks 0-8, middle block 0-2, output blocks 0-8, out); they replace learning_rate for the U-Net, 0 "
            "leaves a block frozen", "dreambooth", scripts=DB_ONLY, numbers=Numbers(float, (23,)), minimum=0),
-    Option("fused_optimizer_groups", int, None, "sdxl_train.py: step the optimizer in N groups inside backward",
-           "dreambooth", scripts=DB_ONLY, minimum=1, note=NOT_SUPPORTED + " (use --fused_backward_pass with "
-           "Adafactor, which frees each gradient the same way)"),
+    Option("fused_optimizer_groups", int, None, "sdxl_train.py: step the optimizer inside backward in N groups of "
+           "parameters (each group once all its gradients are there, clipped per group), freeing their gradients; "
+           "any optimizer", "dreambooth", scripts=DB_ONLY, minimum=1),
     Option("diffusers_xformers", bool, False, "sdxl_train.py: xformers in the VAE (attention here is PyTorch SDPA "
            "either way; accepted, changes nothing)", "dreambooth", scripts=DB_ONLY),
     Option("no_token_padding", bool, False, "do not pad caption tokens to full length (diffusers' DreamBooth)",

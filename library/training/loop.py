@@ -26,7 +26,7 @@ from library.data.plan import RunPlan
 from library.errors import Interrupted, UserError
 from library.training import checkpoints as ck
 from library.training.data_loading import EpochBatchSampler, make_loader
-from library.training.fused_backward import FusedBackward, check_fused_backward
+from library.training.fused_backward import FusedBackward, check_fused_backward, fused_flag
 from library.training.latents import build_latent_cache
 from library.training.optimizers import make_optimizer
 from library.training.reporting import Reporter, tracker_settings
@@ -86,8 +86,8 @@ def train(config: RunConfig, plan: RunPlan, parts, make_method, *, save_ext: str
     lr_scheduler = make_scheduler(config, optimizer, num_training_steps=max_steps, num_processes=procs,
                                   step_offset=method.step_offset)
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
-    fused = FusedBackward(optimizer, method.trainable_params(), config.max_grad_norm) \
-        if config.get("fused_backward_pass") else None
+    fused = FusedBackward(optimizer, method.trainable_params(), config.max_grad_norm,
+                          groups=config.get("fused_optimizer_groups")) if fused_flag(config) else None
     for stateful in method.checkpoint_objects():
         accelerator.register_for_checkpointing(stateful)
 
@@ -108,7 +108,7 @@ def train(config: RunConfig, plan: RunPlan, parts, make_method, *, save_ext: str
                         max_steps=max_steps, epochs=epochs, save_ext=save_ext)
     reporter.begin(state.global_step)
     loop = _Loop(config, accelerator, method, optimizer, lr_scheduler, reporter, per_epoch, accumulation, max_steps,
-                 fused=fused is not None)
+                 fused=fused)
     _run_until_done_or_stopped(loop, loader, state, reporter, fused)
     try:
         final = reporter.finish(loop.state)
@@ -177,8 +177,8 @@ def _load_state(accelerator, folder: Path) -> None:
 
 class _Loop:
     def __init__(self, config, accelerator, method, optimizer, lr_scheduler, reporter, per_epoch, accumulation,
-                 max_steps, *, fused: bool = False):
-        self.fused = fused  # parameters were already stepped, one by one, during backward
+                 max_steps, *, fused: FusedBackward | None = None):
+        self.fused = fused  # parameters were already stepped during backward (one by one, or in groups)
         self.config, self.accelerator, self.method = config, accelerator, method
         self.optimizer, self.lr_scheduler, self.reporter = optimizer, lr_scheduler, reporter
         self.per_epoch, self.accumulation, self.max_steps = per_epoch, accumulation, max_steps
@@ -227,7 +227,8 @@ class _Loop:
                 self.reporter.after_epoch(state, epoch)
 
     def _step(self) -> None:
-        if self.fused:
+        if self.fused is not None:
+            self.fused.flush()
             self.lr_scheduler.step()
             return
         params = [p for p in self.params if p.requires_grad]  # a method may freeze some mid-run (text encoder)

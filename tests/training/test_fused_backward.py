@@ -58,3 +58,37 @@ def test_impossible_combinations_are_one_line_errors(options, processes, phrase)
     with pytest.raises(UserError, match=phrase):
         check_fused_backward({"fused_backward_pass": True, **options}, processes=processes, device=torch.device("cpu"))
     check_fused_backward(options, processes=processes, device=torch.device("cpu"))  # off: nothing to check
+
+
+def test_groups_step_inside_backward_once_each_group_is_complete_and_equal_the_usual_step():
+    """--fused_optimizer_groups: at most N groups of about equal size, each stepped (and its gradients freed) during
+    backward as soon as its last gradient arrives; a group left incomplete (an unused parameter) steps on flush."""
+    from library.training.fused_backward import split_by_size
+
+    usual, x, y = _model_and_batch()
+    grouped, _, _ = _model_and_batch()
+    params = list(grouped.parameters())
+    chunks = split_by_size(params, 2)
+    assert len(chunks) == 2 and [p for c in chunks for p in c] == params
+    assert split_by_size(params, 10) == [[p] for p in params]  # more groups than tensors: one each
+    opt_usual, opt_grouped = torch.optim.AdamW(usual.parameters(), lr=0.1), torch.optim.AdamW(params, lr=0.1)
+    stepped_during_backward = []
+    before = [p.detach().clone() for p in params]
+    last = params[0]  # the first layer's weight: its gradient comes last, completing the first group
+    last.register_post_accumulate_grad_hook(  # registered first: runs before the group's step
+        lambda _: stepped_during_backward.append([not torch.equal(p, b) for p, b in zip(params, before)]))
+    hooks = FusedBackward(opt_grouped, params, max_grad_norm=None, groups=2)
+    for _ in range(2):
+        torch.nn.functional.mse_loss(usual(x), y).backward()
+        opt_usual.step()
+        opt_usual.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(grouped(x), y).backward()
+        hooks.flush()
+        assert all(p.grad is None for p in params)
+    # Groups by size: [first weight (128 values)], [first bias, last weight, last bias (84)]. When the first weight's
+    # gradient arrived (the last one of backward), the other group had already stepped, inside backward.
+    assert [len(c) for c in chunks] == [1, 3]
+    assert stepped_during_backward[0] == [False, True, True, True]
+    for a, b in zip(usual.parameters(), grouped.parameters()):
+        assert torch.equal(a, b)
+    hooks.remove()
