@@ -195,7 +195,7 @@ def load_memory() -> dict:
     path = sdxl_checkpoint()
     numel = 0
     with safe_open(str(path), framework="pt") as f:
-        for key in f:
+        for key in f.keys():
             sl = f.get_slice(key)
             if sl.get_dtype() in ("F16", "BF16", "F32"):
                 n = 1
