@@ -32,12 +32,6 @@ def main(argv=None) -> None:
                             vae=args.vae, tokenizer=args.tokenizer)
     print(parts.describe())
     precision = args.save_precision
-    if precision is None:  # a diffusers folder loads as float32 whatever it holds: keep what it stores
-        from library.models.saving import PRECISIONS
-        from tools.merge_models import stored_dtype
-
-        stored = stored_dtype(args.src)
-        precision = next((name for name, dtype in PRECISIONS.items() if dtype == stored), None)
     dst = save_model(parts, args.dst, precision=precision)
     print(f"wrote {dst}")
 

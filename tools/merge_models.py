@@ -55,28 +55,12 @@ def read_model(path: Path) -> dict:
 
         parts = load_components(str(path))
         # The stored precision: the loader upcasts to float32, which is exact to undo.
-        return to_ldm_state_dict(parts, stored_dtype(path) or parts.source_dtype)
+        return to_ldm_state_dict(parts, parts.source_dtype)  # a folder: the precision its UNet is stored in
     sd, _ = read_state_dict(path)
     kind = foreign_kind(list(sd), sd)
     if kind:
         raise UserError(f"{path}: is {kind.split(' (')[0]}; merge only full SD 1.x/2.x single-file checkpoints")
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-
-
-def stored_dtype(source):
-    """The precision a diffusers folder's UNet weights are stored in (None for anything else): diffusers loads
-    them as float32, so the loaded model no longer tells."""
-    import torch
-
-    from library.models.checkpoint_io import open_checkpoint
-    from library.models.loading import main_dtype
-
-    files = sorted((Path(source) / "unet").glob("*.safetensors")) if Path(source).is_dir() else []
-    if not files:
-        return None
-    with open_checkpoint(files[0]) as file:
-        dtype = main_dtype(file.meta)
-    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else None
 
 
 def model_family(path: Path):

@@ -171,6 +171,18 @@ def load_diffusers_parts(source: str, classes: dict[str, type], *, local: bool, 
         raise UserError(f"{source}: cannot load this diffusers {where} ({first_line(err)}); {hint}") from None
 
 
+def stored_unet_dtype(source: str, loaded: torch.dtype) -> torch.dtype:
+    """The precision a local diffusers folder's UNet is stored in (diffusers loads it as float32, so the loaded
+    model no longer tells): its first .safetensors file's main dtype; `loaded` for anything else (.bin, hub ids)."""
+    folder = Path(source) / "unet"
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return loaded
+    with open_checkpoint(files[0]) as file:
+        dtype = main_dtype(file.meta)
+    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else loaded
+
+
 def prediction_type(source: str, *, local: bool) -> str | None:
     """The scheduler's prediction_type in a local diffusers folder (v_prediction for v-models), else None."""
     config = Path(source) / "scheduler" / "scheduler_config.json"

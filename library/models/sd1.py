@@ -98,7 +98,7 @@ class StableDiffusion(ModelFamily):
         )
 
     def load_diffusers(self, source: str, tokenizer: str | None, *, local: bool) -> Components:
-        from library.models.loading import load_diffusers_parts, prediction_type
+        from library.models.loading import load_diffusers_parts, prediction_type, stored_unet_dtype
 
         root = Path(source)
         loaded = load_diffusers_parts(
@@ -112,7 +112,7 @@ class StableDiffusion(ModelFamily):
             unet=unet, vae=vae, text_encoders=(text_encoder,), tokenizers=(load_tokenizer(v2, tok_source),),
             family=SD2 if v2 else SD1,
             v_parameterization=prediction_type(source, local=local) == "v_prediction",
-            source=source, source_dtype=unet.dtype,
+            source=source, source_dtype=stored_unet_dtype(source, unet.dtype) if local else unet.dtype,
         )
 
     def after_load(self, parts: Components) -> None:

@@ -140,7 +140,7 @@ class StableDiffusionXL(ModelFamily):
                           text_encoder_extras=extras)
 
     def load_diffusers(self, source: str, tokenizer: str | None, *, local: bool) -> Components:
-        from library.models.loading import load_diffusers_parts, prediction_type
+        from library.models.loading import load_diffusers_parts, prediction_type, stored_unet_dtype
 
         loaded = load_diffusers_parts(
             source, {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
@@ -151,7 +151,7 @@ class StableDiffusionXL(ModelFamily):
         folder = source if local and tokenizer is None and (Path(source) / "tokenizer_2").is_dir() else tokenizer
         return Components(unet=unet, vae=vae, text_encoders=(te1, te2), tokenizers=_tokenizers(folder),
                           family=self, v_parameterization=prediction == "v_prediction", source=source,
-                          source_dtype=unet.dtype)
+                          source_dtype=stored_unet_dtype(source, unet.dtype) if local else unet.dtype)
 
     @property
     def tiny_models(self) -> tuple[str, ...]:  # type: ignore[override]

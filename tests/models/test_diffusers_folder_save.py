@@ -104,3 +104,20 @@ def test_saving_in_another_precision_leaves_the_model_in_memory_untouched(tmp_pa
     assert [id(p) for p in parts.unet.parameters()] == params  # the optimizer's parameters are the same objects
     saved = load_components(str(tmp_path / "fp16"), dtype=torch.float16)
     assert_same_tensors(saved.unet.state_dict(), {k: v.half() for k, v in before["unet"].items()})
+
+
+@pytest.mark.parametrize("name", ["tiny-sd1", "tiny-sdxl"])
+def test_a_folder_reports_the_precision_it_is_stored_in(name, tiny_parts, tmp_path):
+    """diffusers loads a folder's weights as float32; the precision it stores (what saves keep) comes from the UNet's
+    file, so an fp16 folder converts to an fp16 file without --save_precision."""
+    from library.models.loading import load_components
+    from library.models.saving import save_model
+
+    folder = save_model(tiny_parts[name], tmp_path / "half", precision="fp16")
+    parts = load_components(str(folder))
+    assert parts.unet.dtype == torch.float32 and parts.source_dtype == torch.float16
+    assert "stored as fp16" in parts.describe()
+    single = save_model(parts, tmp_path / "half.safetensors", precision=None)  # convert_model without --save_precision
+    from safetensors.torch import load_file
+
+    assert {v.dtype for v in load_file(str(single)).values() if v.is_floating_point()} == {torch.float16}
