@@ -48,7 +48,8 @@ class LoRAModule(AdapterModule):
                 keep = keep[..., None, None]
             hidden = hidden * keep
             scale = scale / (1.0 - self.rank_dropout)
-        return self.lora_up(hidden) * scale
+        out = self.lora_up(hidden)
+        return out if scale == 1.0 else out * scale  # alpha = dim: × 1.0 changes no bit, so skip the full-size pass
 
     def delta_weight(self) -> torch.Tensor:
         up, down = self.lora_up.weight, self.lora_down.weight
