@@ -90,11 +90,12 @@ def sgm_unet_view(unet: nn.Module, path_of: Callable[[str], str]) -> nn.Module:
     dropout) are left out: nothing adapts them.
     """
     layers: dict[str, nn.Module] = {}
-    handed: list[str] = []
+    handed: set[str] = set()  # layers handed over whole: their own children are not visited
     for path, module in unet.named_modules():
-        if not path or any(path.startswith(h + ".") for h in handed) or not _is_layer(module):
+        parts = path.split(".")
+        if not path or any(".".join(parts[:i]) in handed for i in range(1, len(parts))) or not _is_layer(module):
             continue
-        handed.append(path)
+        handed.add(path)
         if next(module.parameters(), None) is not None:
             layers[path] = module
     sgm = {path: path_of(path) for path in layers}

@@ -51,3 +51,27 @@ ADAPTER_FLAGS = {
     "loha": ["--network_module", "networks.loha", "--network_args", "conv_dim=2"],
     "lokr": ["--network_module", "networks.lokr", "--network_args", "factor=4"],
 }
+
+
+def planted_low_rank_file(parts, path: Path, **network_args) -> dict[str, torch.Tensor]:
+    """A copy of `parts` with a seeded rank-2 change added to every weight LoRA targets (`network_args`, e.g.
+    conv_dim="1", widen the targets), saved as a single file at `path`; returns the changes by adapter name.
+    What extract_lora_from_models.py must recover."""
+    import copy
+
+    from library.models.saving import save_single_file
+    from networks import lora
+
+    tuned = copy.deepcopy(parts)
+    network = lora.create_network(1.0, 1, 1, None, tuned.network_text_encoder, tuned.unet, **network_args)
+    generator = torch.Generator().manual_seed(0)
+    changes = {}
+    with torch.no_grad():
+        for module in network.text_encoder_loras + network.unet_loras:
+            weight = module.org_module.weight
+            b = torch.randn(weight.shape[0], 2, generator=generator) * 0.1
+            a = torch.randn(2, weight[0].numel(), generator=generator) * 0.1
+            changes[module.lora_name] = (b @ a).reshape(weight.shape)
+            weight += changes[module.lora_name]
+    save_single_file(tuned, path)
+    return changes

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 from accelerate import init_empty_weights
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from library.errors import UserError
 from library.models import ldm_convert as lc
@@ -139,6 +139,19 @@ def build_module(cls, config, tensors: Iterable[tuple[str, torch.Tensor]], sourc
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]}); this architecture is not supported")
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model
+
+
+def build_vae_and_unet(file: TensorFile, vae_ldm: dict, vae_cfg: dict, unet_ldm: dict, unet_cfg: dict, source: str,
+                       dtype: torch.dtype) -> tuple[AutoencoderKL, UNet2DConditionModel]:
+    """A single file's VAE and UNet (ldm / SGM layout, prefixes `first_stage_model.` / `model.diffusion_model.`),
+    streamed: both are renamings of the file's tensors, the same for every family. The UNet, the largest, goes last."""
+    vae = build_module(AutoencoderKL, vae_cfg, stream(file, Prefixed(vae_ldm, lc.VAE_PREFIX),
+                                                      lambda sd: lc.vae_to_diffusers(sd, vae_cfg), dtype),
+                       source, "VAE", dtype)
+    unet = build_module(UNet2DConditionModel, unet_cfg, stream(file, Prefixed(unet_ldm, lc.UNET_PREFIX),
+                                                               lambda sd: lc.unet_to_diffusers(sd, unet_cfg), dtype),
+                        source, "UNet", dtype)
+    return vae, unet
 
 
 def _vae_from_ldm(ldm_vae: dict[str, torch.Tensor], source: str, scaling_factor: float,

@@ -65,7 +65,7 @@ class StableDiffusion(ModelFamily):
 
     # ------------------------------------------------------------------ loading
     def load_single_file(self, file, source: str, tokenizer: str | None, dtype: torch.dtype) -> Components:
-        from library.models.loading import Prefixed, build_module, main_dtype, stream
+        from library.models.loading import Prefixed, build_module, build_vae_and_unet, main_dtype, stream
 
         meta = file.meta
         extras: dict[str, torch.Tensor] = {}
@@ -81,16 +81,10 @@ class StableDiffusion(ModelFamily):
         unet_cfg = infer_unet_config(unet_ldm, v2=self.v2, source=source)
         vae_cfg = infer_vae_config(vae_ldm, source=source, scaling_factor=self.latent_scale)
         text_cfg = CLIPTextConfig(**infer_text_config(te_convert(te_source.stripped), v2=self.v2, source=source))
-        # Modules whose conversion copies tensors (OpenCLIP's fused q/k/v) are read whole, so they go first, while
-        # the least is held; the UNet, a pure renaming, streams last.
+        # Every module streams, one source tensor at a time (OpenCLIP's fused q/k/v are split as views).
         text_encoder = build_module(CLIPTextModel, text_cfg, stream(file, te_source, te_convert, dtype), source,
                                     "text encoder", dtype)
-        vae = build_module(AutoencoderKL, vae_cfg, stream(file, Prefixed(vae_ldm, lc.VAE_PREFIX),
-                                                          lambda sd: lc.vae_to_diffusers(sd, vae_cfg), dtype),
-                           source, "VAE", dtype)
-        unet = build_module(UNet2DConditionModel, unet_cfg, stream(file, Prefixed(unet_ldm, lc.UNET_PREFIX),
-                                                                   lambda sd: lc.unet_to_diffusers(sd, unet_cfg), dtype),
-                            source, "UNet", dtype)
+        vae, unet = build_vae_and_unet(file, vae_ldm, vae_cfg, unet_ldm, unet_cfg, source, dtype)
         return Components(
             unet=unet, vae=vae, text_encoders=(text_encoder,), tokenizers=(load_tokenizer(self.v2, tokenizer),),
             family=self, v_parameterization=False, source=source, source_dtype=main_dtype(unet_ldm),

@@ -103,7 +103,7 @@ class StableDiffusionXL(ModelFamily):
 
     # ------------------------------------------------------------------ loading
     def load_single_file(self, file, source: str, tokenizer: str | None, dtype: torch.dtype) -> Components:
-        from library.models.loading import Prefixed, build_module, main_dtype, stream
+        from library.models.loading import Prefixed, build_module, build_vae_and_unet, main_dtype, stream
 
         meta = file.meta
         unet_ldm = lc.strip_prefix(meta, lc.UNET_PREFIX)
@@ -122,12 +122,7 @@ class StableDiffusionXL(ModelFamily):
                            source, "text encoder 2", dtype)
         te1 = build_module(CLIPTextModel, te1_cfg, stream(file, Prefixed(te1_ldm, TE1_PREFIX), lc.clip_to_transformers,
                                                           dtype), source, "text encoder 1", dtype)
-        vae = build_module(AutoencoderKL, vae_cfg, stream(file, Prefixed(vae_ldm, lc.VAE_PREFIX),
-                                                          lambda sd: lc.vae_to_diffusers(sd, vae_cfg), dtype),
-                           source, "VAE", dtype)
-        unet = build_module(UNet2DConditionModel, unet_cfg, stream(file, Prefixed(unet_ldm, lc.UNET_PREFIX),
-                                                                   lambda sd: lc.unet_to_diffusers(sd, unet_cfg), dtype),
-                            source, "UNet", dtype)
+        vae, unet = build_vae_and_unet(file, vae_ldm, vae_cfg, unet_ldm, unet_cfg, source, dtype)
         # ComfyUI's markers (OneTrainer writes them): an empty `v_pred` tensor for v-prediction, `ztsnr` for
         # zero-terminal-SNR training. sd-scripts writes neither; without them a v-prediction SDXL needs the flag.
         v_pred = "v_pred" in meta

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from library.formats.kohya_metadata import MINIMUM_KEYS
-from library.models.saving import save_single_file
 from networks import lora
 from networks.files import read_network_file
+from tests.helpers import planted_low_rank_file
 from tools import extract_lora_from_models, merge_lora, resize_lora, svd_merge_lora
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -108,20 +108,8 @@ def test_svd_merge_no_metadata(two_loras, tmp_path):
 @pytest.fixture(scope="module")
 def tuned_model(sd1, tmp_path_factory):
     """A tuned tiny SD 1.x file: a seeded rank-2 change added to every LoRA-targeted weight; (path, changes)."""
-    tuned = copy.deepcopy(sd1)
-    generator = torch.Generator().manual_seed(0)
-    network = lora.create_network(1.0, 1, 1, None, tuned.text_encoder, tuned.unet)
-    changes = {}
-    with torch.no_grad():
-        for module in network.text_encoder_loras + network.unet_loras:
-            weight = module.org_module.weight
-            b = torch.randn(weight.shape[0], 2, generator=generator) * 0.1
-            a = torch.randn(2, weight[0].numel(), generator=generator) * 0.1
-            changes[module.lora_name] = (b @ a).reshape(weight.shape)
-            weight += changes[module.lora_name]
     path = tmp_path_factory.mktemp("flags-extract") / "tuned.safetensors"
-    save_single_file(tuned, path)
-    return path, changes
+    return path, planted_low_rank_file(sd1, path)
 
 
 def _extract(tiny_files, tuned_model, out, *flags):

@@ -14,10 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from library.models.loading import load_components
-from library.models.saving import save_single_file
-from networks import lora
 from networks.files import read_network_file
 from networks.network import network_from_weights
+from tests.helpers import planted_low_rank_file
 from tests.tools.test_merge_lora import ALGORITHMS
 from tools import (check_lora_weights, convert_lora, extract_lora_from_models, merge_lora, resize_lora, show_metadata,
                    svd_merge_lora)
@@ -289,20 +288,8 @@ def test_resize_sdxl_locon_keeps_names_metadata_and_the_best_approximation(sdxl,
 def sdxl_tuned(sdxl, tmp_path_factory):
     """tiny-sdxl with a planted rank-2 change in every LoRA-targeted weight (both text encoders, UNet incl. 3x3
     convs); (path, changes)."""
-    tuned = copy.deepcopy(sdxl)
-    network = lora.create_network(1.0, 1, 1, None, list(tuned.text_encoders), tuned.unet, conv_dim="1")
-    generator = torch.Generator().manual_seed(0)
-    changes = {}
-    with torch.no_grad():
-        for module in network.text_encoder_loras + network.unet_loras:
-            weight = module.org_module.weight
-            b = torch.randn(weight.shape[0], 2, generator=generator) * 0.1
-            a = torch.randn(2, weight[0].numel(), generator=generator) * 0.1
-            changes[module.lora_name] = (b @ a).reshape(weight.shape)
-            weight += changes[module.lora_name]
     path = tmp_path_factory.mktemp("sdxl-tuned") / "tuned.safetensors"
-    save_single_file(tuned, path)
-    return path, changes
+    return path, planted_low_rank_file(sdxl, path, conv_dim="1")
 
 
 def test_extract_from_two_sdxl_checkpoints_recovers_the_planted_change(sdxl, sdxl_file, sdxl_tuned, tmp_path):

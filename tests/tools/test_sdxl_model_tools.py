@@ -16,6 +16,7 @@ from library.models.loading import load_components
 from library.models.merging import SDXL_LAYOUT, block_ratio, merge_by_blocks, parse_block_list
 from library.models.saving import to_ldm_state_dict
 from tests.helpers import make_image_folder
+from tests.tools.test_merge_models import assert_one_line_error, run
 from tools import convert_model, dry_run, gen_img, merge_models, merge_unet_blocks, xyz_grid
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -37,22 +38,6 @@ def assert_bit_identical(got: dict, want: dict) -> None:
     for key in want:
         assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, key
         assert _bits(got[key]) == _bits(want[key]), key
-
-
-def run(tool, argv, capsys) -> tuple[int, str, str]:
-    try:
-        tool.main([str(arg) for arg in argv])
-        code = 0
-    except SystemExit as exit_info:
-        code = exit_info.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2 and "Traceback" not in err and err.count("\n") == 1 and err.startswith("error: "), err
-    for needle in needles:
-        assert needle in err, err
 
 
 @pytest.fixture(scope="module")
