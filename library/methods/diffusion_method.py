@@ -123,7 +123,7 @@ class DiffusionMethod:
         target = target_for(self.scheduler, latents, draw.noise, draw.timesteps,
                             v_parameterization=self.parts.v_parameterization)
         mask = batch.alpha_masks if self.config.get("alpha_mask") else None
-        loss, _ = training_loss(pred, target, draw.timesteps, batch.is_reg.to(self.device), self.scheduler,
+        loss, _ = training_loss(pred, target, draw.timesteps, batch.is_reg, self.scheduler,
                                 self.loss_settings, v_parameterization=self.parts.v_parameterization, loss_mask=mask)
         return loss
 

@@ -32,6 +32,17 @@ def dry_run(config: RunConfig) -> None:
     plan = plan_run(config, verify=True)
     plan.problems.extend(family_option_problems(config, plan))  # e.g. SDXL's bucket steps: the run would refuse
     print_plan(plan, verbose=True)
+    _print_bf16_tip(config)
+
+
+def _print_bf16_tip(config: RunConfig) -> None:
+    import torch
+
+    from library.training.precision import bf16_tip
+
+    tip = bf16_tip(config.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu")
+    if tip:
+        print(tip)
 
 
 def start(argv: Sequence[str] | None, script: str, description: str, run: Callable[[RunConfig, object], object],

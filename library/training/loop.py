@@ -29,6 +29,7 @@ from library.training.data_loading import EpochBatchSampler, make_loader
 from library.training.fused_backward import FusedBackward, check_fused_backward, fused_flag
 from library.training.latents import build_latent_cache
 from library.training.optimizers import make_optimizer
+from library.training.precision import bf16_tip
 from library.training.reporting import Reporter, tracker_settings
 from library.training.schedulers import make_scheduler
 
@@ -67,6 +68,9 @@ def train(config: RunConfig, plan: RunPlan, parts, make_method, *, save_ext: str
     started = time.time()
     if accelerator.device.type == "cpu" and config.mixed_precision == "fp16":
         accelerator.print("mixed_precision fp16 on a CPU: computing in float32 (CPUs have no fp16 autocast)")
+    tip = bf16_tip(config.mixed_precision, accelerator.device.type)
+    if tip:
+        accelerator.print(tip)
     method = make_method(config, parts, accelerator.device, weight_dtype(config, accelerator.device), plan)
 
     method.texts_ready(plan)

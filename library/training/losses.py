@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from library.config.settings import settings_from_config
+from library.training.noise import schedule_table
 
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
@@ -51,9 +52,9 @@ def huber_c_for(timesteps: torch.Tensor, scheduler: DDPMScheduler, settings: Los
         return torch.exp(-alpha * timesteps) * huber_scale
     if schedule == "snr":
         # sd-scripts ignores huber_scale here, and reads the (possibly zero-terminal-SNR) alphas_cumprod.
-        alphas_cumprod = scheduler.alphas_cumprod[timesteps.to(scheduler.alphas_cumprod.device)]
+        alphas_cumprod = schedule_table(scheduler, "alphas_cumprod", timesteps.device)[timesteps]
         sigmas = ((1.0 - alphas_cumprod) / alphas_cumprod) ** 0.5
-        return ((1 - huber_c) / (1 + sigmas) ** 2 + huber_c).to(timesteps.device)
+        return (1 - huber_c) / (1 + sigmas) ** 2 + huber_c
     if schedule == "constant":
         return torch.full((timesteps.shape[0],), huber_c * huber_scale, device=timesteps.device)
     raise ValueError(f"huber_schedule {schedule!r} is not one of {', '.join(HUBER_SCHEDULES)}")
@@ -90,9 +91,9 @@ def training_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Ten
         loss = loss * _resized_mask(loss_mask, loss)
     loss = loss.mean(dim=tuple(range(1, loss.dim())))
     # sd-scripts' batch["loss_weights"]: prior_loss_weight for regularization images, 1 for the rest (float32).
-    is_reg = torch.as_tensor(is_reg, dtype=torch.bool, device=loss.device)
-    prior = torch.tensor(settings.prior_loss_weight, dtype=torch.float32, device=loss.device)
-    loss = loss * torch.where(is_reg, prior, torch.ones_like(prior))
+    # (Python numbers, not tensors made from them: building a device tensor from a host value is a copy to wait for.)
+    is_reg = torch.as_tensor(is_reg, dtype=torch.bool).to(loss.device, non_blocking=True)
+    loss = loss * torch.where(is_reg, float(settings.prior_loss_weight), 1.0)
     loss = post_process_loss(loss, timesteps, scheduler, settings, v_parameterization=v_parameterization)
     return loss.mean(), loss
 
@@ -102,14 +103,14 @@ def post_process_loss(loss: torch.Tensor, timesteps: torch.Tensor, scheduler: DD
     """sd-scripts' NetworkTrainer.post_process_loss on per-sample losses, in its order (a falsy option is off)."""
     gamma = settings.min_snr_gamma
     if gamma:
-        loss = loss * min_snr_weight(timesteps, scheduler, gamma, v_parameterization=v_parameterization).to(loss.device)
+        loss = loss * min_snr_weight(timesteps, scheduler, gamma, v_parameterization=v_parameterization)
     if settings.scale_v_pred_loss_like_noise_pred:
-        loss = loss * snr_scale(timesteps, scheduler).to(loss.device)
+        loss = loss * snr_scale(timesteps, scheduler)
     v_pred_like = settings.v_pred_like_loss
     if v_pred_like:
-        loss = loss + loss / snr_scale(timesteps, scheduler).to(loss.device) * v_pred_like
+        loss = loss + loss / snr_scale(timesteps, scheduler) * v_pred_like
     if settings.debiased_estimation_loss:
-        loss = debiased_weight(timesteps, scheduler, v_parameterization=v_parameterization).to(loss.device) * loss
+        loss = debiased_weight(timesteps, scheduler, v_parameterization=v_parameterization) * loss
     return loss
 
 
@@ -135,8 +136,7 @@ def debiased_weight(timesteps: torch.Tensor, scheduler: DDPMScheduler, *, v_para
 
 def _snr(timesteps: torch.Tensor, scheduler: DDPMScheduler) -> torch.Tensor:
     """The SNR that make_noise_scheduler attached, at each sample's timestep."""
-    all_snr = scheduler.all_snr
-    return all_snr[timesteps.to(all_snr.device)]
+    return schedule_table(scheduler, "all_snr", timesteps.device)[timesteps]
 
 
 def _resized_mask(mask: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 from diffusers import DDPMScheduler
@@ -92,7 +92,9 @@ def draw_noise(scheduler: DDPMScheduler, latents: torch.Tensor, settings: NoiseS
             gamma = _rand(latents, generator) * gamma
         # Input perturbation: only the model's input gets the extra noise; the target keeps `noise`.
         model_noise = noise + gamma * _randn(latents.shape, latents, generator)
-    noisy_latents = _keeping_schedule(scheduler, scheduler.add_noise, latents, model_noise, timesteps)
+    # diffusers' add_noise, op for op, with the table already on the device
+    sqrt_alpha, sqrt_one_minus_alpha = _schedule_factors(scheduler, timesteps, latents)
+    noisy_latents = sqrt_alpha * latents + sqrt_one_minus_alpha * model_noise
     return NoiseDraw(noise=noise, timesteps=timesteps, noisy_latents=noisy_latents)
 
 
@@ -112,7 +114,9 @@ def target_for(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Ten
     """What the model should predict: the noise, or the velocity sqrt(a_t)*noise - sqrt(1-a_t)*latents."""
     if not v_parameterization:
         return noise
-    return _keeping_schedule(scheduler, scheduler.get_velocity, latents, noise, timesteps)
+    # diffusers' get_velocity, op for op, with the table already on the device
+    sqrt_alpha, sqrt_one_minus_alpha = _schedule_factors(scheduler, timesteps, latents)
+    return sqrt_alpha * noise - sqrt_one_minus_alpha * latents
 
 
 def _offset_noise(latents: torch.Tensor, noise: torch.Tensor, noise_offset: float | torch.Tensor,
@@ -129,10 +133,13 @@ def _pyramid_noise(noise: torch.Tensor, iterations: int, discount: float, genera
     """sd-scripts' pyramid_noise_like (multi-resolution noise), its Python `random` draws taken from `generator`."""
     b, c, h, w = noise.shape
     upsample = torch.nn.Upsample(size=(h, w), mode="bilinear")
+    # The shrink factors set grid sizes, so the host needs them: on an accelerator they come from a CPU generator
+    # seeded from this batch's seed (reading a device draw back would make the host wait every level).
+    factors = generator if generator.device.type == "cpu" else torch.Generator().manual_seed(generator.initial_seed())
     for level in range(iterations):
         # A fresh shrink factor in [2, 4) per level (drawn at level 0 too, where it has no effect); float32 so a
         # half-precision draw cannot round it onto a different grid size.
-        r = 2.0 + 2.0 * torch.rand((), generator=generator, device=noise.device, dtype=torch.float32).item()
+        r = 2.0 + 2.0 * torch.rand((), generator=factors, dtype=torch.float32).item()
         hn, wn = max(1, int(h / (r**level))), max(1, int(w / (r**level)))
         noise = noise + upsample(_randn((b, c, hn, wn), noise, generator)) * discount**level
         if hn == 1 or wn == 1:
@@ -141,14 +148,27 @@ def _pyramid_noise(noise: torch.Tensor, iterations: int, discount: float, genera
     return noise / noise.std()
 
 
-def _keeping_schedule(scheduler: DDPMScheduler, method: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
-    """Call add_noise / get_velocity without its side effect of moving scheduler.alphas_cumprod to the latents'
-    device (sd-scripts moves it back to the CPU after add_noise)."""
-    alphas_cumprod = scheduler.alphas_cumprod
-    try:
-        return method(*args)
-    finally:
-        scheduler.alphas_cumprod = alphas_cumprod
+def schedule_table(scheduler: DDPMScheduler, name: str, device: torch.device, dtype: torch.dtype | None = None
+                   ) -> torch.Tensor:
+    """`scheduler.<name>` (alphas_cumprod, all_snr) on `device` in `dtype`, copied there once per run: indexing a
+    CPU table with device timesteps (or copying it to the device) every step makes the host wait for the device."""
+    tables = scheduler.__dict__.setdefault("_device_tables", {})
+    source = getattr(scheduler, name)
+    key = (name, torch.device(device), dtype or source.dtype)
+    cached = tables.get(key)
+    if cached is None or cached[0] is not source:  # a replaced table (another schedule) is copied again
+        cached = tables[key] = (source, source.to(device=key[1], dtype=key[2]))
+    return cached[1]
+
+
+def _schedule_factors(scheduler: DDPMScheduler, timesteps: torch.Tensor, like: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t) per sample, shaped to broadcast over `like` (diffusers' add_noise
+    and get_velocity compute exactly these, in `like`'s dtype)."""
+    alphas_cumprod = schedule_table(scheduler, "alphas_cumprod", like.device, like.dtype)
+    at_t = alphas_cumprod[timesteps.to(like.device)]
+    shape = (-1,) + (1,) * (like.dim() - 1)
+    return (at_t ** 0.5).flatten().reshape(shape), ((1 - at_t) ** 0.5).flatten().reshape(shape)
 
 
 def _randn(shape: tuple[int, ...] | torch.Size, like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

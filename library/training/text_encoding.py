@@ -78,7 +78,8 @@ def encode(text_encoder: CLIPTextModel, input_ids: torch.Tensor, *, clip_skip: i
         raise ValueError(f"input_ids of shape {tuple(input_ids.shape)} do not match max_token_length "
                          f"{max_token_length} (expected (B, {n}, {MODEL_MAX_LENGTH}))")
     b = input_ids.shape[0]
-    flat = input_ids.reshape(-1, MODEL_MAX_LENGTH).to(text_encoder.device)
+    # non_blocking: the host does not wait for the device to take the ids (a pageable copy is staged first)
+    flat = input_ids.reshape(-1, MODEL_MAX_LENGTH).to(text_encoder.device, non_blocking=True)
     return join_windows(_hidden_states(text_encoder, flat, clip_skip).reshape(b, n, MODEL_MAX_LENGTH, -1))
 
 

@@ -250,3 +250,26 @@ def test_draws_in_the_latents_dtype(dtype):
     draw = _draw(options, _latents(dtype=dtype))
     assert draw.noise.dtype == dtype and draw.noisy_latents.dtype == dtype
     assert torch.isfinite(draw.noisy_latents.float()).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_noisy_latents_and_v_target_are_diffusers_add_noise_and_get_velocity_bit_for_bit(dtype):
+    # Our table lives on the device; the arithmetic must still be diffusers' own, op for op.
+    ours, theirs = make_noise_scheduler(v_parameterization=True), make_noise_scheduler(v_parameterization=True)
+    latents = _latents((3, 4, 8, 8), dtype=dtype)
+    draw = _draw({}, latents, seed=5, scheduler=ours)
+    assert torch.equal(draw.noisy_latents, theirs.add_noise(latents, draw.noise, draw.timesteps))
+    velocity = target_for(ours, latents, draw.noise, draw.timesteps, v_parameterization=True)
+    assert torch.equal(velocity, theirs.get_velocity(latents, draw.noise, draw.timesteps))
+
+
+def test_schedule_tables_are_copied_once_per_device_and_dtype():
+    from library.training.noise import schedule_table
+
+    scheduler = make_noise_scheduler(v_parameterization=False)
+    first = schedule_table(scheduler, "alphas_cumprod", torch.device("cpu"), torch.bfloat16)
+    assert schedule_table(scheduler, "alphas_cumprod", torch.device("cpu"), torch.bfloat16) is first
+    assert torch.equal(first, scheduler.alphas_cumprod.to(torch.bfloat16))
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod * 0.5  # a replaced table is not served stale
+    assert torch.equal(schedule_table(scheduler, "alphas_cumprod", torch.device("cpu"), torch.bfloat16),
+                       scheduler.alphas_cumprod.to(torch.bfloat16))
