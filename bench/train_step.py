@@ -8,6 +8,8 @@ diffusers + peft LoRA loop on the same model and settings.
     python bench/train_step.py --repeat 3            # medians of 3 alternating runs (this VM drifts by seconds)
     python bench/train_step.py --model sdxl          # SDXL shapes (sdxl_train_network.py), 512 px, 3 steps
     python bench/train_step.py --load-memory         # peak RSS of load_components(SDXL fp16 file) alone
+    python bench/train_step.py --table               # the issue's table: rows 1-4, 11 steps (see bench/README.md)
+    python bench/train_step.py --table --rows 2,4 --repeat 3 --model tiny
 
 SDXL runs also cache the text encoder outputs (--cache_text_encoder_outputs), as the issue names them; its random
 full-size fp16 file (~6.9 GB) is written once to bench/.cache/ with the project's saver. Figures: bench/sdxl.md.
@@ -15,6 +17,11 @@ full-size fp16 file (~6.9 GB) is written once to bench/.cache/ with the project'
 Settings as the issue names them: fp32, cached latents, gradient checkpointing, UNet-only LoRA, 8 images.
 The SD 1.5-shaped model is random (weights do not change speed); it is written once to bench/.cache/.
 Every figure comes from a fresh child process, so peak RSS is that run's alone.
+
+--table: per row (UNet+TE LoRA / UNet-only; GC; bf16; no GC) the floor's and our median s/step, their ratio against
+the issue's target (≤ 0.86 with GC, ≤ 0.76 without), our share of this CPU's fp32/bf16 matmul peak (measured here,
+on the children's thread count; FLOPs per step counted once with FlopCounterMode in a child), time to first step
+and peak RSS; one JSON line per row, then the Markdown table.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -100,9 +108,14 @@ def run_child(cmd: list[str]) -> dict:
     start = time.perf_counter()
     proc = subprocess.Popen(["/usr/bin/time", "-f", "MAXRSS_KIB %M", *cmd], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    first, first_step, pace, rss_gib, lines = None, None, None, None, []
+    first, first_step, pace, rss_gib, threads, steps, lines = None, None, None, None, None, [], []
     for line in proc.stdout:
         lines.append(line)
+        # search, not match: a progress bar's last redraw (no newline of its own) may lead the line
+        if (m := re.search(r"\bstep (\d+) took ([0-9.]+) s", line)):
+            steps.append(float(m.group(2)))
+        if (m := re.search(r"torch threads (\d+)", line)):
+            threads = int(m.group(1))
         if first is None and re.search(r"training starts", line):
             first = time.perf_counter() - start
         if (m := re.search(r"first step took ([0-9.]+) s", line)):
@@ -114,26 +127,57 @@ def run_child(cmd: list[str]) -> dict:
     proc.wait()
     if proc.returncode:
         raise SystemExit("".join(lines[-30:]))
-    return {"s_per_step": pace, "time_to_first_step_s": first, "first_step_s": first_step, "peak_rss_gib": rss_gib}
+    return {"s_per_step": pace, "s_per_step_median": statistics.median(steps[1:]) if len(steps) > 1 else None,
+            "time_to_first_step_s": first, "first_step_s": first_step, "peak_rss_gib": rss_gib, "threads": threads}
 
 
-def ours(model: str, resolution: int, batch: int, steps: int, rank: int, sdxl: bool = False) -> dict:
+# Runs our trainer script as `python script args`, with one line per step ("step N took X s": from the step loop's
+# start, then from the previous step's end, as the floor prints them) and the thread count, so the benchmark can take
+# medians; the steps themselves run unchanged.
+OURS_CHILD = """
+import runpy, sys, time
+import torch
+from library.training import reporting
+after_step = reporting.Reporter.after_step
+def timed(self, state, loss, lr_scheduler):
+    now = time.time()
+    last = self.loop_started if self.first_step_at is None else self._bench_last
+    print(f"step {state.global_step} took {now - last:.4f} s", flush=True)
+    if self.first_step_at is None:
+        print(f"torch threads {torch.get_num_threads()}", flush=True)
+    after_step(self, state, loss, lr_scheduler)
+    self._bench_last = now
+reporting.Reporter.after_step = timed
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def ours(model: str, resolution: int, batch: int, steps: int, rank: int, sdxl: bool = False, *, te: bool = False,
+         gc: bool = True, bf16: bool = False) -> dict:
     out = CACHE / "out"
     script = "sdxl_train_network.py" if sdxl else "train_network.py"
-    cmd = [sys.executable, script, "--pretrained_model_name_or_path", model,
+    cmd = [sys.executable, "-c", OURS_CHILD, script, "--pretrained_model_name_or_path", model,
            "--train_data_dir", str(dataset(resolution)), "--caption_extension", ".txt",
            "--resolution", str(resolution), "--train_batch_size", str(batch), "--max_train_steps", str(steps),
            "--network_module", "networks.lora", "--network_dim", str(rank), "--network_alpha", str(rank),
-           "--network_train_unet_only", "--gradient_checkpointing", "--cache_latents", "--learning_rate", "1e-4",
+           "--cache_latents", "--learning_rate", "1e-4",
            "--output_dir", str(out), "--output_name", "bench", "--seed", "0", "--max_data_loader_n_workers", "0"]
+    cmd += [] if te else ["--network_train_unet_only"]
+    cmd += ["--gradient_checkpointing"] if gc else []
+    cmd += ["--mixed_precision", "bf16"] if bf16 else []
     if sdxl:
         cmd.append("--cache_text_encoder_outputs")
     return run_child(cmd)
 
 
-def floor(model: str, resolution: int, batch: int, steps: int, rank: int) -> dict:
+def floor(model: str, resolution: int, batch: int, steps: int, rank: int, *, te: bool = False, gc: bool = True,
+          bf16: bool = False) -> dict:
     cmd = [sys.executable, str(Path(__file__).with_name("diffusers_floor.py")), model, str(dataset(resolution)),
            str(resolution), str(batch), str(steps), str(rank)]
+    cmd += ["--te-lora"] if te else []
+    cmd += [] if gc else ["--no-gc"]
+    cmd += ["--bf16"] if bf16 else []
     return run_child(cmd)
 
 
@@ -142,6 +186,10 @@ def median_of(runs: list[dict]) -> dict:
     out = {}
     for key in runs[0]:
         values = sorted(r[key] for r in runs if r[key] is not None)
+        if key == "threads":  # the same in every run; a count, not a figure
+            if values:
+                out[key] = values[0] if len(set(values)) == 1 else values
+            continue
         if values:
             out[key] = values[len(values) // 2]
             if len(values) > 1:
@@ -162,6 +210,180 @@ def measure(model_name: str, resolution: int, batch: int, steps: int, rank: int,
         result["ratio_to_floor"] = result["ours"]["s_per_step"] / result["floor"]["s_per_step"]
     print(json.dumps(result), flush=True)
     return result
+
+
+# The issue's table: row -> (setting, LoRA on the text encoder too, gradient checkpointing, bf16, target ratio).
+ROWS = {
+    1: ("UNet+TE LoRA, GC, fp32", True, True, False, 0.86),
+    2: ("UNet-only, GC, fp32", False, True, False, 0.86),
+    3: ("UNet-only, GC, bf16", False, True, True, 0.86),
+    4: ("UNet-only, no GC, fp32", False, False, False, 0.76),
+}
+
+
+def matmul_peak(threads: int, size: int = 2048, best_of: int = 10, budget_s: float = 10.0) -> dict:
+    """This CPU's matmul peak in GFLOP/s, fp32 and bf16: torch.mm of size × size, 3 warm-ups, the best of `best_of`
+    (fewer, at least 3, past `budget_s` seconds), on `threads` threads, as many as the children use."""
+    import torch
+
+    torch.set_num_threads(threads)
+    peak = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+        for _ in range(3):
+            torch.mm(a, b)
+        best, spent, runs = float("inf"), 0.0, 0
+        while runs < best_of and (runs < 3 or spent < budget_s):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            took = time.perf_counter() - start
+            best, spent, runs = min(best, took), spent + took, runs + 1
+        peak[name] = 2 * size**3 / best / 1e9
+    return peak
+
+
+def count_flops(model: str, resolution: int, batch: int, rank: int) -> dict:
+    """FLOPs of one training step (forward + loss, then backward) of the UNet as train_network.py runs it: the same
+    loader, networks.lora on the same layers, only the adapters trainable, diffusers'/transformers' checkpointing as
+    ours enables it. FlopCounterMode counts what executes, so with checkpointing the backward includes the forward it
+    recomputes. Counted: no GC, GC, and GC with the text encoder's LoRA (its forward with grad, checkpointed too).
+    CPU attention runs as aten._scaled_dot_product_flash_attention_for_cpu, which the counter does not know: it is
+    counted with the counter's own SDPA formulas."""
+    import torch
+    from torch.utils import flop_counter
+
+    from library.models.loading import load_components
+    from networks.plugin import create_network
+
+    aten = torch.ops.aten
+
+    def cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    def cpu_sdpa_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa,
+               aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_sdpa_backward}
+    parts = load_components(model)
+    if len(parts.text_encoders) != 1:
+        raise SystemExit("--count-flops: SD 1.x/2.x only")
+    unet, text_encoder = parts.unet, parts.text_encoders[0]
+    network = create_network("networks.lora", 1.0, rank, rank, parts.vae, parts.network_text_encoder, unet)
+    network.apply_to(parts.network_text_encoder, unet, True, True)
+    for module in parts.modules():
+        module.requires_grad_(False)
+    network.requires_grad_(True)
+    unet.train()
+    text_encoder.train()
+    ids = parts.tokenizer(["sks shape"] * batch, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        fixed = text_encoder(ids)[0]
+    torch.manual_seed(0)
+    latents = torch.randn(batch, 4, resolution // 8, resolution // 8)
+    timesteps = torch.randint(0, 1000, (batch,))
+
+    def step(with_text_encoder: bool) -> dict:
+        with flop_counter.FlopCounterMode(display=False, custom_mapping=mapping) as forward:
+            context = text_encoder(ids)[0] if with_text_encoder else fixed
+            loss = torch.nn.functional.mse_loss(unet(latents, timesteps, context).sample, latents)
+        with flop_counter.FlopCounterMode(display=False, custom_mapping=mapping) as backward:
+            loss.backward()
+        network.zero_grad(set_to_none=True)
+        return {"forward": forward.get_total_flops(), "backward": backward.get_total_flops(),
+                "step": forward.get_total_flops() + backward.get_total_flops()}
+
+    counts = {"no_gc": step(False)}
+    unet.enable_gradient_checkpointing()
+    counts["gc"] = step(False)
+    text_encoder.gradient_checkpointing_enable()
+    counts["gc_te"] = step(True)
+    return counts
+
+
+def _fmt(value, spec: str, unit: str = "") -> str:
+    return "—" if value is None else f"{value:{spec}}{unit}"
+
+
+def table(model_name: str, resolution: int, batch: int, steps: int, rank: int, rows: list[int], repeat: int) -> list:
+    """The issue's table: each row's floor and ours (alternating, `repeat` times, fresh children), ratio against the
+    target, our share of this CPU's matmul peak, time to first step and peak RSS; one JSON line per row, then
+    Markdown (a progress line per row on stderr as it finishes)."""
+    import torch
+
+    if model_name not in ("tiny", "sd15"):
+        raise SystemExit("--table: --model tiny or sd15")
+    model = "tiny-sd1" if model_name == "tiny" else str(full_size_checkpoint())
+    threads = torch.get_num_threads()  # a fresh child's default too: same machine, same environment
+    peak = matmul_peak(threads)
+    counted = subprocess.run([sys.executable, __file__, "--count-flops", model, str(resolution), str(batch),
+                              str(rank)], cwd=ROOT, capture_output=True, text=True, check=False)
+    if counted.returncode:
+        raise SystemExit(counted.stdout[-3000:] + counted.stderr[-3000:])
+    flops = json.loads(counted.stdout.strip().splitlines()[-1])
+    results = []
+    for number in rows:
+        setting, te, gc, bf16, target = ROWS[number]
+        ours_runs, floor_runs = [], []
+        for _ in range(repeat):  # alternate, so drift on the machine hits both alike
+            ours_runs.append(ours(model, resolution, batch, steps, rank, te=te, gc=gc, bf16=bf16))
+            floor_runs.append(floor(model, resolution, batch, steps, rank, te=te, gc=gc, bf16=bf16))
+        mine, base = median_of(ours_runs), median_of(floor_runs)
+        pace = {k: r.get("s_per_step_median", r.get("s_per_step")) for k, r in (("ours", mine), ("floor", base))}
+        ratio = pace["ours"] / pace["floor"] if pace["ours"] and pace["floor"] else None
+        result = {"row": number, "setting": setting, "model": model_name, "resolution": resolution, "batch": batch,
+                  "rank": rank, "steps": steps, "runs": repeat, "floor_s_per_step": pace["floor"],
+                  "ours_s_per_step": pace["ours"], "ratio_to_floor": ratio, "target": target,
+                  "pass": ratio is not None and ratio <= target,
+                  "flops_per_step": flops["gc_te" if te else "gc" if gc else "no_gc"]["step"],
+                  "peak_dtype": "bf16" if bf16 else "fp32", "threads": threads, "floor": base, "ours": mine}
+        print(f"row {number} ({setting}): floor {_fmt(pace['floor'], '.3f')}, ours {_fmt(pace['ours'], '.3f')} s/step",
+              file=sys.stderr, flush=True)
+        results.append(result)
+    # The peak again, after the rows: on a shared machine one measurement can land on a busy moment, which would
+    # inflate every share; the best of the two is the nearer to this CPU's peak.
+    peak = {k: max(v, peak[k]) for k, v in matmul_peak(threads).items()}
+    for r in results:
+        r["peak_gflops"] = peak[r["peak_dtype"]]
+        r["share_of_peak"] = r["flops_per_step"] / r["ours_s_per_step"] / (r["peak_gflops"] * 1e9) \
+            if r["ours_s_per_step"] else None
+        print(json.dumps(r), flush=True)
+
+    print(f"\n{model_name}, {resolution} px, batch {batch}, LoRA rank {rank}, cached latents, AdamW, 8 images; "
+          f"medians of {steps - 1} step times (the first step left out) per run, {repeat} run(s) each\n")
+    print("| setting | floor s/step | ours s/step | ratio | target | share of fp32/bf16 matmul peak (ours) "
+          "| time to first step floor / ours | peak RSS floor / ours |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        verdict = "—" if r["ratio_to_floor"] is None else "PASS" if r["pass"] else "MISS"
+        base, mine = r["floor"], r["ours"]
+        share = None if r["share_of_peak"] is None else 100 * r["share_of_peak"]
+        cells = [f"{r['row']}. {r['setting']}", _fmt(r["floor_s_per_step"], ".3f"), _fmt(r["ours_s_per_step"], ".3f"),
+                 _fmt(r["ratio_to_floor"], ".2f"), f"≤ {r['target']:.2f} {verdict}",
+                 f"{_fmt(share, '.1f', '%')} of {r['peak_dtype']}",
+                 " / ".join(_fmt(x.get("time_to_first_step_s"), ".1f", " s") for x in (base, mine)),
+                 " / ".join(_fmt(x.get("peak_rss_gib"), ".2f", " GiB") for x in (base, mine))]
+        print("| " + " | ".join(cells) + " |")
+    child_threads = set()
+    for r in results:
+        for who in ("floor", "ours"):
+            value = r[who].get("threads")
+            child_threads |= set(value if isinstance(value, list) else [] if value is None else [value])
+    gflop = {k: v["step"] / 1e9 for k, v in flops.items()}
+    recompute = (flops["gc"]["backward"] - flops["no_gc"]["backward"]) / 1e9
+    mismatch = "" if child_threads == {threads} else " — NOT the same: the shares are off by that ratio"
+    print(f"\nPeak: best torch.mm 2048×2048, before and after the rows, on {threads} threads (the children's: "
+          f"{', '.join(map(str, sorted(child_threads))) or '?'}{mismatch}): fp32 {peak['fp32']:.0f}, "
+          f"bf16 {peak['bf16']:.0f} GFLOP/s. Share = FLOPs per step / our s/step / the peak of the row's dtype "
+          f"(bf16 for row 3).")
+    print(f"FLOPs per step (FlopCounterMode, one forward + backward of the UNet with networks.lora, as ours runs it; "
+          f"the AdamW update not counted): the count of what executes, so the GC rows include the checkpointed blocks' "
+          f"forward, recomputed in the backward ({recompute:.1f} GFLOP): GC {gflop['gc']:.1f} GFLOP (rows 2, 3), "
+          f"GC + text encoder LoRA {gflop['gc_te']:.1f} (row 1), no GC {gflop['no_gc']:.1f} (row 4; its forward "
+          f"{flops['no_gc']['forward'] / 1e9:.1f}).")
+    print("Time to first step: launch to the 'training starts' line (imports, loading, latent caching); "
+          "the first step itself is first_step_s in the JSON. Peak RSS: GNU time's %M of each child.")
+    return results
 
 
 LOAD_CHILD = """
@@ -234,21 +456,35 @@ def main() -> None:
     parser.add_argument("--model", choices=("tiny", "sd15", "sdxl"), default="sd15")
     parser.add_argument("--resolution", type=int, help="default 256, SDXL 512")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--steps", type=int, help="default 6; SDXL 3 (the first + 2: a CPU step takes minutes)")
+    parser.add_argument("--steps", type=int,
+                        help="default 6, --table 11; SDXL 3 (the first + 2: a CPU step takes minutes)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--matrix", action="store_true")
+    parser.add_argument("--table", action="store_true", help="the issue's table: rows 1-4 (UNet+TE / UNet-only, GC, "
+                        "bf16, no GC) against the floor, with targets and the share of the matmul peak")
+    parser.add_argument("--rows", default="1,2,3,4", help="--table rows to run, e.g. 2,4")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each; figures are medians, with ranges")
     parser.add_argument("--load-memory", action="store_true", help="only the SDXL loading-memory figures")
     parser.add_argument("--write-sdxl-checkpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--count-flops", nargs=4, metavar=("MODEL", "RESOLUTION", "BATCH", "RANK"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.write_sdxl_checkpoint:
         return _write_sdxl_checkpoint(Path(args.write_sdxl_checkpoint))
+    if args.count_flops:
+        model, resolution, batch, rank = args.count_flops
+        return print(json.dumps(count_flops(model, int(resolution), int(batch), int(rank))), flush=True)
     if args.load_memory:
         return load_memory()
     sdxl = args.model == "sdxl"
     args.resolution = args.resolution or (512 if sdxl else 256)
-    args.steps = args.steps or (3 if sdxl else 6)
-    if args.matrix:
+    args.steps = args.steps or (3 if sdxl else 11 if args.table else 6)
+    if args.table:
+        rows = [int(row) for row in args.rows.split(",")]
+        if set(rows) - set(ROWS):
+            parser.error(f"--rows: choose from {sorted(ROWS)}")
+        table(args.model, args.resolution, args.batch, args.steps, args.rank, rows, args.repeat)
+    elif args.matrix:
         for model in ("tiny", "sd15"):
             for resolution in (256, 512):
                 for batch in (1, 4):
