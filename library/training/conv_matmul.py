@@ -1,4 +1,4 @@
-"""Frozen 3×3 convolutions at low resolution as one matrix product (im2col), where oneDNN is slow on a CPU.
+"""Frozen convolutions at low resolution as one matrix product (im2col), where oneDNN is slow on a CPU.
 
 oneDNN re-lays a convolution's weights out into its blocked format on every call. For the UNet's deep blocks (1,280
 channels at 8×8 or 4×4 latents) that weight pass costs more than the arithmetic: measured on the dev machine, such a
@@ -27,7 +27,10 @@ def conv2d_as_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         bias = bias.to(dtype) if bias is not None else None
     b, _, h, w = x.shape
     o, _, kh, kw = weight.shape
-    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (B, C·kh·kw, L)
+    if (kh, kw) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
+        cols = x.reshape(b, -1, h * w)  # a pointwise convolution: the pixels are the columns already
+    else:
+        cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (B, C·kh·kw, L)
     ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     matrix = weight.reshape(o, -1).expand(b, -1, -1)
@@ -46,12 +49,12 @@ def _conv_forward(module: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias
 
 
 def use_matmul_convs(model: nn.Module) -> int:
-    """Route `model`'s plain Conv2d layers (groups 1, zero padding) through `_conv_forward` above; returns how many.
+    """Route `model`'s plain Conv2d layers (groups 1, zero padding; 3×3 and 1×1 shortcuts/projections alike) through
+    `_conv_forward` above; returns how many.
     Only the instance's `_conv_forward` changes: state dicts, adapters that wrap `forward`, and saves are untouched."""
     count = 0
     for module in model.modules():
-        if (type(module) is nn.Conv2d and module.groups == 1 and module.padding_mode == "zeros"
-                and module.kernel_size != (1, 1)):
+        if type(module) is nn.Conv2d and module.groups == 1 and module.padding_mode == "zeros":
             module._conv_forward = _conv_forward.__get__(module)
             count += 1
     return count

@@ -11,11 +11,12 @@ from torch import nn
 from library.training.conv_matmul import MIN_WEIGHT_TO_INPUT, conv2d_as_matmul, restore_convs, use_matmul_convs
 
 
-@pytest.mark.parametrize("stride,padding,dilation,bias", [(1, 1, 1, True), (2, 1, 1, True), (1, 0, 1, False),
-                                                           (1, 2, 2, True)])
-def test_the_matrix_product_is_the_convolution_with_its_input_gradient(stride, padding, dilation, bias):
+@pytest.mark.parametrize("kernel,stride,padding,dilation,bias", [(3, 1, 1, 1, True), (3, 2, 1, 1, True),
+                                                                  (3, 1, 0, 1, False), (3, 1, 2, 2, True),
+                                                                  (1, 1, 0, 1, True), (1, 2, 0, 1, False)])
+def test_the_matrix_product_is_the_convolution_with_its_input_gradient(kernel, stride, padding, dilation, bias):
     g = torch.Generator().manual_seed(0)
-    weight = torch.randn(12, 6, 3, 3, generator=g)
+    weight = torch.randn(12, 6, kernel, kernel, generator=g)
     b = torch.randn(12, generator=g) if bias else None
     x = torch.randn(2, 6, 7, 5, generator=g, requires_grad=True)
     args = ((stride, stride), (padding, padding), (dilation, dilation))
@@ -49,7 +50,7 @@ def test_only_frozen_weights_much_larger_than_the_input_take_the_matrix_product(
     calls = _calls(monkeypatch)
     conv = nn.Conv2d(64, 64, 3, padding=1)
     state = {k: v.clone() for k, v in conv.state_dict().items()}
-    assert use_matmul_convs(nn.Sequential(conv, nn.Conv2d(64, 64, 1))) == 1  # 1×1 convolutions are left alone
+    assert use_matmul_convs(nn.Sequential(conv, nn.Conv2d(64, 64, 1), nn.Conv2d(64, 64, 3, groups=2))) == 2
     small = torch.randn(1, 64, 4, 4)  # 36,864 weights per 1,024 inputs: 36×
     assert 64 * 64 * 9 >= MIN_WEIGHT_TO_INPUT * small[0].numel()
     conv(small)
