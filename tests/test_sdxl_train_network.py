@@ -251,8 +251,8 @@ def test_block_wise_network_args_are_counted_for_sdxl_before_loading(data, tmp_p
     """SD 1.x's 25 block_dims are refused on SDXL (23 blocks) with the options, before any weights load."""
     err = _refusal(_flags(data, tmp_path / "out", "--network_args", "block_dims=" + ",".join(["4"] * 25)), capsys)
     assert "needs 23 comma-separated values for SDXL models" in err
-    result = sdxl_train_network.main(_flags(data, tmp_path / "ok", "--network_args",
-                                            "block_dims=" + ",".join(["0"] + ["4"] * 21 + ["0"]),
-                                            "down_lr_weight=sine", steps=1))
+    sdxl_train_network.main(_flags(data, tmp_path / "ok", "--network_args",
+                                   "block_dims=" + ",".join(["0"] + ["4"] * 21 + ["0"]), "down_lr_weight=sine",
+                                   steps=1))
     weights = load_file(str(tmp_path / "ok" / "net.safetensors"))
     assert weights["lora_unet_input_blocks_4_1_proj_in.lora_down.weight"].shape[0] == 4

@@ -58,9 +58,11 @@ class DreamBoothMethod(DiffusionMethod):
     def param_groups(self):
         groups, descriptions = [], []
         if self.unet_block_rates is not None:  # --block_lr: one group per block; a block at 0 is frozen
-            for index, (rate, params) in enumerate(self.unet_block_rates):
-                if rate and params:
-                    groups.append({"params": params, "lr": rate})
+            # By name: under FSDP the parameters were replaced by sharded ones since the blocks were listed.
+            by_name = dict(self.parts.unet.named_parameters())
+            for index, (rate, names) in enumerate(self.unet_block_rates):
+                if rate and names:
+                    groups.append({"params": [by_name[name] for name in names], "lr": rate})
                     descriptions.append(f"unet_block{index:02d}")
         elif self.config.learning_rate != 0:
             groups.append({"params": list(self.parts.unet.parameters()), "lr": self.config.learning_rate})
@@ -76,6 +78,24 @@ class DreamBoothMethod(DiffusionMethod):
         modules = (self.parts.unet, *self.parts.text_encoders)
         return [p for m in modules for p in m.parameters() if p.requires_grad]
 
+    def data_parallel_modules(self) -> tuple[list[torch.nn.Module], bool]:
+        """Under several processes the loop wraps these in DDP (its forward computes the loss): the U-Net and the text
+        encoders while they train. Also whether a parameter among them may get no gradient (DDP then searches the
+        graph for such parameters every step, so only when needed: a text encoder whose last layers the conditioning
+        skips, --clip_skip or SDXL)."""
+        text_encoders = list(self.parts.text_encoders) if self.train_text_encoder else []
+        modules = [m for m in (self.parts.unet, *text_encoders) if any(p.requires_grad for p in m.parameters())]
+        return modules, bool(text_encoders) and self._text_encoders_leave_parameters_unused(text_encoders)
+
+    def _text_encoders_leave_parameters_unused(self, text_encoders: list[torch.nn.Module]) -> bool:
+        """One caption through the prompt encoder: does the conditioning depend on every trained parameter?"""
+        params = [p for m in text_encoders for p in m.parameters() if p.requires_grad]
+        with torch.enable_grad():
+            text = self.encode_prompts.conditioning([""])
+            outputs = [t.float().sum() for t in (text.hidden, text.pooled) if t is not None]
+            grads = torch.autograd.grad(outputs, params, allow_unused=True)
+        return any(g is None for g in grads)
+
     def before_step(self, global_step: int) -> None:
         at = self.stop_text_encoder_at
         if self.train_text_encoder and at is not None and global_step >= at:
@@ -84,6 +104,10 @@ class DreamBoothMethod(DiffusionMethod):
             for text_encoder in self.parts.text_encoders:
                 text_encoder.requires_grad_(False).eval()
             self.train_text_encoder = False
+            if any(_sharded(t) for t in self.parts.text_encoders):
+                # Sharded (FSDP): every call gathers its weights with the other processes, so each must call it
+                # once per batch; a cache hit on one process and a miss on another would leave them waiting.
+                self._fixed_captions = False
             print(f"text encoder: frozen from step {global_step} (--stop_text_encoder_training {at})")
 
     def after_step(self, global_step: int) -> None:
@@ -132,9 +156,9 @@ class DreamBoothMethod(DiffusionMethod):
             self.ema.restore(params)
 
 
-def _block_rates(config: RunConfig, parts: Components) -> list[tuple[float, list[torch.nn.Parameter]]] | None:
-    """--block_lr (sdxl_train.py): the U-Net's parameters by block, each with its block's rate; the parameters of a
-    block at 0 are frozen (sd-scripts leaves them out of the optimizer)."""
+def _block_rates(config: RunConfig, parts: Components) -> list[tuple[float, list[str]]] | None:
+    """--block_lr (sdxl_train.py): the U-Net's parameter names by block, each with its block's rate; the parameters
+    of a block at 0 are frozen (sd-scripts leaves them out of the optimizer)."""
     if not config.block_lr:
         return None
     block_of = parts.family.unet_block_of(parts.unet)
@@ -142,14 +166,21 @@ def _block_rates(config: RunConfig, parts: Components) -> list[tuple[float, list
         raise UserError(f"--block_lr is sdxl_train.py's (SDXL); {parts.family.label} models have no block list")
     value = config.block_lr
     rates = [float(v) for v in (value.split(",") if isinstance(value, str) else value)]
-    blocks: list[list[torch.nn.Parameter]] = [[] for _ in rates]
+    blocks: list[list[str]] = [[] for _ in rates]
     for name, param in parts.unet.named_parameters():
-        blocks[block_of(name)].append(param)
-    for rate, params in zip(rates, blocks):
-        if rate == 0:
-            for param in params:
-                param.requires_grad_(False)
+        blocks[block_of(name)].append(name)
+        if rates[block_of(name)] == 0:
+            param.requires_grad_(False)
     return list(zip(rates, blocks))
+
+
+def _sharded(module: torch.nn.Module) -> bool:
+    """Whether FSDP (library/training/distributed.py) sharded this model."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch build without torch.distributed shards nothing
+        return False
+    return isinstance(module, FSDPModule)
 
 
 def _make_ema(config: RunConfig, params: list[torch.nn.Parameter]):

@@ -54,8 +54,10 @@ class DiffusionMethod:
 
     # ------------------------------------------------------------------ hooks the loop calls
     def latents_ready(self, *, all_cached: bool) -> None:
-        """Called once latents are cached. If every latent is cached and nothing samples, the VAE is released (or, for
-        a method whose saves write it, moved to the CPU), so its memory goes to training (0.33 GB in float32)."""
+        """Called once the latent cache is set up, and (when latents are encoded as training first needs them) once
+        more with all_cached=True after the step that stored the last one. If every latent is cached and nothing
+        samples, the VAE is released (or, for a method whose saves write it, moved to the CPU), so its memory goes to
+        training (0.33 GB in float32)."""
         if all_cached and not self.config.sample_prompts:
             if self.keeps_vae:
                 self.parts.vae.to("cpu")  # only the saves need it now: off the accelerator (sd-scripts does too)

@@ -1,7 +1,8 @@
 """The one training loop: accelerate-driven, resumable, shared by every method (network, dreambooth, ...).
 
 Reads top to bottom: set up → cache latents → batches → for each batch: loss, backward, (every accumulation
-boundary) all-reduce, clip, step → log · save · sample. The method decides what trains and what a loss is.
+boundary) average gradients over processes, clip, step → log · save · sample. The method decides what trains and
+what a loss is; library/training/distributed.py how gradients are averaged (DDP, or bucketed hooks for adapters).
 """
 
 from __future__ import annotations
@@ -13,21 +14,25 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 
 from library.config.run_config import RunConfig
 from library.data.dataset import TrainingDataset
 from library.data.plan import RunPlan
 from library.errors import Interrupted, UserError
 from library.training import checkpoints as ck
+from library.training.conv_matmul import use_matmul_convs
 from library.training.data_loading import EpochBatchSampler, make_loader
+from library.training.distributed import (FullySharded, GradientSync, accelerate_without_fsdp, fully_shard_trained,
+                                          gradient_sync, sharding_requested, trainable_key)
 from library.training.fused_backward import FusedBackward, check_fused_backward, fused_flag
-from library.training.latents import build_latent_cache
+from library.training.latents import build_latent_cache, loader_workers
 from library.training.optimizers import make_optimizer
 from library.training.precision import bf16_tip
 from library.training.reporting import Reporter, tracker_settings
@@ -60,8 +65,11 @@ def train(config: RunConfig, plan: RunPlan, parts, make_method, *, save_ext: str
     log_with, logging_dir = tracker_settings(config)
     # accelerate keeps one state per process; a second run in the same process (tools, tests) starts afresh.
     AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available(),
-                              log_with=log_with, project_dir=logging_dir)
+    sharding = sharding_requested()  # accelerate launch --use_fsdp: sharded here, with FSDP2, not by accelerate
+    with accelerate_without_fsdp():
+        accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available(),
+                                  log_with=log_with, project_dir=logging_dir)
+    refuse_sharding(accelerator.distributed_type)
     seed = config.seed if config.seed is not None else random.randint(0, 2**32 - 1)
     config = config.replace(seed=seed)
     set_seed(seed)
@@ -72,10 +80,15 @@ def train(config: RunConfig, plan: RunPlan, parts, make_method, *, save_ext: str
     if tip:
         accelerator.print(tip)
     method = make_method(config, parts, accelerator.device, weight_dtype(config, accelerator.device), plan)
+    if accelerator.device.type == "cpu":  # oneDNN re-lays weights out per call: slow for the UNet's deep, small convs
+        use_matmul_convs(parts.unet)
+    # FSDP replaces the trained parameters with shards: before anything (param groups, optimizer) holds them.
+    sharded = fully_shard_trained(method, config, sharding, processes=accelerator.num_processes) if sharding else None
 
     method.texts_ready(plan)
     latent_cache = build_latent_cache(config, plan, parts, accelerator)
-    method.latents_ready(all_cached=latent_cache is not None)
+    # Latents still waiting are encoded as training first needs them; _Loop calls latents_ready again when all are.
+    method.latents_ready(all_cached=latent_cache is not None and not latent_cache.waiting)
     dataset = TrainingDataset(plan, seed=seed, max_train_steps=config.max_train_steps, latent_cache=latent_cache,
                               caption_transform=method.caption_transform)
     procs, accumulation = accelerator.num_processes, config.gradient_accumulation_steps or 1
@@ -103,16 +116,16 @@ def train(config: RunConfig, plan: RunPlan, parts, make_method, *, save_ext: str
         accelerator.print(f"resumed from {folder} at step {state.global_step} (epoch {state.epoch})")
     sampler = EpochBatchSampler(per_epoch, start_epoch=state.epoch, epochs=epochs, skip=state.batch_in_epoch)
     loader = accelerator.prepare_data_loader(
-        make_loader(dataset, sampler, workers=config.max_data_loader_n_workers or 0,
+        make_loader(dataset, sampler, workers=loader_workers(config, latent_cache, accelerator.print),
                     persistent=bool(config.persistent_data_loader_workers), batches_per_step=procs * accumulation),
         device_placement=False)
 
-    reporter = Reporter(config, plan, parts, method, accelerator, optimizer_name=optimizer_name,
-                        optimizer_kwargs=optimizer_kwargs, descriptions=descriptions, started=started,
-                        max_steps=max_steps, epochs=epochs, save_ext=save_ext)
+    reporter = (Reporter if sharded is None else partial(_ShardedReporter, sharded))(
+        config, plan, parts, method, accelerator, optimizer_name=optimizer_name, optimizer_kwargs=optimizer_kwargs,
+        descriptions=descriptions, started=started, max_steps=max_steps, epochs=epochs, save_ext=save_ext)
     reporter.begin(state.global_step)
     loop = _Loop(config, accelerator, method, optimizer, lr_scheduler, reporter, per_epoch, accumulation, max_steps,
-                 fused=fused)
+                 fused=fused, latent_cache=latent_cache, sharded=sharded)
     _run_until_done_or_stopped(loop, loader, state, reporter, fused)
     try:
         final = reporter.finish(loop.state)
@@ -120,6 +133,34 @@ def train(config: RunConfig, plan: RunPlan, parts, make_method, *, save_ext: str
         raise Interrupted(f"interrupted while saving the final files at step {loop.state.global_step}: files saved "
                           "before are intact (continue with --resume from the last -state folder)") from None
     return TrainingResult(final, loop.state.global_step, loop.losses, method)
+
+
+def refuse_sharding(distributed_type) -> None:
+    """`accelerate launch --use_deepspeed` (or Megatron): the loop prepares no model with accelerate, so it would
+    train unsharded replicas behind the user's back; one line instead. (--use_fsdp is handled here, with FSDP2, and
+    hidden from accelerate: see library/training/distributed.py.)"""
+    sharded = {DistributedType.FSDP: "--use_fsdp", DistributedType.DEEPSPEED: "--use_deepspeed",
+               DistributedType.MEGATRON_LM: "--use_megatron_lm"}
+    if distributed_type in sharded:
+        raise UserError(f"accelerate launch {sharded[distributed_type]}: model sharding is not supported yet; launch "
+                        "without it (several processes then train with DDP, each holding the whole model)")
+
+
+class _ShardedReporter(Reporter):
+    """Under FSDP no process holds the full weights: every save gathers them on every process (a collective) so the
+    main process's export writes the same model as without FSDP. The optimizer state stays unsaved (its shards are
+    refused up front with --save_state; an interrupted run keeps its model file only)."""
+
+    def __init__(self, sharded: FullySharded, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sharded = sharded
+
+    def _save(self, file_name, state, **kwargs):
+        with self.sharded.full_weights(self.method):
+            return super()._save(file_name, state, **kwargs)
+
+    def _save_state(self, model_path, state) -> None:
+        self.accelerator.print(f"FSDP: no -state folder beside {model_path} (sharded training states are not saved)")
 
 
 def _run_until_done_or_stopped(loop, loader, state, reporter, fused) -> None:
@@ -140,6 +181,7 @@ def _run_until_done_or_stopped(loop, loader, state, reporter, fused) -> None:
             reporter.bar.close()  # an error message then starts a line of its own, not after the bar
             if fused is not None:
                 fused.remove()
+            loop.close()
 
 
 class _Terminated(KeyboardInterrupt):
@@ -181,14 +223,18 @@ def _load_state(accelerator, folder: Path) -> None:
 
 class _Loop:
     def __init__(self, config, accelerator, method, optimizer, lr_scheduler, reporter, per_epoch, accumulation,
-                 max_steps, *, fused: FusedBackward | None = None):
+                 max_steps, *, fused: FusedBackward | None = None, latent_cache=None,
+                 sharded: FullySharded | None = None):
+        self.sharded = sharded  # FSDP: the models reduce-scatter their own gradients
         self.fused = fused  # parameters were already stepped during backward (one by one, or in groups)
+        self.latent_cache = latent_cache  # encodes latents as batches first need them, until all are stored
         self.config, self.accelerator, self.method = config, accelerator, method
         self.optimizer, self.lr_scheduler, self.reporter = optimizer, lr_scheduler, reporter
         self.per_epoch, self.accumulation, self.max_steps = per_epoch, accumulation, max_steps
         self.params = method.trainable_params()
         self.losses: list[float] = []
         self.state = ck.TrainState(0, 1, 0)
+        self.sync: GradientSync | FullySharded | None = None  # several processes only: one runs as before
 
     def run(self, loader, state: ck.TrainState) -> None:
         self.state = state
@@ -198,21 +244,25 @@ class _Loop:
         for epoch, index, batch in loader:
             if micro == 0:
                 self.method.before_step(state.global_step)
+                self._update_sync()
             if epoch != state.epoch:
                 state.epoch, state.batch_in_epoch = epoch, 0
             local_index = index // procs
+            end_of_epoch = local_index >= local_per_epoch - 1
+            # known before the forward: gradients are averaged over processes in this micro-batch's backward only
+            boundary = (micro + 1) % self.accumulation == 0 or end_of_epoch
             generator = torch.Generator(self.accelerator.device).manual_seed(batch_seed(self.config.seed, epoch, index))
-            with self.accelerator.autocast():
-                loss = self.method.loss(batch, generator)
-            self.accelerator.backward(loss / self.accumulation)
+            loss = self._forward_backward(batch, generator, boundary)
             pending.append(loss.detach())
             micro += 1
-            end_of_epoch = local_index >= local_per_epoch - 1
             state.batch_in_epoch = min(self.per_epoch, (local_index + 1) * procs)
-            if micro % self.accumulation == 0 or end_of_epoch:
+            if boundary:
                 self._step()
                 state.global_step += 1
                 self.method.after_step(state.global_step)
+                # The last lazily encoded latents are stored: release the VAE as after an upfront cache.
+                if self.latent_cache is not None and self.latent_cache.just_completed():
+                    self.method.latents_ready(all_cached=True)
                 # one host sync per optimizer step, for the log and the progress bar
                 step_loss = float(torch.stack(pending).mean())
                 if not math.isfinite(step_loss):
@@ -230,14 +280,45 @@ class _Loop:
                 micro, pending = 0, []
                 self.reporter.after_epoch(state, epoch)
 
+    def _forward_backward(self, batch, generator: torch.Generator, boundary: bool) -> torch.Tensor:
+        if self.sync is None:
+            with self.accelerator.autocast():
+                loss = self.method.loss(batch, generator)
+            self.accelerator.backward(loss / self.accumulation)
+            return loss
+        with self.sync.micro_batch(boundary):
+            with self.accelerator.autocast():
+                loss = self.sync.loss(lambda: self.method.loss(batch, generator))
+            self.accelerator.backward(loss / self.accumulation)
+        return loss
+
+    def _update_sync(self) -> None:
+        """Under several processes: (re)build the gradient averaging for the parameters that train now; a method may
+        freeze some between steps (the text encoder at --stop_text_encoder_training), which DDP must not wait for."""
+        if self.accelerator.num_processes == 1 or self.fused is not None:
+            return
+        if self.sharded is not None:  # FSDP reduces only the gradients there are: frozen parameters need no rebuild
+            self.sync = self.sharded
+            return
+        if self.sync is not None and self.sync.key == trainable_key(self.params):
+            return
+        first = self.sync is None
+        self.close()
+        self.sync = self.sharded or gradient_sync(self.method, self.params, first=first)
+
+    def close(self) -> None:
+        if self.sync is not None:
+            self.sync.close()
+            self.sync = None
+
     def _step(self) -> None:
         if self.fused is not None:
             self.fused.flush()
             self.lr_scheduler.step()
             return
         params = [p for p in self.params if p.requires_grad]  # a method may freeze some mid-run (text encoder)
-        if self.accelerator.num_processes > 1:
-            _all_reduce_mean(params, self.accelerator)
+        if self.sync is not None:
+            self.sync.finish()
         max_norm = self.config.max_grad_norm
         if max_norm:
             self.accelerator.clip_grad_norm_(params, max_norm)
@@ -252,15 +333,3 @@ def _diverged(loss: float, step: int, epoch: int) -> UserError:
                      "it (files saved before are intact): lower --learning_rate, use --mixed_precision bf16 rather "
                      "than fp16 (or --no_half_vae), add --max_grad_norm 1.0, and resume from the last --save_state")
 
-
-def _all_reduce_mean(params, accelerator) -> None:
-    """Average gradients over processes in one flat all-reduce (the adapter is not a DDP module: its layers run
-    inside the frozen base model's forward, which DDP cannot see)."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    flat = accelerator.reduce(flat, reduction="mean")
-    offset = 0
-    for param, grad in zip(params, grads):
-        n = grad.numel()
-        param.grad = flat[offset:offset + n].view_as(grad).clone()
-        offset += n

@@ -127,7 +127,7 @@ def test_cached_latents_replace_pixels(tmp_path):
     vae = build_tiny("tiny-sd1").vae
     cache = LatentCache(to_disk=True, vae_identity="tiny-sd1/fp32")
     requests = latent_requests(plan)
-    assert cache.encode_missing(requests, vae, batch_size=2, generator=torch.Generator().manual_seed(0),
+    assert cache.encode_missing(requests, vae, batch_size=2, seed=0,
                                 device="cpu", dtype=torch.float32) == 3
     assert cache.missing(requests) == []  # a second run encodes nothing
     dataset = TrainingDataset(plan, seed=0, latent_cache=cache)

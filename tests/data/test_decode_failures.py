@@ -194,7 +194,7 @@ def _vae():
 
 
 def _encode(cache, requests, **kwargs):
-    return cache.encode_missing(requests, _vae(), batch_size=2, generator=torch.Generator().manual_seed(0),
+    return cache.encode_missing(requests, _vae(), batch_size=2, seed=0,
                                 device="cpu", dtype=torch.float32, **kwargs)
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from library.data import latent_cache
 from library.data.latent_cache import (
-    LatentCache, LatentRequest, key_suffix, npz_path, pixels_to_tensor, plan_batches,
+    LatentCache, LatentRequest, key_suffix, npz_path, pixels_to_tensor, plan_batches, vae_batch_seed,
 )
 from library.errors import UserError
 
@@ -63,13 +63,13 @@ def new_cache(to_disk=True, **kwargs) -> LatentCache:
 
 
 def encode(cache: LatentCache, requests, vae, *, batch_size=2, seed=0) -> int:
-    return cache.encode_missing(requests, vae, batch_size=batch_size, generator=torch.Generator().manual_seed(seed),
-                                device="cpu", dtype=torch.float32)
+    return cache.encode_missing(requests, vae, batch_size=batch_size, seed=seed, device="cpu", dtype=torch.float32)
 
 
 def expected_latents(vae, requests, seed=0, flip=False):
-    """What sd-scripts computes for one batch: sample once, then the mirrored batch from the same generator."""
-    generator = torch.Generator().manual_seed(seed)
+    """What sd-scripts computes for one batch: sample once, then the mirrored batch from the same generator (the
+    batch's own, seeded from the run seed and its first image)."""
+    generator = torch.Generator().manual_seed(vae_batch_seed(seed, requests))
     x = torch.stack([pixels_to_tensor(r.load_pixels()) for r in requests])
     with torch.no_grad():
         plain = vae.encode(x).latent_dist.sample(generator=generator)
@@ -276,7 +276,7 @@ def test_plan_batches_refuses_zero():
 
 def test_progress_reports_each_batch(images, vae):
     done = []
-    new_cache().encode_missing([request(p) for p in images], vae, batch_size=1, generator=torch.Generator(),
+    new_cache().encode_missing([request(p) for p in images], vae, batch_size=1, seed=0,
                                device="cpu", dtype=torch.float32, progress=done.append)
     assert done == [1, 1, 1]
 

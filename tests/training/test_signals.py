@@ -24,7 +24,10 @@ def _start(tmp_path, steps: int, workers: int = 0) -> subprocess.Popen:
     argv = ["--pretrained_model_name_or_path", "tiny-sd1", "--train_data_dir", str(tmp_path / "data"),
             "--caption_extension", ".txt", "--resolution", "32", "--output_dir", str(tmp_path / "out"),
             "--output_name", "net", "--max_train_steps", str(steps), "--network_dim", "4", "--seed", "1",
-            "--max_data_loader_n_workers", str(workers), *(["--persistent_data_loader_workers"] if workers else [])]
+            "--max_data_loader_n_workers", str(workers),
+            # --color_aug: pixels change every epoch, so no latent cache, and the loader really starts its workers
+            # (latents cached as training first needs them are encoded in the main process, without workers)
+            *(["--persistent_data_loader_workers", "--color_aug"] if workers else [])]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     # A session of its own, so a signal can go to the run's whole process group (its loader workers too).
     return subprocess.Popen([sys.executable, str(ROOT / "train_network.py"), *argv], cwd=tmp_path, env=env,
