@@ -48,7 +48,9 @@ class Watch:
         original_step, original_ready = loop_module._Loop._step, None
 
         def step(loop):
-            self.steps.append((self.cache.encoded, self.cache.waiting, loop.method.parts.vae is not None))
+            vae = loop.method.parts.vae
+            self.steps.append((self.cache.encoded, self.cache.waiting, vae is not None))
+            assert vae is None or vae.decoder is None  # nothing samples: only the encoder is kept while latents wait
             nonlocal original_ready
             if original_ready is None:
                 original_ready = loop.method.latents_ready
