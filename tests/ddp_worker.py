@@ -32,12 +32,27 @@ def keep_process_group_for_gathering() -> None:
     PartialState.destroy_process_group = lambda self, group=None: None
 
 
+def gathered(method):
+    """DeepSpeed ZeRO 3 partitions the weights: the full ones exist inside GatheredParameters (a collective)."""
+    import contextlib
+
+    params = [p for m in (method.parts.unet, *method.parts.text_encoders) for p in m.parameters()
+              if hasattr(p, "ds_tensor")] if hasattr(method, "parts") else []
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
 if __name__ == "__main__":
-    if os.environ.get("ACCELERATE_USE_FSDP") == "true" and "RANK" in os.environ:
+    sharded = os.environ.get("ACCELERATE_USE_FSDP") == "true" or "--deepspeed" in sys.argv
+    if sharded:  # (DeepSpeed on one process makes a group of one itself)
         keep_process_group_for_gathering()
     script, out = importlib.import_module(sys.argv[1]), Path(sys.argv[2])
     result = script.main(sys.argv[3:])
-    state = {k: v.detach().contiguous() for k, v in trained_state(result.method).items()}
+    with gathered(result.method):
+        state = {k: v.detach().clone().contiguous() for k, v in trained_state(result.method).items()}
     # FSDP: each process holds shards (DTensors); every process gathers each full tensor, in the same key order.
     state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()}
     save_file(state, str(out / f"rank{os.environ.get('RANK', '0')}.safetensors"))

@@ -49,9 +49,10 @@ ADAMW = ("--max_train_steps", "4", "--learning_rate", "1e-3")
 SGD = ("--optimizer_type", "SGDNesterov", "--learning_rate", "0.01", "--max_train_steps", "2", "--seed", "7")
 
 
-def _two_processes_and_one(tmp_path, script: str, argv, *, accumulation: int = 1, extra=()):
-    """Train with 2 processes (`accumulation` micro-batches each; unseeded unless `extra` sets --seed), then with 1
-    process accumulating twice as many under the same seed. Returns (ddp folder, rank 0's weights, one process's)."""
+def _two_processes_and_one(tmp_path, script: str, argv, *, accumulation: int = 1, extra=(), two_only=()):
+    """Train with 2 processes (`accumulation` micro-batches each; unseeded unless `extra` sets --seed; `two_only`
+    options for this run alone), then with 1 process accumulating twice as many under the same seed. Returns (ddp
+    folder, rank 0's weights, one process's)."""
     data = tmp_path / "data"
     make_demo_dataset(data, count=4, size=32)  # 4 images × 10 repeats = 40 batches of 1: even, no padding
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
@@ -61,9 +62,10 @@ def _two_processes_and_one(tmp_path, script: str, argv, *, accumulation: int = 1
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), WORKER, script,
                           str(ddp_out), *argv(data, ddp_out, "--gradient_accumulation_steps", str(accumulation),
-                                              *extra)],
+                                              *extra, *two_only)],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
+    (ddp_out / "launch.log").write_text(ddp.stdout)
     # Unseeded: the ranks must share the main process's drawn seed, and the saved options must hold it.
     name = next(ddp_out.glob("*.config.toml"))
     seed = toml.load(name)["training"]["seed"]

@@ -45,6 +45,8 @@ class Option:
     note: str | None = None
     # Defaults that differ per entry script, as sd-scripts' parsers differ: ((script, default), ...).
     per_script: tuple = ()
+    # Notes for some entry scripts only (an option refused in one trainer, supported in another): ((script, note), ...).
+    note_per_script: tuple = ()
     # Constraints on the value, checked by resolve for flags and --config_file alike and by the dataset config for
     # its keys (library/config/checks.py). For a list (nargs) or Numbers option they apply to every number.
     minimum: float | None = None  # value >= minimum
@@ -70,5 +72,8 @@ class Option:
 
     def for_script(self, script: str) -> "Option":
         """This option as `script` declares it (its own default, if it has one)."""
-        defaults = dict(self.per_script)
-        return replace(self, default=defaults[script]) if script in defaults else self
+        defaults, notes = dict(self.per_script), dict(self.note_per_script)
+        changes = {"default": defaults[script]} if script in defaults else {}
+        if script in notes:
+            changes["note"] = notes[script]
+        return replace(self, **changes) if changes else self

@@ -2,7 +2,8 @@
 
 Reads top to bottom: set up → cache latents → batches → for each batch: loss, backward, (every accumulation
 boundary) average gradients over processes, clip, step → log · save · sample. The method decides what trains and
-what a loss is; library/training/distributed.py how gradients are averaged (DDP, or bucketed hooks for adapters).
+what a loss is; library/training/distributed.py how gradients are averaged (DDP, or bucketed hooks for adapters),
+or sharded (FSDP2), and library/training/zero.py the DeepSpeed engine that takes backward and the step over.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from library.training.optimizers import make_optimizer
 from library.training.precision import bf16_tip
 from library.training.reporting import Reporter, tracker_settings
 from library.training.schedulers import make_scheduler
+from library.training.zero import (ZeroEngine, accelerate_without_deepspeed, deepspeed_requested, refuse_unsupported,
+                                   zero_engine)
 
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -66,7 +69,10 @@ def train(config: RunConfig, plan: RunPlan, parts, make_method, *, save_ext: str
     # accelerate keeps one state per process; a second run in the same process (tools, tests) starts afresh.
     AcceleratorState._reset_state(reset_partial_state=False)
     sharding = sharding_requested()  # accelerate launch --use_fsdp: sharded here, with FSDP2, not by accelerate
-    with accelerate_without_fsdp():
+    deepspeed = deepspeed_requested(config)  # --deepspeed: the engine is built here too (library/training/zero.py)
+    if sharding and deepspeed:
+        raise UserError("--use_fsdp and DeepSpeed (--deepspeed or --use_deepspeed) both shard the model: choose one")
+    with accelerate_without_fsdp(), accelerate_without_deepspeed():
         accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available(),
                                   log_with=log_with, project_dir=logging_dir)
     refuse_sharding(accelerator.distributed_type)
@@ -80,6 +86,8 @@ def train(config: RunConfig, plan: RunPlan, parts, make_method, *, save_ext: str
     if tip:
         accelerator.print(tip)
     method = make_method(config, parts, accelerator.device, weight_dtype(config, accelerator.device), plan)
+    if deepspeed:
+        refuse_unsupported(method, config, deepspeed)
     if accelerator.device.type == "cpu":  # oneDNN re-lays weights out per call: slow for the UNet's deep, small convs
         use_matmul_convs(parts.unet)
     # FSDP replaces the trained parameters with shards: before anything (param groups, optimizer) holds them.
@@ -103,6 +111,10 @@ def train(config: RunConfig, plan: RunPlan, parts, make_method, *, save_ext: str
     lr_scheduler = make_scheduler(config, optimizer, num_training_steps=max_steps, num_processes=procs,
                                   step_offset=method.step_offset)
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    # DeepSpeed takes the optimizer over (partitioning its state); the scheduler keeps setting its learning rates.
+    engine = zero_engine(method, config, deepspeed, optimizer, processes=procs,
+                         say=accelerator.print) if deepspeed else None
+    sharded = sharded or engine
     fused = FusedBackward(optimizer, method.trainable_params(), config.max_grad_norm,
                           groups=config.get("fused_optimizer_groups")) if fused_flag(config) else None
     for stateful in method.checkpoint_objects():
@@ -147,11 +159,11 @@ def refuse_sharding(distributed_type) -> None:
 
 
 class _ShardedReporter(Reporter):
-    """Under FSDP no process holds the full weights: every save gathers them on every process (a collective) so the
-    main process's export writes the same model as without FSDP. The optimizer state stays unsaved (its shards are
+    """Under FSDP (and DeepSpeed ZeRO 3) no process holds the full weights: every save gathers them on every process
+    (a collective) so the main process's export writes the same model as without sharding. The optimizer state stays unsaved (its shards are
     refused up front with --save_state; an interrupted run keeps its model file only)."""
 
-    def __init__(self, sharded: FullySharded, *args, **kwargs):
+    def __init__(self, sharded: FullySharded | ZeroEngine, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.sharded = sharded
 
@@ -160,7 +172,8 @@ class _ShardedReporter(Reporter):
             return super()._save(file_name, state, **kwargs)
 
     def _save_state(self, model_path, state) -> None:
-        self.accelerator.print(f"FSDP: no -state folder beside {model_path} (sharded training states are not saved)")
+        self.accelerator.print(f"no -state folder beside {model_path} (sharded training states, FSDP's or DeepSpeed's, "
+                               "are not saved)")
 
 
 def _run_until_done_or_stopped(loop, loader, state, reporter, fused) -> None:
@@ -224,8 +237,9 @@ def _load_state(accelerator, folder: Path) -> None:
 class _Loop:
     def __init__(self, config, accelerator, method, optimizer, lr_scheduler, reporter, per_epoch, accumulation,
                  max_steps, *, fused: FusedBackward | None = None, latent_cache=None,
-                 sharded: FullySharded | None = None):
-        self.sharded = sharded  # FSDP: the models reduce-scatter their own gradients
+                 sharded: FullySharded | ZeroEngine | None = None):
+        self.sharded = sharded  # FSDP or DeepSpeed: the models reduce(-scatter) their own gradients
+        self.engine = sharded if isinstance(sharded, ZeroEngine) else None  # DeepSpeed: owns backward and step
         self.fused = fused  # parameters were already stepped during backward (one by one, or in groups)
         self.latent_cache = latent_cache  # encodes latents as batches first need them, until all are stored
         self.config, self.accelerator, self.method = config, accelerator, method
@@ -234,7 +248,7 @@ class _Loop:
         self.params = method.trainable_params()
         self.losses: list[float] = []
         self.state = ck.TrainState(0, 1, 0)
-        self.sync: GradientSync | FullySharded | None = None  # several processes only: one runs as before
+        self.sync: GradientSync | FullySharded | ZeroEngine | None = None  # several processes only: one runs as before
 
     def run(self, loader, state: ck.TrainState) -> None:
         self.state = state
@@ -289,16 +303,19 @@ class _Loop:
         with self.sync.micro_batch(boundary):
             with self.accelerator.autocast():
                 loss = self.sync.loss(lambda: self.method.loss(batch, generator))
-            self.accelerator.backward(loss / self.accumulation)
+            if self.engine is not None:
+                self.engine.backward(loss / self.accumulation)
+            else:
+                self.accelerator.backward(loss / self.accumulation)
         return loss
 
     def _update_sync(self) -> None:
         """Under several processes: (re)build the gradient averaging for the parameters that train now; a method may
         freeze some between steps (the text encoder at --stop_text_encoder_training), which DDP must not wait for."""
-        if self.accelerator.num_processes == 1 or self.fused is not None:
-            return
         if self.sharded is not None:  # FSDP reduces only the gradients there are: frozen parameters need no rebuild
-            self.sync = self.sharded
+            self.sync = self.sharded  # (DeepSpeed runs on one process too: its engine steps the optimizer)
+            return
+        if self.accelerator.num_processes == 1 or self.fused is not None:
             return
         if self.sync is not None and self.sync.key == trainable_key(self.params):
             return
@@ -314,6 +331,10 @@ class _Loop:
     def _step(self) -> None:
         if self.fused is not None:
             self.fused.flush()
+            self.lr_scheduler.step()
+            return
+        if self.engine is not None:
+            self.engine.step()  # DeepSpeed reduces, clips, steps and zeroes the gradients itself
             self.lr_scheduler.step()
             return
         params = [p for p in self.params if p.requires_grad]  # a method may freeze some mid-run (text encoder)
