@@ -98,10 +98,13 @@ def test_train_db_under_ddp_matches_one_process_and_saves_rank_0s_weights(tmp_pa
     from library.models.loading import load_components
 
     # The text encoder trains for the first step only (then DDP is rebuilt without it), and --clip_skip 2 leaves its
-    # last layer without a gradient (DDP must look for unused parameters).
+    # last layer without a gradient (DDP must look for unused parameters). The AdamW run also sets sd-scripts' DDP
+    # options (a static graph, rebuilt without the text encoder, must still average the same gradients).
     ddp_out, rank0, _ = _two_processes_and_one(
         tmp_path, "train_db", _db_argv, accumulation=accumulation,
-        extra=(*options, "--stop_text_encoder_training", "1", "--clip_skip", "2"))
+        extra=(*options, "--stop_text_encoder_training", "1", "--clip_skip", "2"),
+        two_only=("--ddp_static_graph", "--ddp_gradient_as_bucket_view", "--ddp_timeout", "5") if accumulation == 1
+        else ())
     base = tiny_parts["tiny-sd1"]
     assert max((rank0[f"unet.{k}"] - v).abs().max() for k, v in base.unet.state_dict().items()) > 10 * ATOL
     changed_te = [k for k, v in base.text_encoder.state_dict().items() if not torch.equal(rank0[f"te0.{k}"], v)]
@@ -167,3 +170,40 @@ def test_sharded_launches_are_refused_in_one_line(kind):
         refuse_sharding(getattr(DistributedType, kind))
     for fine in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
         refuse_sharding(fine)
+
+
+def test_ddp_options_reach_the_process_group_and_ddp(one_process_group):
+    from datetime import timedelta
+
+    from library.config.run_config import RunConfig
+    from library.training.distributed import gradient_sync
+    from library.training.loop import process_group_kwargs
+
+    [handler] = process_group_kwargs(RunConfig({"ddp_timeout": 5}, {}, "train_db"))
+    assert handler.timeout == timedelta(minutes=5)
+    assert process_group_kwargs(RunConfig({"ddp_timeout": None}, {}, "train_db")) == []
+
+    model = torch.nn.Linear(2, 2)
+
+    class Method:
+        def data_parallel_modules(self):
+            return [model], False
+
+    for static in (False, True):
+        sync = gradient_sync(Method(), list(model.parameters()), first=True, static_graph=static)
+        assert sync.ddp.static_graph is static and sync.ddp.gradient_as_bucket_view and sync.reducer is None
+        sync.close()
+
+
+def test_a_static_graph_cannot_accumulate_locally(tmp_path, capsys):
+    import train_db
+
+    make_demo_dataset(tmp_path / "data", count=2, size=32)
+    with pytest.raises(SystemExit) as exit_info:
+        train_db.main(_db_argv(tmp_path / "data", tmp_path / "out", "--max_train_steps", "1", "--ddp_static_graph",
+                               "--gradient_accumulation_steps", "2"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        "error: --ddp_static_graph with --gradient_accumulation_steps > 1: DDP cannot accumulate gradients locally on "
+        "a static graph; drop --ddp_static_graph"]

@@ -159,14 +159,27 @@ class GradientSync:
             gc.collect()
 
 
+def check_ddp_options(config) -> None:
+    """DDP's static graph cannot skip the all-reduce between accumulation boundaries (its no_sync fails an internal
+    assertion on the first step), so the combination is one line, at any process count."""
+    from library.errors import UserError
+
+    if config.get("ddp_static_graph") and (config.get("gradient_accumulation_steps") or 1) > 1:
+        raise UserError("--ddp_static_graph with --gradient_accumulation_steps > 1: DDP cannot accumulate gradients "
+                        "locally on a static graph; drop --ddp_static_graph")
+
+
 def trainable_key(params: Sequence[torch.nn.Parameter]) -> tuple[int, ...]:
     return tuple(id(p) for p in params if p.requires_grad)
 
 
-def gradient_sync(method, params: Sequence[torch.nn.Parameter], *, first: bool) -> GradientSync:
+def gradient_sync(method, params: Sequence[torch.nn.Parameter], *, first: bool,
+                  static_graph: bool = False) -> GradientSync:
     """DDP over the modules the method trains whole (`data_parallel_modules()`, where it has that hook), the bucketed
     reducer over any other trained parameter. `first`: DDP broadcasts rank 0's weights once; a rebuild mid-run
-    (after a freeze) starts from weights DDP kept equal."""
+    (after a freeze) starts from weights DDP kept equal. `static_graph` (--ddp_static_graph): DDP may assume the
+    same parameters are used every step. Gradients are always views into DDP's buckets (--ddp_gradient_as_bucket_view
+    is the default here: one copy of the gradients less)."""
     params = [p for p in params if p.requires_grad]
     hook = getattr(method, "data_parallel_modules", None)
     modules, find_unused = hook() if hook is not None else ([], False)
@@ -175,7 +188,8 @@ def gradient_sync(method, params: Sequence[torch.nn.Parameter], *, first: bool) 
     if wrapped:
         # broadcast_buffers off: the models have no running statistics, and a broadcast per forward costs time.
         ddp = DistributedDataParallel(_TrainedModels(modules), broadcast_buffers=False, init_sync=first,
-                                      find_unused_parameters=find_unused, gradient_as_bucket_view=True)
+                                      find_unused_parameters=find_unused, gradient_as_bucket_view=True,
+                                      static_graph=static_graph)
     rest = [p for p in params if id(p) not in wrapped]
     return GradientSync(trainable_key(params), ddp, BucketedReducer(rest) if rest else None)
 

@@ -30,8 +30,8 @@ from library.errors import Interrupted, UserError
 from library.training import checkpoints as ck
 from library.training.conv_matmul import use_matmul_convs
 from library.training.data_loading import EpochBatchSampler, make_loader
-from library.training.distributed import (FullySharded, GradientSync, accelerate_without_fsdp, fully_shard_trained,
-                                          gradient_sync, sharding_requested, trainable_key)
+from library.training.distributed import (FullySharded, GradientSync, accelerate_without_fsdp, check_ddp_options,
+                                          fully_shard_trained, gradient_sync, sharding_requested, trainable_key)
 from library.training.fused_backward import FusedBackward, check_fused_backward, fused_flag
 from library.training.latents import build_latent_cache, loader_workers
 from library.training.optimizers import make_optimizer
@@ -74,7 +74,7 @@ def train(config: RunConfig, plan: RunPlan, parts, make_method, *, save_ext: str
         raise UserError("--use_fsdp and DeepSpeed (--deepspeed or --use_deepspeed) both shard the model: choose one")
     with accelerate_without_fsdp(), accelerate_without_deepspeed():
         accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available(),
-                                  log_with=log_with, project_dir=logging_dir)
+                                  log_with=log_with, project_dir=logging_dir, kwargs_handlers=process_group_kwargs(config))
     refuse_sharding(accelerator.distributed_type)
     seed = config.seed if config.seed is not None else random.randint(0, 2**32 - 1)
     config = config.replace(seed=seed)
@@ -106,6 +106,7 @@ def train(config: RunConfig, plan: RunPlan, parts, make_method, *, save_ext: str
     epochs = math.ceil(max_steps / steps_per_epoch)
 
     check_fused_backward(config, processes=procs, device=accelerator.device)
+    check_ddp_options(config)
     groups, descriptions = method.param_groups()
     optimizer, optimizer_name, optimizer_kwargs = make_optimizer(config, groups)
     lr_scheduler = make_scheduler(config, optimizer, num_training_steps=max_steps, num_processes=procs,
@@ -145,6 +146,16 @@ def train(config: RunConfig, plan: RunPlan, parts, make_method, *, save_ext: str
         raise Interrupted(f"interrupted while saving the final files at step {loop.state.global_step}: files saved "
                           "before are intact (continue with --resume from the last -state folder)") from None
     return TrainingResult(final, loop.state.global_step, loop.losses, method)
+
+
+def process_group_kwargs(config: RunConfig) -> list:
+    """--ddp_timeout N: the process group's timeout for a collective, in minutes (accelerate's default otherwise)."""
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    minutes = config.get("ddp_timeout")
+    return [InitProcessGroupKwargs(timeout=timedelta(minutes=minutes))] if minutes else []
 
 
 def refuse_sharding(distributed_type) -> None:
@@ -321,7 +332,8 @@ class _Loop:
             return
         first = self.sync is None
         self.close()
-        self.sync = self.sharded or gradient_sync(self.method, self.params, first=first)
+        self.sync = gradient_sync(self.method, self.params, first=first,
+                                  static_graph=bool(self.config.get("ddp_static_graph")))
 
     def close(self) -> None:
         if self.sync is not None:
