@@ -59,4 +59,5 @@ if __name__ == "__main__":
     import torch.distributed as dist
 
     if dist.is_initialized():
+        dist.barrier()  # no process tears its connections down while another still uses them
         dist.destroy_process_group()
