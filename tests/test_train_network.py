@@ -172,3 +172,14 @@ def test_the_vae_is_released_only_when_every_latent_is_cached_and_nothing_is_dec
 
     augmented = train_network.main(_flags(data, tmp_path / "c", "--color_aug", steps=2))
     assert augmented.method.parts.vae is not None and augmented.global_step == 2  # encoded every step
+
+
+@pytest.mark.parametrize("ratio, saved_epochs", [(2, [3, 6]), (3, [2, 4, 6]), (7, [1, 2, 3, 4, 5, 6])])
+def test_save_n_epoch_ratio_saves_about_n_times_as_sd_scripts(tmp_path, ratio, saved_epochs):
+    """sd-scripts: every floor(epochs / N) epochs (at least 1), over --save_every_n_epochs; the last is the final file."""
+    make_demo_dataset(tmp_path / "data", count=2, size=32, folder="1_sks shape")  # 1 step per epoch at batch 2
+    out = tmp_path / "out"
+    train_network.main(_flags(tmp_path / "data", out, "--max_train_epochs", "7", "--save_n_epoch_ratio", str(ratio),
+                              "--save_every_n_epochs", "5", "--network_module", "networks.lora"))
+    names = sorted(p.name for p in out.glob("net*.safetensors"))
+    assert names == sorted([f"net-{e:06d}.safetensors" for e in saved_epochs] + ["net.safetensors"])

@@ -104,6 +104,8 @@ def train(config: RunConfig, plan: RunPlan, parts, make_method, *, save_ext: str
     steps_per_epoch = math.ceil(per_epoch / procs / accumulation)
     max_steps = config.max_train_epochs * steps_per_epoch if config.max_train_epochs else config.max_train_steps
     epochs = math.ceil(max_steps / steps_per_epoch)
+    if config.get("save_n_epoch_ratio"):  # sd-scripts: about N saves over the run, overriding save_every_n_epochs
+        config = config.replace(save_every_n_epochs=math.floor(epochs / config.save_n_epoch_ratio) or 1)
 
     check_fused_backward(config, processes=procs, device=accelerator.device)
     check_ddp_options(config)
