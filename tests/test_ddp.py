@@ -83,6 +83,19 @@ def _two_processes_and_one(tmp_path, script: str, argv, *, accumulation: int = 1
     return ddp_out, rank0, reference
 
 
+def assert_trained_and_saved_in_full(out, rank0: dict, base) -> None:
+    """A sharded train_db run (FSDP, DeepSpeed) trained the U-Net and text encoder, and the file rank 0 saved holds
+    the full trained weights, as without sharding."""
+    from library.models.loading import load_components
+
+    assert max((rank0[f"unet.{k}"] - v).abs().max() for k, v in base.unet.state_dict().items()) > 1e-4  # trained
+    assert any(not torch.equal(rank0[f"te0.{k}"], v) for k, v in base.text_encoder.state_dict().items())
+    saved = load_components(str(out / "db.safetensors"))
+    for prefix, module in (("unet", saved.unet), ("te0", saved.text_encoder)):
+        for key, value in module.state_dict().items():
+            assert torch.equal(value, rank0[f"{prefix}.{key}"]), key
+
+
 @pytest.mark.parametrize("accumulation, options", [(1, ADAMW), (2, SGD)], ids=["adamw", "accumulating"])
 def test_network_on_two_cpu_processes_matches_one_process_over_the_same_global_batch(tmp_path, accumulation, options):
     ddp_out, rank0, reference = _two_processes_and_one(tmp_path, "train_network", _argv, accumulation=accumulation,

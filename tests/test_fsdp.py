@@ -13,16 +13,13 @@ import torch
 
 from library.data.demo import make_demo_dataset
 from tests.conftest import ROOT
-from tests.test_ddp import SGD, WORKER, _argv, _db_argv, _two_processes_and_one
+from tests.test_ddp import assert_trained_and_saved_in_full, SGD, WORKER, _argv, _db_argv, _two_processes_and_one
 
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true",
             "FSDP_OFFLOAD_PARAMS": "false"}  # what `accelerate launch --use_fsdp --fsdp_version 2` exports
 
 
-
 def test_train_db_under_fsdp_matches_one_process_and_saves_the_full_model(tmp_path, tiny_parts, monkeypatch):
-    from library.models.loading import load_components
-
     for name, value in FSDP_ENV.items():
         monkeypatch.setenv(name, value)  # both runs see it; the one-process reference trains unsharded
     # The text encoder trains for the first step only (then it is encoded on every batch: a per-process caption
@@ -31,14 +28,7 @@ def test_train_db_under_fsdp_matches_one_process_and_saves_the_full_model(tmp_pa
     # boundary; they are clipped as DTensors (--max_grad_norm's default 1.0).
     out, rank0, _ = _two_processes_and_one(tmp_path, "train_db", _db_argv, accumulation=2,
                                            extra=(*SGD, "--stop_text_encoder_training", "1", "--clip_skip", "2"))
-    base = tiny_parts["tiny-sd1"]
-    assert max((rank0[f"unet.{k}"] - v).abs().max() for k, v in base.unet.state_dict().items()) > 1e-4  # trained
-    assert any(not torch.equal(rank0[f"te0.{k}"], v) for k, v in base.text_encoder.state_dict().items())
-
-    saved = load_components(str(out / "db.safetensors"))
-    for prefix, module in (("unet", saved.unet), ("te0", saved.text_encoder)):
-        for key, value in module.state_dict().items():
-            assert torch.equal(value, rank0[f"{prefix}.{key}"]), key  # the gathered full weights, as without FSDP
+    assert_trained_and_saved_in_full(out, rank0, tiny_parts["tiny-sd1"])
 
 
 def _refused(tmp_path, script, argv, *extra):

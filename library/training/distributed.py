@@ -218,17 +218,18 @@ def sharding_requested(environ=None) -> dict | None:
 
 
 @contextlib.contextmanager
-def accelerate_without_fsdp() -> Iterator[None]:
-    """Build the Accelerator as for plain data parallel: the models are sharded here (FSDP2's fully_shard), and
-    accelerate's own FSDP mode would expect to prepare them itself (on CPUs it ignores --use_fsdp anyway)."""
+def hidden_from_accelerate(*names: str) -> Iterator[None]:
+    """Build the Accelerator as for plain data parallel: FSDP (ACCELERATE_USE_FSDP) and DeepSpeed
+    (ACCELERATE_USE_DEEPSPEED) shard the models here (FSDP2's fully_shard; library/training/zero.py's engine), and
+    accelerate's own modes would expect to prepare them itself (on CPUs it ignores --use_fsdp anyway, and refuses
+    DeepSpeed)."""
     import os
 
-    saved = os.environ.pop("ACCELERATE_USE_FSDP", None)
+    saved = {name: os.environ.pop(name) for name in names if name in os.environ}
     try:
         yield
     finally:
-        if saved is not None:
-            os.environ["ACCELERATE_USE_FSDP"] = saved
+        os.environ.update(saved)
 
 
 def refuse_unshardable(method, config) -> None:

@@ -30,16 +30,15 @@ from library.errors import Interrupted, UserError
 from library.training import checkpoints as ck
 from library.training.conv_matmul import use_matmul_convs
 from library.training.data_loading import EpochBatchSampler, make_loader
-from library.training.distributed import (FullySharded, GradientSync, accelerate_without_fsdp, check_ddp_options,
-                                          fully_shard_trained, gradient_sync, sharding_requested, trainable_key)
+from library.training.distributed import (FullySharded, GradientSync, check_ddp_options, fully_shard_trained,
+                                          gradient_sync, hidden_from_accelerate, sharding_requested, trainable_key)
 from library.training.fused_backward import FusedBackward, check_fused_backward, fused_flag
 from library.training.latents import build_latent_cache, loader_workers
 from library.training.optimizers import make_optimizer
 from library.training.precision import bf16_tip
 from library.training.reporting import Reporter, tracker_settings
 from library.training.schedulers import make_scheduler
-from library.training.zero import (ZeroEngine, accelerate_without_deepspeed, deepspeed_requested, refuse_unsupported,
-                                   zero_engine)
+from library.training.zero import ZeroEngine, deepspeed_requested, refuse_unsupported, zero_engine
 
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -72,7 +71,7 @@ def train(config: RunConfig, plan: RunPlan, parts, make_method, *, save_ext: str
     deepspeed = deepspeed_requested(config)  # --deepspeed: the engine is built here too (library/training/zero.py)
     if sharding and deepspeed:
         raise UserError("--use_fsdp and DeepSpeed (--deepspeed or --use_deepspeed) both shard the model: choose one")
-    with accelerate_without_fsdp(), accelerate_without_deepspeed():
+    with hidden_from_accelerate("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
         accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available(),
                                   log_with=log_with, project_dir=logging_dir, kwargs_handlers=process_group_kwargs(config))
     refuse_sharding(accelerator.distributed_type)

@@ -63,17 +63,6 @@ def deepspeed_requested(config, environ=None) -> dict | None:
     return settings
 
 
-@contextlib.contextmanager
-def accelerate_without_deepspeed() -> Iterator[None]:
-    """Build the Accelerator as for plain data parallel: the engine is built here (see the module's docstring)."""
-    saved = os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
-    try:
-        yield
-    finally:
-        if saved is not None:
-            os.environ["ACCELERATE_USE_DEEPSPEED"] = saved
-
-
 def refuse_unsupported(method, config, settings: dict) -> None:
     """What this DeepSpeed support does not cover (yet), each as one line, before anything is built."""
     try:
