@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 from library.data.demo import make_demo_dataset
 from tests.conftest import ROOT
@@ -26,9 +27,16 @@ def test_train_db_under_fsdp_matches_one_process_and_saves_the_full_model(tmp_pa
     # cache would call the sharded model on some processes only); --clip_skip 2 leaves its last layer without a
     # gradient. Gradients accumulate unsharded for one micro-batch (no reduce-scatter), then reduce on the
     # boundary; they are clipped as DTensors (--max_grad_norm's default 1.0).
+    # Samples after each step: every process gathers, the main one samples from the full models.
+    (tmp_path / "prompts.txt").write_text("a photo --w 32 --h 32 --s 2 --d 5\n")
     out, rank0, _ = _two_processes_and_one(tmp_path, "train_db", _db_argv, accumulation=2,
-                                           extra=(*SGD, "--stop_text_encoder_training", "1", "--clip_skip", "2"))
+                                           extra=(*SGD, "--stop_text_encoder_training", "1", "--clip_skip", "2"),
+                                           two_only=("--sample_prompts", str(tmp_path / "prompts.txt"),
+                                                     "--sample_every_n_steps", "1"))
     assert_trained_and_saved_in_full(out, rank0, tiny_parts["tiny-sd1"])
+    samples = sorted((out / "sample").glob("db_*.png"))
+    assert [p.name[:9] for p in samples] == ["db_000001", "db_000002"]
+    assert len({Image.open(p).tobytes() for p in samples}) == 2  # the second step's weights draw another image
 
 
 def _refused(tmp_path, script, argv, *extra):

@@ -243,8 +243,6 @@ def refuse_unshardable(method, config) -> None:
         (config.get("use_ema"), "--use_ema", "drop it"),
         (config.get("save_state") or config.get("save_state_on_train_end") or config.get("resume"),
          "--save_state / --resume", "sharded optimizer states are not saved yet; drop them"),
-        (config.get("sample_prompts"), "--sample_prompts",
-         "sampling during training is not supported yet; drop it and sample from the saved model"),
     ]
     for bad, option, fix in refused:
         if bad:

@@ -183,6 +183,22 @@ class _ShardedReporter(Reporter):
         with self.sharded.full_weights(self.method):
             return super()._save(file_name, state, **kwargs)
 
+    def _sample(self, *, step: int, epoch: int | None) -> None:
+        """Every process gathers (a collective); the main process samples from the full models, as without sharding."""
+        if not self.prompts:
+            return
+        method = self.method
+        with self.sharded.full_weights(method):
+            parts, encode = self.parts, method.encode_prompts
+            if method.parts is not parts:  # FSDP: the main process holds full copies; prompts are encoded with them
+                self.parts = method.parts
+                method.encode_prompts = parts.family.prompt_encoder(method.parts, clip_skip=self.config.clip_skip,
+                                                                    max_token_length=self.config.max_token_length)
+            try:
+                super()._sample(step=step, epoch=epoch)
+            finally:
+                self.parts, method.encode_prompts = parts, encode
+
     def _save_state(self, model_path, state) -> None:
         self.accelerator.print(f"no -state folder beside {model_path} (sharded training states, FSDP's or DeepSpeed's, "
                                "are not saved)")
