@@ -19,7 +19,8 @@ from library.data.demo import make_demo_dataset
 from library.errors import UserError
 from library.training.zero import deepspeed_requested, engine_config
 from tests.conftest import ROOT
-from tests.test_ddp import assert_trained_and_saved_in_full, SGD, WORKER, _argv, _db_argv, _two_processes_and_one
+from tests.test_ddp import (SGD, WORKER, _argv, _db_argv, _free_port, _two_processes_and_one,
+                            assert_trained_and_saved_in_full)
 
 
 # Stage 2 unclipped (the gradients' scale shows in the weights; a smaller rate keeps the padding token's large
@@ -126,3 +127,18 @@ def test_a_config_file_gets_the_trainers_batch_sizes_and_clipping_where_it_says_
     path.write_text(json.dumps({"optimizer": {"type": "Adam"}, "bf16": {"enabled": True}}))
     with pytest.raises(UserError, match="remove 'optimizer', 'bf16'"):
         engine_config(config, settings, processes=4)
+
+
+def test_launch_py_use_deepspeed_shards_over_two_processes(tmp_path):
+    """`launch.py --use_deepspeed --zero_stage 3` (accelerate launch's own flags, no --deepspeed in the script's)."""
+    make_demo_dataset(tmp_path / "data", count=2, size=32)
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "launch.py", "--use_deepspeed", "--zero_stage", "3", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "--main_process_port", str(_free_port()), "train_db.py",
+                          *_db_argv(tmp_path / "data", out, "--max_train_steps", "2")],
+                         cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "DeepSpeed ZeRO stage 3: 2 trained model(s) over 2 process(es)" in run.stdout
+    assert (out / "db.safetensors").is_file()
