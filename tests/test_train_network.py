@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import train_network
@@ -183,3 +184,21 @@ def test_save_n_epoch_ratio_saves_about_n_times_as_sd_scripts(tmp_path, ratio, s
                               "--save_every_n_epochs", "5", "--network_module", "networks.lora"))
     names = sorted(p.name for p in out.glob("net*.safetensors"))
     assert names == sorted([f"net-{e:06d}.safetensors" for e in saved_epochs] + ["net.safetensors"])
+
+
+def test_log_config_and_log_tracker_config_reach_tensorboard(data, tmp_path):
+    """--log_config records the options (TensorBoard hparams; secrets and paths left out); --log_tracker_config's
+    [tensorboard] table goes to its SummaryWriter (here: the event files' name suffix)."""
+    (tmp_path / "trackers.toml").write_text('[tensorboard]\nfilename_suffix = ".sdtrainer"\n')
+    for run, extra in (("with", ("--log_config", "--log_tracker_config", str(tmp_path / "trackers.toml"))),
+                       ("without", ())):
+        train_network.main(_flags(data, tmp_path / run, "--logging_dir", str(tmp_path / run / "logs"), *extra,
+                                  steps=1))
+    events = list((tmp_path / "with" / "logs").rglob("events.out.tfevents.*"))
+    assert any(p.name.endswith(".sdtrainer") for p in events), events
+    [hparams] = list((tmp_path / "with" / "logs").rglob("hparams.yml"))
+    logged = yaml.safe_load(hparams.read_text())
+    assert logged["network_dim"] == 4 and logged["learning_rate"] == 1e-3
+    assert not {"train_data_dir", "output_dir", "pretrained_model_name_or_path", "logging_dir"} & logged.keys()
+    assert not list((tmp_path / "without" / "logs").rglob("hparams.yml"))  # as sd-scripts: only with --log_config
+    assert not any(p.name.endswith(".sdtrainer") for p in (tmp_path / "without" / "logs").rglob("*"))

@@ -29,6 +29,39 @@ def tracker_settings(config: RunConfig) -> tuple[str | None, str | None]:
     return log_with, str(folder)
 
 
+# Left out of --log_config's record, as sd-scripts' get_sanitized_config_or_none leaves them out: secrets, and paths
+# that say where a user keeps their files.
+NOT_LOGGED = ("wandb_api_key", "huggingface_token", "pretrained_model_name_or_path", "vae", "tokenizer_cache_dir",
+              "train_data_dir", "conditioning_data_dir", "reg_data_dir", "output_dir", "logging_dir")
+
+
+def logged_config(config: RunConfig) -> dict | None:
+    """--log_config: the run's options for the trackers (TensorBoard's hparams), secrets and paths left out; a list
+    becomes one comma-separated string. None without it, as in sd-scripts."""
+    if not config.get("log_config"):
+        return None
+    logged = {}
+    for name, value in config.items():
+        if name in NOT_LOGGED:
+            continue
+        if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float, str, bool)) for v in value):
+            value = ", ".join(map(str, value))
+        if isinstance(value, (int, float, str, bool)):
+            logged[name] = value
+    return logged
+
+
+def tracker_init_kwargs(config: RunConfig) -> dict:
+    """Each tracker's own init arguments: --log_tracker_config's TOML tables ([wandb], [tensorboard], ...), else
+    --wandb_run_name as wandb's run name (sd-scripts: the file, when given, replaces the name)."""
+    if config.get("log_tracker_config"):
+        from library.config.config_text import parse_toml
+
+        path = Path(config.log_tracker_config)
+        return parse_toml(path.read_text(encoding="utf-8"), path)
+    return {"wandb": {"name": config.wandb_run_name}} if config.get("wandb_run_name") else {}
+
+
 class Reporter:
     def __init__(self, config: RunConfig, plan, parts, method, accelerator, *, optimizer_name, optimizer_kwargs,
                  descriptions, started, max_steps, epochs, save_ext):
@@ -48,8 +81,8 @@ class Reporter:
 
             self.prompts = load_prompts(config.sample_prompts)
         if accelerator.log_with:
-            accelerator.init_trackers(config.log_tracker_name or "network_train",
-                                      config={k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))})
+            accelerator.init_trackers(config.log_tracker_name or "network_train", config=logged_config(config),
+                                      init_kwargs=tracker_init_kwargs(config))
         self.bar = tqdm(total=max_steps, desc="steps", disable=not accelerator.is_local_main_process)
 
     # ------------------------------------------------------------------ hooks
