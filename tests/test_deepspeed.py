@@ -142,3 +142,9 @@ def test_launch_py_use_deepspeed_shards_over_two_processes(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "DeepSpeed ZeRO stage 3: 2 trained model(s) over 2 process(es)" in run.stdout
     assert (out / "db.safetensors").is_file()
+
+
+def test_fsdp_and_deepspeed_together_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    lines = _refused_in_process(tmp_path, capsys, "train_db", _db_argv, "--deepspeed")
+    assert lines == ["error: --use_fsdp and DeepSpeed (--deepspeed or --use_deepspeed) both shard the model: choose one"]
