@@ -127,6 +127,9 @@ def test_a_config_file_gets_the_trainers_batch_sizes_and_clipping_where_it_says_
     path.write_text(json.dumps({"optimizer": {"type": "Adam"}, "bf16": {"enabled": True}}))
     with pytest.raises(UserError, match="remove 'optimizer', 'bf16'"):
         engine_config(config, settings, processes=4)
+    path.write_text(json.dumps({"fp16": True}))  # not a table: one line too, no traceback
+    with pytest.raises(UserError, match="remove 'fp16'"):
+        engine_config(config, settings, processes=4)
 
 
 def test_launch_py_use_deepspeed_shards_over_two_processes(tmp_path):
@@ -147,4 +150,5 @@ def test_launch_py_use_deepspeed_shards_over_two_processes(tmp_path):
 def test_fsdp_and_deepspeed_together_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     lines = _refused_in_process(tmp_path, capsys, "train_db", _db_argv, "--deepspeed")
-    assert lines == ["error: --use_fsdp and DeepSpeed (--deepspeed or --use_deepspeed) both shard the model: choose one"]
+    assert lines == ["error: --use_fsdp and DeepSpeed (--deepspeed or --use_deepspeed) both shard the model: "
+                     "choose one"]

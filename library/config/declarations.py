@@ -47,6 +47,8 @@ GUI_UNSET = (0,)
 HF_UPLOAD = ("huggingface_repo_id", None)
 DEEPSPEED = ("deepspeed", None)
 
+ADAPTERS_USE_DDP = ("is for full fine-tuning (train_db.py, sdxl_train.py): an adapter is small enough for DDP over "
+                    "several processes")
 SECRET_IN_FILES = "is a secret; a value here would be copied into the resolved config saved with the outputs"
 
 OPTIONS: tuple[Option, ...] = (
@@ -348,8 +350,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("log_prefix", str, None, "prefix of the run's log folder name", "logging"),
     Option("log_tracker_name", str, None, "tracker project name (default per script)", "logging"),
     Option("log_tracker_config", str, None,
-           "TOML of each tracker's init arguments ([tensorboard], [wandb] tables); replaces --wandb_run_name", "logging",
-           path=INPUT_PATH),
+           "TOML of each tracker's init arguments ([tensorboard], [wandb] tables); replaces --wandb_run_name",
+           "logging", path=INPUT_PATH),
     Option("log_config", bool, False, "log the run's options to the trackers (secrets and paths left out)", "logging"),
     Option("wandb_run_name", str, None, "name of the wandb run", "logging",
            inert_without=("log_with", ("wandb", "all"))),
@@ -473,10 +475,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("ddp_gradient_as_bucket_view", bool, False,
            "DDP gradient_as_bucket_view (always on here: gradients are views into DDP's buckets)", "advanced"),
     Option("ddp_static_graph", bool, False, "DDP static_graph: the same parameters are used every step", "advanced"),
-    Option("deepspeed", bool, False, "train full fine-tunes with DeepSpeed ZeRO (train_db.py, sdxl_train.py)", "advanced",
-           note_per_script=tuple((script, "is for full fine-tuning (train_db.py, sdxl_train.py): an adapter is small "
-                                  "enough for DDP over several processes") for script in (NETWORK, TI,
-                                                                                                   HYPERNETWORK))),
+    Option("deepspeed", bool, False, "train full fine-tunes with DeepSpeed ZeRO (train_db.py, sdxl_train.py)",
+           "advanced", note_per_script=tuple((script, ADAPTERS_USE_DDP) for script in (NETWORK, TI, HYPERNETWORK))),
     Option("zero_stage", int, 2, "DeepSpeed ZeRO stage", "advanced", choices=(0, 1, 2, 3),
            inert_without=DEEPSPEED),
     Option("offload_optimizer_device", str, None, "DeepSpeed: where to offload optimizer state (ZeRO 2/3)", "advanced",

@@ -282,7 +282,6 @@ class FullySharded:
                 recorded = _recorded_outputs(unit)
                 fully_shard(unit, reshard_after_forward=reshard_after_forward, offload_policy=policy)
                 _recorded_outputs(unit, recorded)
-        self.key: tuple[int, ...] = ()
 
     def loss(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         return compute()
@@ -374,5 +373,4 @@ def fully_shard_trained(method, config, settings: dict, *, processes: int) -> Fu
     if dist.get_rank() == 0:
         print(f"FSDP: {len(modules)} trained model(s) sharded over {processes} processes (fully_shard per block; "
               f"reshard after forward: {settings['reshard_after_forward']}, CPU offload: {settings['offload']})")
-    sharded.key = trainable_key(method.trainable_params())
     return sharded

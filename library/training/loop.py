@@ -73,7 +73,8 @@ def train(config: RunConfig, plan: RunPlan, parts, make_method, *, save_ext: str
         raise UserError("--use_fsdp and DeepSpeed (--deepspeed or --use_deepspeed) both shard the model: choose one")
     with hidden_from_accelerate("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
         accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available(),
-                                  log_with=log_with, project_dir=logging_dir, kwargs_handlers=process_group_kwargs(config))
+                                  log_with=log_with, project_dir=logging_dir,
+                                  kwargs_handlers=process_group_kwargs(config))
     refuse_sharding(accelerator.distributed_type)
     seed = config.seed if config.seed is not None else random.randint(0, 2**32 - 1)
     config = config.replace(seed=seed)
@@ -172,8 +173,8 @@ def refuse_sharding(distributed_type) -> None:
 
 class _ShardedReporter(Reporter):
     """Under FSDP (and DeepSpeed ZeRO 3) no process holds the full weights: every save gathers them on every process
-    (a collective) so the main process's export writes the same model as without sharding. The optimizer state stays unsaved (its shards are
-    refused up front with --save_state; an interrupted run keeps its model file only)."""
+    (a collective) so the main process's export writes the same model as without sharding. The optimizer state stays
+    unsaved (its shards are refused up front with --save_state; an interrupted run keeps its model file only)."""
 
     def __init__(self, sharded: FullySharded | ZeroEngine, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -276,7 +277,8 @@ class _Loop:
         self.params = method.trainable_params()
         self.losses: list[float] = []
         self.state = ck.TrainState(0, 1, 0)
-        self.sync: GradientSync | FullySharded | ZeroEngine | None = None  # several processes only: one runs as before
+        # Several processes, or DeepSpeed (one process too); otherwise None and a step runs as on one process.
+        self.sync: GradientSync | FullySharded | ZeroEngine | None = None
 
     def run(self, loader, state: ck.TrainState) -> None:
         self.state = state

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from library.errors import UserError
-from library.training.distributed import _TrainedModels, trainable_key
+from library.training.distributed import _TrainedModels
 
 STAGES = (0, 1, 2, 3)
 FROM_COMMAND_LINE = ("optimizer", "scheduler", "fp16", "bf16")  # config-file sections the trainer's options decide
@@ -115,8 +115,8 @@ def _config_file(path: str) -> dict:
                         "file") from None
     if not isinstance(loaded, dict):
         raise UserError(f"--deepspeed_config_file {path}: expected a JSON object at the top; fix the file")
-    decided = [key for key in FROM_COMMAND_LINE
-               if key in loaded and (key in ("optimizer", "scheduler") or _flag(loaded[key].get("enabled")))]
+    decided = [key for key in FROM_COMMAND_LINE if key in loaded and (
+        key in ("optimizer", "scheduler") or not isinstance(loaded[key], dict) or _flag(loaded[key].get("enabled")))]
     if decided:
         raise UserError(f"--deepspeed_config_file {path}: remove {', '.join(repr(k) for k in decided)}: the optimizer, "
                         "learning-rate schedule and precision come from the trainer's options")
@@ -157,20 +157,18 @@ class ZeroEngine:
     and `step`. Built after the optimizer (whose param groups and learning rates the loop's scheduler keeps
     driving) and before the first step."""
 
-    def __init__(self, method, optimizer, ds_config: dict):
+    def __init__(self, modules: list[torch.nn.Module], optimizer, ds_config: dict):
         import warnings
 
         import deepspeed
 
         # DeepSpeed's collectives use names torch now calls deprecated: a warning per step says nothing to a user.
         warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-        modules, _ = method.data_parallel_modules()
         self.stage = ds_config["zero_optimization"]["stage"]
         self.wrapper = _TrainedModels(modules)
         raw = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
         _one_process_group()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.wrapper, optimizer=raw, config=ds_config)
-        self.key = trainable_key(method.trainable_params())
 
     def loss(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         return self.engine(compute)  # stage 3 gathers each module's weights as the forward reaches it
@@ -227,7 +225,7 @@ def zero_engine(method, config, settings: dict, optimizer, *, processes: int, sa
     if not modules:
         return None
     ds_config = engine_config(config, settings, processes=processes)
-    engine = ZeroEngine(method, optimizer, ds_config)
+    engine = ZeroEngine(modules, optimizer, ds_config)
     offload = {k: settings[k] for k in ("offload_optimizer", "offload_param") if settings[k]}
     say(f"DeepSpeed ZeRO stage {engine.stage}: {len(modules)} trained model(s) over {processes} process(es)"
         + "".join(f", {k.replace('_', ' ')} to {v}" for k, v in offload.items()))
