@@ -19,7 +19,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from library.errors import UserError
 from library.safe_write import atomic_file
-from library.training.sampling import (LINE_OPTIONS, SamplePrompt, _embeddings, _layer_encoder, _pipeline,
+from library.training.sampling import (LINE_OPTIONS, SamplePrompt, _embeddings, _pipeline, prompt_encoder,
                                        _quiet_diffusers, check_prompts, make_sampler, parse_prompt_line)
 
 SIZE_MULTIPLE = 8  # diffusers' pipelines refuse other sizes
@@ -258,10 +258,7 @@ class Generator:
     def _encoder(self, clip_skip: int | None):
         from library.methods.ti_method import _TokenExpandingEncoder
 
-        if len(self.parts.text_encoders) == 1:
-            encode = _layer_encoder(self.parts, clip_skip or 1)
-        else:  # SDXL: the family's encoding (fixed layers, pooled output); clip_skip does not apply
-            encode = self.parts.family.prompt_encoder(self.parts, clip_skip=None, max_token_length=None)
+        encode = prompt_encoder(self.parts, clip_skip)  # SDXL: fixed layers, pooled output; clip_skip does not apply
         for embedding in self.embeddings:
             # A multi-vector embedding `name` is written out as `name name1 name2 …`, as it was trained.
             encode = _TokenExpandingEncoder(encode, embedding.tokens[0], list(embedding.tokens))

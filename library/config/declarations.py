@@ -138,7 +138,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("token_warmup_step", float, 0.0, "step at which all tags are used (below 1: fraction of max_train_steps)",
            "captions", minimum=0),
     Option("weighted_captions", bool, False, "read (tag:1.3), (tag) and [tag] as attention weights in captions",
-           "captions", scripts=NOT_TI, note=NOT_SUPPORTED),
+           "captions", scripts=NOT_TI),
 
     # --- caching: latents, text-encoder outputs, dataset metadata ---
     Option("cache_latents", bool, False, "encode images with the VAE once and keep the latents in memory", "caching"),

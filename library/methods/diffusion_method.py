@@ -50,7 +50,8 @@ class DiffusionMethod:
         # captions -> hidden states (sampling's prompt embeddings); `.conditioning(captions)` adds what else the
         # family's UNet takes from the text (a pooled embedding where it has one).
         self.encode_prompts = parts.family.prompt_encoder(parts, clip_skip=config.clip_skip,
-                                                          max_token_length=config.max_token_length)
+                                                          max_token_length=config.max_token_length,
+                                                          weighted=bool(config.get("weighted_captions")))
 
     # ------------------------------------------------------------------ hooks the loop calls
     def latents_ready(self, *, all_cached: bool) -> None:

@@ -53,15 +53,16 @@ class _TokenExpandingEncoder:
         # CLIP lower-cases text before matching tokens, so "MyChar" in a caption is the token too.
         self.pattern = re.compile(re.escape(token), re.IGNORECASE) if len(tokens) > 1 else None
 
-    def __call__(self, captions: list[str]) -> torch.Tensor:
-        return self.encode(self._expand(captions))
+    def __call__(self, captions: list[str], **kwargs) -> torch.Tensor:
+        return self.encode(self._expand(captions), **kwargs)
 
-    def conditioning(self, captions: list[str]):
+    def conditioning(self, captions: list[str], **kwargs):
+        """kwargs (`weighted=`) go to the wrapped encoder."""
         from library.models.family import TextConditioning
 
         captions = self._expand(captions)
         inner = getattr(self.encode, "conditioning", None)
-        return inner(captions) if inner is not None else TextConditioning(self.encode(captions))
+        return inner(captions, **kwargs) if inner is not None else TextConditioning(self.encode(captions, **kwargs))
 
     def _expand(self, captions: list[str]) -> list[str]:
         if self.pattern is None:

@@ -176,8 +176,10 @@ class ModelFamily:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ text
-    def prompt_encoder(self, parts: "Components", *, clip_skip: int | None, max_token_length: int | None):
-        """captions -> hidden states; `.encode(captions)` -> TextConditioning; `.encoder_identity()` for caches."""
+    def prompt_encoder(self, parts: "Components", *, clip_skip: int | None, max_token_length: int | None,
+                       weighted: bool = False):
+        """captions -> hidden states; `.conditioning(captions)` -> TextConditioning; `.encoder_identity()` for
+        caches. `weighted`: the captions' "(word:1.2)" weights apply (both calls also take `weighted=` per call)."""
         raise NotImplementedError
 
     def predict(self, unet: torch.nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,

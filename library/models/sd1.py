@@ -153,11 +153,12 @@ class StableDiffusion(ModelFamily):
         respell_text_encoder(folder / "text_encoder")
 
     # ------------------------------------------------------------------ text
-    def prompt_encoder(self, parts: Components, *, clip_skip: int | None, max_token_length: int | None):
+    def prompt_encoder(self, parts: Components, *, clip_skip: int | None, max_token_length: int | None,
+                       weighted: bool = False):
         from library.training.text_encoding import PromptEncoder
 
         return PromptEncoder(parts.tokenizer, parts.text_encoder, clip_skip=clip_skip,
-                             max_token_length=max_token_length, source=parts.source)
+                             max_token_length=max_token_length, source=parts.source, weighted=weighted)
 
     def embedding_keys(self) -> tuple[str, ...]:
         return ("emb_params",)

@@ -192,8 +192,9 @@ class StableDiffusionXL(ModelFamily):
         respell_text_encoder(folder / "text_encoder")
 
     # ------------------------------------------------------------------ text and the UNet call
-    def prompt_encoder(self, parts: Components, *, clip_skip: int | None, max_token_length: int | None):
-        return SdxlPromptEncoder(parts, clip_skip=clip_skip, max_token_length=max_token_length)
+    def prompt_encoder(self, parts: Components, *, clip_skip: int | None, max_token_length: int | None,
+                       weighted: bool = False):
+        return SdxlPromptEncoder(parts, clip_skip=clip_skip, max_token_length=max_token_length, weighted=weighted)
 
     def predict(self, unet: torch.nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
                 text: TextConditioning, images: Sequence[ImageConditioning]) -> torch.Tensor:
@@ -247,7 +248,7 @@ class SdxlPromptEncoder:
     """captions -> TextConditioning (context (B, 77|152|227, W1+W2), pooled (B, P)) as sd-scripts' strategy_sdxl."""
 
     def __init__(self, parts: Components, *, clip_skip: int | None, max_token_length: int | None,
-                 source: str | None = None):
+                 source: str | None = None, weighted: bool = False):
         from library.training.text_encoding import chunk_count
 
         chunk_count(max_token_length)  # bad values fail before training starts
@@ -255,6 +256,7 @@ class SdxlPromptEncoder:
             print(f"--clip_skip {clip_skip}: ignored for SDXL (sd-scripts too: TE1 layer 11, TE2 the penultimate)")
         self.parts, self.max_token_length = parts, max_token_length
         self.source = source or parts.source
+        self.weighted = weighted  # --weighted_captions: both encoders' hidden states weighted, the pooled output not
 
     def tokenize(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         from library.training.text_encoding import tokenize
@@ -264,22 +266,32 @@ class SdxlPromptEncoder:
         return tuple(tokenize(tok, unique, max_token_length=self.max_token_length)[rows]
                      for tok in self.parts.tokenizers)
 
-    def conditioning(self, captions: Sequence[str]) -> TextConditioning:
+    def conditioning(self, captions: Sequence[str], *, weighted: bool | None = None) -> TextConditioning:
+        """`weighted` (default: as constructed) reads the prompt-weight syntax."""
+        from library.training.prompt_weights import apply_weights, tokenize_weighted
         from library.training.text_encoding import join_windows
 
         te1, te2 = self.parts.text_encoders
-        ids1, ids2 = self.tokenize(captions)
+        weighted = self.weighted if weighted is None else weighted
+        if weighted:
+            (ids1, weights1), (ids2, weights2) = (
+                tokenize_weighted(tok, captions, max_token_length=self.max_token_length)
+                for tok in self.parts.tokenizers)
+        else:
+            ids1, ids2 = self.tokenize(captions)
         b, n = ids1.shape[:2]
         out1 = te1(ids1.reshape(-1, MODEL_MAX_LENGTH).to(te1.device), output_hidden_states=True)
         out2 = te2(ids2.reshape(-1, MODEL_MAX_LENGTH).to(te2.device), output_hidden_states=True)
         hidden1 = join_windows(out1.hidden_states[TE1_LAYER].reshape(b, n, MODEL_MAX_LENGTH, -1))
         hidden2 = join_windows(out2.hidden_states[-2].reshape(b, n, MODEL_MAX_LENGTH, -1))
+        if weighted:
+            hidden1, hidden2 = apply_weights(hidden1, weights1), apply_weights(hidden2, weights2)
         pooled = _pool(te2, out2.last_hidden_state, ids2.reshape(-1, MODEL_MAX_LENGTH),
                        self.parts.tokenizers[1].eos_token_id)[::n]
         return TextConditioning(torch.cat([hidden1, hidden2.to(hidden1.dtype)], dim=-1), pooled)
 
-    def __call__(self, captions: Sequence[str]) -> torch.Tensor:
-        return self.conditioning(captions).hidden
+    def __call__(self, captions: Sequence[str], *, weighted: bool | None = None) -> torch.Tensor:
+        return self.conditioning(captions, weighted=weighted).hidden
 
     def encoder_identity(self) -> str:
         from library.training.text_encoding import CHUNK_TOKENS, chunk_count, weights_fingerprint
@@ -288,7 +300,8 @@ class SdxlPromptEncoder:
         te1, te2 = self.parts.text_encoders
         digest = weights_fingerprint(te1, 8) + weights_fingerprint(te2, 8)
         return ";".join([f"source={self.source}", "family=sdxl", f"weights={digest}",
-                         f"max_token_length={n * CHUNK_TOKENS}", f"dtype={str(te1.dtype).removeprefix('torch.')}"])
+                         f"max_token_length={n * CHUNK_TOKENS}", f"dtype={str(te1.dtype).removeprefix('torch.')}",
+                         *(["weighted=1"] if self.weighted else [])])
 
 
 def _pool(te2, last_hidden: torch.Tensor, ids: torch.Tensor, eos: int) -> torch.Tensor:

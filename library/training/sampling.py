@@ -35,6 +35,7 @@ from library.errors import UserError
 from library.models.components import Components
 from library.models.family import TextConditioning
 from library.safe_write import atomic_file
+from library.training.prompt_weights import has_weights
 
 # sd-scripts' sample_image_inference defaults and line_to_prompt_dict's clamp of --s.
 DEFAULT_WIDTH, DEFAULT_HEIGHT, DEFAULT_STEPS, DEFAULT_SCALE = 512, 512, 30, 7.5
@@ -341,8 +342,9 @@ def _generate(pipe: Any, parts: Components, prompt: SamplePrompt, default_sample
     seed = prompt.seed if prompt.seed is not None else random.SystemRandom().getrandbits(63)
     # A private generator: the same seed gives the same image whatever the training RNG has done.
     generator = torch.Generator(device).manual_seed(seed)
-    if encode is None and prompt.clip_skip and prompt.clip_skip > 1 and len(parts.text_encoders) == 1:
-        encode = _layer_encoder(parts, prompt.clip_skip)
+    layer_chosen = bool(prompt.clip_skip and prompt.clip_skip > 1 and len(parts.text_encoders) == 1)
+    if encode is None and (layer_chosen or _weighted(prompt)):
+        encode = prompt_encoder(parts, prompt.clip_skip)
     if encode is not None:
         kwargs = _embeddings(encode, prompt)
     else:
@@ -353,21 +355,21 @@ def _generate(pipe: Any, parts: Components, prompt: SamplePrompt, default_sample
     return result.images[0]
 
 
-def _layer_encoder(parts: Components, clip_skip: int) -> Callable[[list[str]], torch.Tensor]:
-    """The pipeline's own prompt encoding, but from layer -clip_skip (sd-scripts' count: 2 = penultimate).
+def prompt_encoder(parts: Components, clip_skip: int | None):
+    """The family's prompt encoding for one prompt's `--c` (sd-scripts' count: 2 = penultimate; families with two
+    text encoders have fixed layers), long prompts cut at 75 tokens as the pipeline cuts them.
 
     Not the pipeline's `clip_skip` argument: that counts skipped layers (1 = penultimate) and reaches through
     `text_encoder.text_model`, which transformers 5 removed.
     """
-    tokenizer, text_encoder = parts.tokenizer, parts.text_encoder
+    clip_skip = clip_skip if clip_skip and clip_skip > 1 and len(parts.text_encoders) == 1 else None
+    return parts.family.prompt_encoder(parts, clip_skip=clip_skip, max_token_length=None)
 
-    def encode(captions: list[str]) -> torch.Tensor:
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(_device_of(text_encoder))
-        hidden = text_encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
-        return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
 
-    return encode
+def _weighted(prompt: SamplePrompt) -> bool:
+    """Whether the prompt or its negative uses the "(word:1.2)" syntax: then it is read as weights, always (sd-scripts'
+    sample images go through its long-prompt-weighting pipeline, which always reads them)."""
+    return has_weights(prompt.prompt) or has_weights(prompt.negative_prompt or "")
 
 
 def _embeddings(encode, prompt: SamplePrompt) -> dict[str, torch.Tensor]:
@@ -375,7 +377,9 @@ def _embeddings(encode, prompt: SamplePrompt) -> dict[str, torch.Tensor]:
     `conditioning` method, also the pooled embeddings of families that have them, e.g. SDXL)."""
     captions = [prompt.prompt] if prompt.scale <= 1.0 else [prompt.prompt, prompt.negative_prompt or ""]
     # One batch, so long-prompt encoders return both at the same length, as the pipeline requires.
-    text = encode.conditioning(captions) if hasattr(encode, "conditioning") else TextConditioning(encode(captions))
+    weighted = {"weighted": True} if _weighted(prompt) else {}  # else the encoder's own setting (--weighted_captions)
+    text = (encode.conditioning(captions, **weighted) if hasattr(encode, "conditioning")
+            else TextConditioning(encode(captions, **weighted)))
     kwargs = {"prompt_embeds": text.hidden[:1]}
     if text.pooled is not None:
         kwargs["pooled_prompt_embeds"] = text.pooled[:1]

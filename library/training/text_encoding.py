@@ -12,6 +12,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from library.errors import UserError
 from library.models.family import TextConditioning
 from library.models.tokenizer import MODEL_MAX_LENGTH
+from library.training.prompt_weights import apply_weights, tokenize_weighted
 
 # Tokens between <BOS> and <EOS> in one 77-token CLIP window; --max_token_length counts these.
 CHUNK_TOKENS = MODEL_MAX_LENGTH - 2
@@ -119,12 +120,14 @@ class PromptEncoder:
     """captions -> conditioning tensor for one model and one (clip_skip, max_token_length) setting."""
 
     def __init__(self, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, *, clip_skip: int | None,
-                 max_token_length: int | None, source: str | None = None) -> None:
+                 max_token_length: int | None, source: str | None = None, weighted: bool = False) -> None:
         # Bad values fail here, before any training starts.
         chunk_count(max_token_length)
         check_clip_skip(clip_skip, text_encoder)
         self.tokenizer, self.text_encoder = tokenizer, text_encoder
         self.clip_skip, self.max_token_length = clip_skip, max_token_length
+        # --weighted_captions: "(word:1.2)" scales that word's hidden states (library.training.prompt_weights)
+        self.weighted = weighted
         self.source = source or text_encoder.config.name_or_path or "unnamed"
 
     def tokenize(self, captions: Sequence[str]) -> torch.Tensor:
@@ -134,14 +137,19 @@ class PromptEncoder:
         row = {caption: i for i, caption in enumerate(unique)}
         return ids[torch.tensor([row[c] for c in captions], dtype=torch.long)]
 
-    def __call__(self, captions: Sequence[str]) -> torch.Tensor:
-        # The whole batch is encoded, duplicates included, as sd-scripts does: same shapes, same numerics.
-        return encode(self.text_encoder, self.tokenize(captions), clip_skip=self.clip_skip,
-                      max_token_length=self.max_token_length)
+    def __call__(self, captions: Sequence[str], *, weighted: bool | None = None) -> torch.Tensor:
+        """Hidden states; `weighted` (default: as constructed) reads the prompt-weight syntax."""
+        if not (self.weighted if weighted is None else weighted):
+            # The whole batch is encoded, duplicates included, as sd-scripts does: same shapes, same numerics.
+            return encode(self.text_encoder, self.tokenize(captions), clip_skip=self.clip_skip,
+                          max_token_length=self.max_token_length)
+        ids, weights = tokenize_weighted(self.tokenizer, captions, max_token_length=self.max_token_length)
+        hidden = encode(self.text_encoder, ids, clip_skip=self.clip_skip, max_token_length=self.max_token_length)
+        return apply_weights(hidden, weights)
 
-    def conditioning(self, captions: Sequence[str]) -> TextConditioning:
+    def conditioning(self, captions: Sequence[str], *, weighted: bool | None = None) -> TextConditioning:
         """What the UNet takes from the text: SD 1.x/2.x have hidden states only (no pooled output)."""
-        return TextConditioning(self(captions))
+        return TextConditioning(self(captions, weighted=weighted))
 
     def encoder_identity(self) -> str:
         """Everything the outputs depend on besides the caption, for the text-encoder-output cache key."""
@@ -155,6 +163,8 @@ class PromptEncoder:
             f"max_token_length={n * CHUNK_TOKENS}",  # None and 75 give identical states
             f"dtype={str(self.text_encoder.dtype).removeprefix('torch.')}",
         ]
+        if self.weighted:
+            parts.append("weighted=1")  # only then: the keys of unweighted caches stay what they were
         return ";".join(parts)
 
 
