@@ -80,14 +80,14 @@ def test_every_option_of_a_script_is_in_its_options_doc(script):
 
 
 def test_statuses():
-    assert make_docs.status(BY_NAME["masked_loss"]) == "not supported yet"
+    assert make_docs.status(BY_NAME["huggingface_repo_id"]) == "not supported yet"
     assert make_docs.status(BY_NAME["xformers"]).startswith("accepted, no effect (")
     assert make_docs.status(BY_NAME["learning_rate"]) == "supported"
     assert make_docs.status(BY_NAME["dataset_class"]).startswith("refused when set: --dataset_class is not supported")
 
 
 # sd-scripts options we refuse, each given on a real command line of a script sd-scripts has it in.
-REFUSED = [(NETWORK, ["--masked_loss"]), (DB, ["--no_token_padding"]),
+REFUSED = [(NETWORK, ["--huggingface_repo_id", "me/my-lora"]), (DB, ["--no_token_padding"]),
            (TI, ["--huggingface_repo_id", "me/my-embedding"])]
 
 
@@ -105,10 +105,10 @@ def test_not_supported_sd_scripts_option_exits_2_naming_it(script, argv, capsys)
 
 def test_not_supported_sd_scripts_option_in_a_config_file_is_named_too(tmp_path, capsys):
     config = tmp_path / "lora.toml"
-    config.write_text('[training_arguments]\nmasked_loss = true\n\n[logging]\nconsole_log_simple = false\n')
+    config.write_text('[huggingface_arguments]\nhuggingface_repo_id = "me/my-lora"\n\n[logging]\nconsole_log_simple = false\n')
     with pytest.raises(SystemExit) as exit_info:
         train_network.main(["--config_file", str(config)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: --masked_loss (from ")
+    assert err.count("\n") == 1 and err.startswith("error: --huggingface_repo_id (from ")
     assert "is not supported yet" in err and "console_log_simple" not in err  # left at its default: harmless

@@ -27,7 +27,7 @@ DATASET_OPTION_NAMES = (
     "color_aug", "flip_aug", "face_crop_aug_range", "random_crop", "alpha_mask", "resize_interpolation",
     "network_multiplier", "validation_seed", "validation_split",
 )
-_FOLDER_OPTIONS = ("train_data_dir", "reg_data_dir", "in_json")
+_FOLDER_OPTIONS = ("train_data_dir", "reg_data_dir", "in_json", "conditioning_data_dir")
 # sd-scripts' ARGPARSE_OPTNAME_TO_CONFIG_OPTNAME: the two options whose config key has another name.
 _OPTION_TO_KEY = {"train_batch_size": "batch_size", "dataset_repeats": "num_repeats"}
 
@@ -47,7 +47,9 @@ _SUBSET_ANY_LEVEL = {
 _DROPOUT_ANY_LEVEL = {"caption_dropout_every_n_epochs": INT, "caption_dropout_rate": NUMBER,
                       "caption_tag_dropout_rate": NUMBER}
 _DREAMBOOTH_ANY_LEVEL = {"caption_extension": STR, "class_tokens": STR, "cache_info": BOOL}
-_DREAMBOOTH_SUBSET_ONLY = {"image_dir": STR, "is_reg": BOOL, "alpha_mask": BOOL}
+# conditioning_data_dir: sd-scripts reads it in ControlNet datasets (every subset has one), which --masked_loss
+# enables; here any DreamBooth subset may have one (the others train unmasked).
+_DREAMBOOTH_SUBSET_ONLY = {"image_dir": STR, "is_reg": BOOL, "alpha_mask": BOOL, "conditioning_data_dir": STR}
 _FINE_TUNING_SUBSET_ONLY = {"metadata_file": STR, "image_dir": STR, "alpha_mask": BOOL}
 _DATASET_LEVEL = {
     "batch_size": INT, "bucket_no_upscale": BOOL, "bucket_reso_steps": INT, "enable_bucket": BOOL,
@@ -59,8 +61,7 @@ _ALL_KEYS = {**_SUBSET_ANY_LEVEL, **_DROPOUT_ANY_LEVEL, **_DREAMBOOTH_ANY_LEVEL,
 # SubsetSpec fields a fine-tuning subset never inherits: sd-scripts' FineTuningSubsetParams has no such field.
 _DREAMBOOTH_ONLY_FIELDS = {"is_reg", "class_tokens", "caption_extension", "cache_info"}
 
-_NOT_YET = {"conditioning_data_dir": "conditioning_data_dir (ControlNet datasets)",
-            "skip_image_resolution": "skip_image_resolution (newer sd-scripts)"}
+_NOT_YET = {"skip_image_resolution": "skip_image_resolution (newer sd-scripts)"}
 _NOT_DATASET_KEYS = {
     "train_batch_size": "the dataset config calls it batch_size",
     "dataset_repeats": "the dataset config calls it num_repeats",
@@ -126,16 +127,24 @@ def dataset_specs_from_dirs(options: Mapping[str, Any], *, problems: list[str] |
     folders) are appended to `problems`."""
     problems = [] if problems is None else problems
     cli = _option_values(options)
-    train_dir, reg_dir, in_json = (options.get(name) for name in _FOLDER_OPTIONS)
+    train_dir, reg_dir, in_json = (options.get(name) for name in ("train_data_dir", "reg_data_dir", "in_json"))
     if in_json is not None:
         if reg_dir is not None:
             problems.append("--reg_data_dir is ignored with --in_json: fine-tuning has no regularisation images")
+        if options.get("conditioning_data_dir") is not None:
+            raise UserError("--conditioning_data_dir cannot be used with --in_json (fine-tuning metadata); use image "
+                            "folders (--train_data_dir '<repeats>_<name>' folders, or a --dataset_config subset)")
         subset = {"metadata_file": str(in_json), "image_dir": None if train_dir is None else str(train_dir)}
         return [_resolve_dataset(FINE_TUNING, [subset], ({}, {}, cli), problems)]
     if train_dir is None:
         raise UserError("no training images: pass --train_data_dir (a folder of '<repeats>_<class tokens>' image "
                         "folders), --in_json with a metadata file, or --dataset_config")
     subsets = _folder_subsets(Path(train_dir), "train_data_dir", False, problems)
+    if options.get("conditioning_data_dir") is not None:
+        # Our reading (sd-scripts' train_network ignores the option): the masks of every training folder's images,
+        # found by file name; regularisation images train unmasked.
+        for subset in subsets:
+            subset["conditioning_data_dir"] = str(options["conditioning_data_dir"])
     if reg_dir is not None:
         subsets += _folder_subsets(Path(reg_dir), "reg_data_dir", True, problems)
     return [_resolve_dataset(DREAMBOOTH, subsets, ({}, {}, cli), problems)]
@@ -464,11 +473,6 @@ def _dataset_kind(table: dict, index: int, source: _Source, support: DatasetSupp
         raise UserError(f"{where}: subsets must be an array of tables: write [[datasets.subsets]] with double brackets")
     if not subsets:
         raise UserError(f"{where}: no [[datasets.subsets]]: add one below it with image_dir = 'path/to/images'")
-    for number, subset in enumerate(subsets):
-        if "conditioning_data_dir" in subset:
-            path = ("datasets", index, "subsets", number)
-            raise UserError(f"{source.where(path, 'conditioning_data_dir')}: {_NOT_YET['conditioning_data_dir']} "
-                            "is not supported yet")
     with_metadata = [number + 1 for number, subset in enumerate(subsets) if "metadata_file" in subset]
     if with_metadata and len(with_metadata) < len(subsets):
         without = next(n + 1 for n in range(len(subsets)) if n + 1 not in with_metadata)

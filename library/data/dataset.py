@@ -176,7 +176,7 @@ class TrainingDataset(torch.utils.data.Dataset):
             original = self.plan.datasets[item.dataset].sizes[item.entry.path]
             cached = self.latent_cache.get(latent_request(item.entry, item.bucket, item.resized, original))
         else:
-            image = load_image(item.entry.path, alpha=subset.alpha_mask)
+            image = load_entry_image(item.entry)
         # sd-scripts' draw order: flip first, then crop, colour, caption.
         flip = subset.flip_aug and should_flip(rng)
         example = {"path": str(item.entry.path), "is_reg": item.entry.is_reg,
@@ -185,7 +185,9 @@ class TrainingDataset(torch.utils.data.Dataset):
                                                       item.bucket, flipped=flip)}
         if self.latent_cache is not None:
             example["latents"] = cached.flipped if flip else cached.latents
-            example["alpha"] = cached.alpha_mask
+            alpha = cached.alpha_mask
+            # The mask is cached unflipped (sd-scripts' layout); it follows a flipped image, as there.
+            example["alpha"] = alpha.flip(-1) if flip and alpha is not None else alpha
         else:
             pixels = crop_into_bucket(image, item.entry, item.bucket, item.resized, rng)
             if subset.color_aug:
@@ -193,7 +195,7 @@ class TrainingDataset(torch.utils.data.Dataset):
             if flip:
                 pixels = flip_horizontal(pixels)
             example["image"] = pixels_to_tensor(pixels[..., :3])
-            example["alpha"] = torch.from_numpy(pixels[..., 3] / 255.0).float() if subset.alpha_mask else None
+            example["alpha"] = torch.from_numpy(pixels[..., 3] / 255.0).float() if item.entry.has_mask else None
         example["caption"] = process_caption(item.entry.caption, subset, rng, epoch=self.epoch, step=self.step,
                                              max_train_steps=self.max_train_steps)
         if self.caption_transform is not None:
@@ -219,8 +221,23 @@ def _bucket_pools(plan: RunPlan) -> dict[tuple[int, tuple[int, int]], list[_Item
 
 
 def prepare_pixels(entry: ImageEntry, bucket, resized, rng: random.Random | None = None) -> np.ndarray:
-    """The image resized and cropped into its bucket (uint8 HxWxC; a 4th channel when the subset uses alpha masks)."""
-    return crop_into_bucket(load_image(entry.path, alpha=entry.subset.alpha_mask), entry, bucket, resized, rng)
+    """The image resized and cropped into its bucket (uint8 HxWxC; a 4th channel, the mask, when it has one)."""
+    return crop_into_bucket(load_entry_image(entry), entry, bucket, resized, rng)
+
+
+def load_entry_image(entry: ImageEntry):
+    """The image as training reads it: RGB, or RGBA when it has a loss mask, whose alpha is the mask: its own alpha
+    channel (alpha_mask), or the red channel of its conditioning image (--masked_loss with conditioning_data_dir,
+    which wins over alpha_mask, as in sd-scripts). So the mask is resized, cropped and flipped with the pixels."""
+    if entry.mask_path is None:
+        return load_image(entry.path, alpha=entry.subset.alpha_mask)
+    image = load_image(entry.path)
+    try:
+        mask = load_image(entry.mask_path)
+    except CorruptImageError as err:  # skipped (or, --strict, stopping the run) as its image, which it belongs to
+        raise CorruptImageError(entry.path, f"its mask {err}") from None
+    image.putalpha(mask.getchannel("R"))
+    return image
 
 
 def crop_into_bucket(image, entry: ImageEntry, bucket, resized, rng: random.Random | None = None) -> np.ndarray:
@@ -245,7 +262,7 @@ def latent_request(entry: ImageEntry, bucket, resized, original) -> LatentReques
     return LatentRequest(image_path=Path(entry.path), bucket_reso=tuple(bucket), original_size=original,
                          crop_ltrb=crop_ltrb(tuple(bucket), original),
                          load_pixels=lambda: prepare_pixels(entry, bucket, resized),
-                         flip_aug=entry.subset.flip_aug, alpha_mask=entry.subset.alpha_mask)
+                         flip_aug=entry.subset.flip_aug, alpha_mask=entry.has_mask, mask_path=entry.mask_path)
 
 
 def latent_requests(plan: RunPlan) -> list[LatentRequest]:
@@ -263,13 +280,21 @@ def _collate(examples: list[dict], skipped: list[str]) -> Batch:
         values = [e[name] for e in examples]
         return torch.stack(values) if values and all(v is not None for v in values) else None
 
+    def masks():
+        """Loss masks when any image of the batch has one; the others weigh 1 everywhere (sd-scripts fills them)."""
+        values = [e["alpha"] for e in examples]
+        present = next((v for v in values if v is not None), None)
+        if present is None:
+            return None
+        return torch.stack([torch.ones_like(present) if v is None else v for v in values])
+
     return Batch(
         captions=[e["caption"] for e in examples],
         is_reg=torch.tensor([e["is_reg"] for e in examples], dtype=torch.bool),
         network_multipliers=torch.tensor([e["multiplier"] for e in examples], dtype=torch.float32),
         images=stack("image") if examples and "image" in examples[0] else None,
         latents=stack("latents") if examples and "latents" in examples[0] else None,
-        alpha_masks=stack("alpha"),
+        alpha_masks=masks(),
         image_paths=[e["path"] for e in examples],
         skipped=skipped,
         conditioning=[e["conditioning"] for e in examples],

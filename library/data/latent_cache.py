@@ -66,6 +66,8 @@ class LatentRequest:
     load_pixels: Callable[[], np.ndarray]
     flip_aug: bool = False
     alpha_mask: bool = False
+    # --masked_loss with conditioning_data_dir: the mask file the 4th channel comes from (part of the cache key)
+    mask_path: Path | None = None
 
 
 class CachedLatents(NamedTuple):
@@ -126,6 +128,8 @@ def request_key(request: LatentRequest, vae_identity: str) -> str:
         "alpha_mask": bool(request.alpha_mask),
         "vae": vae_identity,
     }
+    if request.mask_path is not None:  # only then: the keys of entries without a mask file stay what they were
+        payload["mask"] = file_fingerprint(request.mask_path)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

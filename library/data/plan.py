@@ -77,6 +77,7 @@ def plan_run(options: Mapping, *, script: str = "network", verify: bool = False)
         specs = dataset_specs_from_dirs(options, problems=problems)
     check_cache_options({**options, "text_encoder_trained": text_encoder_trained(options, script)},
                         [subset for spec in specs for subset in spec.subsets])
+    _check_masks(options, [subset for spec in specs for subset in spec.subsets], problems)
     strict = bool(options.get("strict"))
     # The step the script's model family requires (sd-scripts: 64 for SD 1.x/2.x, 32 for SDXL).
     families = options.get("model_families") or ()
@@ -87,6 +88,18 @@ def plan_run(options: Mapping, *, script: str = "network", verify: bool = False)
         raise UserError(f"no usable training images ({details})")
     return RunPlan(datasets, problems, options.get("gradient_accumulation_steps") or 1,
                    options.get("max_train_steps") or 0, options.get("max_train_epochs"), strict)
+
+
+def _check_masks(options: Mapping, subsets: list, problems: list[str]) -> None:
+    """conditioning_data_dir is read only with --masked_loss (sd-scripts' dataset schema allows it only then)."""
+    with_dir = [s for s in subsets if s.conditioning_data_dir is not None]
+    if with_dir and not options.get("masked_loss"):
+        raise UserError(f"subset '{with_dir[0].image_dir}' has conditioning_data_dir '{with_dir[0].conditioning_data_dir}'"
+                        ", whose masks are used only with --masked_loss: add --masked_loss (masked_loss = true), or "
+                        "remove conditioning_data_dir")
+    if options.get("masked_loss") and not with_dir and not any(s.alpha_mask for s in subsets):
+        problems.append("--masked_loss: no subset has conditioning_data_dir or alpha_mask, so no image has a mask and "
+                        "the loss is not masked")
 
 
 def text_encoder_trained(options: Mapping, script: str) -> bool:
@@ -153,6 +166,8 @@ def _readable(entries: list[ImageEntry], sizes: dict, problems: list[str], stric
             sizes[entry.path] = entry.image_size or image_size(entry.path)
             if verify:
                 verify_image(entry.path)
+            if entry.mask_path is not None:
+                _check_mask(entry, sizes[entry.path], verify)
         except CorruptImageError as err:
             if strict:
                 raise UserError(f"{err} (--strict: a bad image stops the run; drop --strict to skip it)") from None
@@ -160,6 +175,17 @@ def _readable(entries: list[ImageEntry], sizes: dict, problems: list[str], stric
             continue
         usable.append(entry)
     return usable
+
+
+def _check_mask(entry: ImageEntry, size: tuple[int, int], verify: bool) -> None:
+    """A conditioning mask is resized and cropped with its image, so it must have the image's size (sd-scripts
+    asserts the same); an unreadable mask skips its image, as an unreadable image does."""
+    mask_size = image_size(entry.mask_path)
+    if verify:
+        verify_image(entry.mask_path)
+    if tuple(mask_size) != tuple(size):
+        raise UserError(f"mask '{entry.mask_path}' is {mask_size[0]}x{mask_size[1]} but its image '{entry.path}' is "
+                        f"{size[0]}x{size[1]}: save the mask at the image's size")
 
 
 def print_plan(plan: RunPlan, *, verbose: bool) -> None:

@@ -39,6 +39,7 @@ class SubsetSpec:
     face_crop_aug_range: tuple[float, float] | None = None
     random_crop: bool = False
     alpha_mask: bool = False
+    conditioning_data_dir: str | None = None  # --masked_loss: a mask per image, same file name (red channel = weight)
     cache_info: bool = False
     resize_interpolation: str | None = None
     custom_attributes: dict[str, Any] = field(default_factory=dict)

@@ -31,6 +31,12 @@ class ImageEntry:
     image_size: tuple[int, int] | None = None  # fine-tuning metadata: the original (width, height)
     tags: str | None = None  # fine-tuning tags that sd-scripts counts for ss_tag_frequency
     own_caption: bool = True  # False when the caption is the folder's class tokens (no caption file)
+    mask_path: Path | None = None  # --masked_loss: the image of the same name in the subset's conditioning_data_dir
+
+    @property
+    def has_mask(self) -> bool:
+        """Whether training weights this image's loss by a mask (its conditioning image, or its alpha channel)."""
+        return self.mask_path is not None or self.subset.alpha_mask
 
 
 def list_subset_images(subset: SubsetSpec) -> tuple[list[ImageEntry], list[str]]:
@@ -114,7 +120,32 @@ def _list_folder(subset: SubsetSpec) -> tuple[list[ImageEntry], list[str]]:
         used = f"using class tokens '{subset.class_tokens}'" if subset.class_tokens else "their caption is empty"
         problems.append(f"no caption file ({subset.caption_extension}) for {len(missing)} of {len(images)} images in "
                         f"'{folder}' (e.g. {missing[0]}): {used}")
+    if subset.conditioning_data_dir is not None:
+        entries = _with_masks(entries, Path(subset.conditioning_data_dir), folder, problems)
     return entries, problems
+
+
+def _with_masks(entries: list[ImageEntry], mask_dir: Path, folder: Path, problems: list[str]) -> list[ImageEntry]:
+    """Each image's mask: the image of the same stem in `mask_dir` (sd-scripts' glob_images(dir, stem)). A missing
+    mask stops the run, as in sd-scripts; masks that no image uses are reported."""
+    if not mask_dir.is_dir():
+        state = "is not a folder" if mask_dir.exists() else "does not exist"
+        raise UserError(f"conditioning_data_dir '{mask_dir}' {state}: check the path (dataset config "
+                        "conditioning_data_dir or --conditioning_data_dir)")
+    masks = {}
+    for mask in find_images(mask_dir):
+        masks.setdefault(os.path.splitext(mask.name)[0], mask)
+    without = [e.path.name for e in entries if os.path.splitext(e.path.name)[0] not in masks]
+    if without:
+        raise UserError(f"conditioning_data_dir '{mask_dir}' has no mask for {len(without)} of {len(entries)} images "
+                        f"in '{folder}' (e.g. {', '.join(without[:3])}): add an image of the same name (any image "
+                        "extension; white = train, black = ignore) for each")
+    used = {os.path.splitext(e.path.name)[0] for e in entries}
+    extra = sorted(name for stem, name in ((k, v.name) for k, v in masks.items()) if stem not in used)
+    if extra:
+        problems.append(f"{len(extra)} images in conditioning_data_dir '{mask_dir}' match no image in '{folder}' "
+                        f"(e.g. {extra[0]}): not used")
+    return [replace(e, mask_path=masks[os.path.splitext(e.path.name)[0]]) for e in entries]
 
 
 def _list_metadata(subset: SubsetSpec) -> tuple[list[ImageEntry], list[str]]:

@@ -130,9 +130,10 @@ class DiffusionMethod:
         pred = family.predict(self.parts.unet, draw.noisy_latents, draw.timesteps, text, batch.conditioning)
         target = target_for(self.scheduler, latents, draw.noise, draw.timesteps,
                             v_parameterization=self.parts.v_parameterization)
-        mask = batch.alpha_masks if self.config.get("alpha_mask") else None
-        loss, _ = training_loss(pred, target, draw.timesteps, batch.is_reg, self.scheduler,
-                                self.loss_settings, v_parameterization=self.parts.v_parameterization, loss_mask=mask)
+        # Masks come with the batch when any of its images has one (alpha_mask, or conditioning_data_dir with
+        # --masked_loss); sd-scripts applies them whenever they are there too.
+        loss, _ = training_loss(pred, target, draw.timesteps, batch.is_reg, self.scheduler, self.loss_settings,
+                                v_parameterization=self.parts.v_parameterization, loss_mask=batch.alpha_masks)
         return loss
 
     def _text_conditioning(self, captions: list[str], image_paths: list[str]) -> TextConditioning:

@@ -282,10 +282,13 @@ def test_missing_image_dir_is_required(tmp_path):
                             "DreamBooth subset; add image_dir = 'path/to/images'")
 
 
-def test_controlnet_subsets_are_not_supported_yet(tmp_path):
+def test_conditioning_data_dir_is_a_dreambooth_subset_key(tmp_path):
     path = _write(tmp_path, _with_subset_line("  conditioning_data_dir = 'c'"))
-    assert _error(path) == (f"{path}:21: [[datasets]] #1 > [[datasets.subsets]] #2: conditioning_data_dir "
-                            "(ControlNet datasets) is not supported yet")
+    subsets = load_dataset_config(path, {})[0].subsets
+    assert [s.conditioning_data_dir for s in subsets] == [None, "c", None]
+    general = _write(tmp_path, DOC_EXAMPLE.replace("[general]\n", "[general]\nconditioning_data_dir = 'c'\n"),
+                     "general.toml")
+    assert "conditioning_data_dir" in _error(general)  # one folder of masks per subset, as in sd-scripts
 
 
 def test_skip_image_resolution_in_a_dataset_is_not_supported_yet(tmp_path):

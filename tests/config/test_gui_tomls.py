@@ -136,14 +136,14 @@ def test_three_unrelated_problems_are_reported_in_one_run(tmp_path, capsys):
 
 def test_typos_keep_their_did_you_mean_and_other_unknown_keys_are_listed_together(tmp_path, capsys):
     cfg = tmp_path / "my.toml"
-    cfg.write_text("netwrok_dim = 8\nfoo_one = 1\nfoo_two = 2\nmasked_loss = true\n")
+    cfg.write_text('netwrok_dim = 8\nfoo_one = 1\nfoo_two = 2\nhuggingface_repo_id = "me/x"\n')
     code, err, _ = _dry_run(["--config_file", cfg, "--train_data_dir", tmp_path], capsys)
     assert code == 2 and len(err) == 1, err
     line = err[0]
     assert line.startswith(f"error: 3 problems in {cfg}: ")
     assert "unknown option 'netwrok_dim' (did you mean 'network_dim'?)" in line
     assert "2 unknown options: foo_one, foo_two (" in line
-    assert f"--masked_loss (from {cfg}) is not supported yet" in line
+    assert f"--huggingface_repo_id (from {cfg}) is not supported yet" in line
 
 
 def test_off_values_are_accepted_for_every_option_supported_or_not(tmp_path):
