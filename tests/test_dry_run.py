@@ -160,9 +160,9 @@ def test_dataset_config_typo_names_file_table_and_key(tmp_path, capsys):
 def test_a_real_run_refuses_an_unsupported_option_by_name(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train_network.main(["--pretrained_model_name_or_path", "tiny-sd1", "--output_dir", str(tmp_path),
-                            "--masked_loss"])
+                            "--huggingface_repo_id", "me/x"])
     assert exit_info.value.code == 2
-    assert "--masked_loss (from command line) is not supported yet" in capsys.readouterr().err
+    assert "--huggingface_repo_id (from command line) is not supported yet" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 

@@ -356,10 +356,12 @@ OPTIONS: tuple[Option, ...] = (
            inert_without=("log_with", ("wandb", "all"))),
     Option("wandb_api_key", str, None, "wandb API key", "logging",
            note=SECRET_IN_FILES + "; set WANDB_API_KEY in the environment instead"),
-    Option("console_log_level", str, None, "console log level (default INFO)", "logging", choices=LOG_LEVELS,
-           note=NOT_SUPPORTED),
-    Option("console_log_file", str, None, "write the console log to this file instead", "logging", note=NOT_SUPPORTED),
-    Option("console_log_simple", bool, False, "plain console log lines", "logging", note=NOT_SUPPORTED),
+    Option("console_log_level", str, None, "console log level (default INFO): WARNING shows warnings and errors only",
+           "logging", choices=LOG_LEVELS),
+    Option("console_log_file", str, None, "write the console log lines to this file instead (progress bars stay)",
+           "logging"),
+    Option("console_log_simple", bool, False, "accepted; console lines are always plain (no rich formatting)",
+           "logging"),
 
     # --- dreambooth: train_db.py and fine_tune.py's text-encoder options ---
     Option("train_text_encoder", bool, False, "train the text encoder too (fine_tune.py's switch)", "dreambooth",

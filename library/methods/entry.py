@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Callable, Sequence
@@ -10,7 +11,7 @@ from library.config.checks import check_value
 from library.config.declarations import OPTIONS
 from library.config.resolve import check_supported, options_for, resolve, write_resolved_config
 from library.config.run_config import RunConfig
-from library.console import quiet_libraries
+from library.console import console_log, quiet_libraries
 from library.errors import Interrupted, UserError
 
 
@@ -61,6 +62,13 @@ def start(argv: Sequence[str] | None, script: str, description: str, run: Callab
 
 def _start(argv, script, description, run, families):
     config = resolve(argv, script, OPTIONS, description, families=families)
+    # Ranks other than 0 (DDP) filter their console lines too but leave the file to rank 0.
+    with console_log(config.get("console_log_level"), config.get("console_log_file"),
+                     main_process=os.environ.get("RANK", "0") == "0"):
+        return _start_resolved(config, run)
+
+
+def _start_resolved(config: RunConfig, run):
     if config.get("token_string") and not config.output_name:
         config = config.replace(output_name=config.token_string)  # sd-scripts names an embedding after its token
         check_value(declared_option("output_name"), config.output_name,
