@@ -87,7 +87,7 @@ def test_statuses():
 
 
 # sd-scripts options we refuse, each given on a real command line of a script sd-scripts has it in.
-REFUSED = [(NETWORK, ["--huggingface_repo_id", "me/my-lora"]), (DB, ["--no_token_padding"]),
+REFUSED = [(NETWORK, ["--huggingface_repo_id", "me/my-lora"]), (DB, ["--huggingface_repo_id", "me/my-model"]),
            (TI, ["--huggingface_repo_id", "me/my-embedding"])]
 
 

@@ -175,3 +175,22 @@ def test_adafactor_with_fused_backward_and_samples_during_training(data, tmp_pat
                                   "--sample_prompts", str(tmp_path / "p.txt"), "--sample_every_n_steps", "1", steps=2))
     assert result.global_step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     assert len(list((tmp_path / "out" / "sample").glob("db_00000[12]_00_*_5.png"))) == 2
+
+
+def test_no_token_padding_encodes_each_batch_at_its_longest_caption(data, tiny_parts, tmp_path, capsys):
+    parts = tiny_parts["tiny-sd1"]
+    encoder = parts.family.prompt_encoder(parts, clip_skip=None, max_token_length=225)
+    captions = ["a cat", "a photo of a red cat on a mat"]
+    with torch.no_grad():
+        short = encoder.unpadded(captions).hidden
+        full = encoder.conditioning(captions).hidden
+    # BOS + 9 tokens + EOS; CLIP's causal attention makes the states before the padding those of the padded run.
+    assert short.shape == (2, 11, full.shape[-1]) and full.shape[1] == 227
+    torch.testing.assert_close(short, full[:, :11], rtol=1e-5, atol=1e-5)
+    padded = train_db.main(_flags(data, tmp_path / "a")).losses
+    unpadded = train_db.main(_flags(data, tmp_path / "b", "--no_token_padding")).losses
+    assert len(unpadded) == 2 and unpadded != padded
+    with pytest.raises(SystemExit) as exit_info:
+        train_db.main(_flags(data, tmp_path / "c", "--no_token_padding", "--weighted_captions"))
+    assert exit_info.value.code == 2
+    assert "--no_token_padding cannot be used with --weighted_captions" in capsys.readouterr().err

@@ -383,8 +383,8 @@ OPTIONS: tuple[Option, ...] = (
            "any optimizer", "dreambooth", scripts=DB_ONLY, minimum=1),
     Option("diffusers_xformers", bool, False, "sdxl_train.py: xformers in the VAE (attention here is PyTorch SDPA "
            "either way; accepted, changes nothing)", "dreambooth", scripts=DB_ONLY),
-    Option("no_token_padding", bool, False, "do not pad caption tokens to full length (diffusers' DreamBooth)",
-           "dreambooth", scripts=DB_ONLY, note=NOT_SUPPORTED),
+    Option("no_token_padding", bool, False, "pad each batch's caption tokens only to its longest caption (diffusers' "
+           "DreamBooth)", "dreambooth", scripts=DB_ONLY),
     # Class images (prior preservation), as the Dreambooth extension and diffusers' example make them; sd-scripts
     # has no generator. Each regularisation folder with fewer images is filled up with the base model.
     Option("num_class_images", int, None, "generate class images with the base model until each regularisation "

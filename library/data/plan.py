@@ -78,6 +78,7 @@ def plan_run(options: Mapping, *, script: str = "network", verify: bool = False)
     check_cache_options({**options, "text_encoder_trained": text_encoder_trained(options, script)},
                         [subset for spec in specs for subset in spec.subsets])
     _check_masks(options, [subset for spec in specs for subset in spec.subsets], problems)
+    _check_token_padding(options)
     strict = bool(options.get("strict"))
     # The step the script's model family requires (sd-scripts: 64 for SD 1.x/2.x, 32 for SDXL).
     families = options.get("model_families") or ()
@@ -100,6 +101,17 @@ def _check_masks(options: Mapping, subsets: list, problems: list[str]) -> None:
     if options.get("masked_loss") and not with_dir and not any(s.alpha_mask for s in subsets):
         problems.append("--masked_loss: no subset has conditioning_data_dir or alpha_mask, so no image has a mask and "
                         "the loss is not masked")
+
+
+def _check_token_padding(options: Mapping) -> None:
+    """--no_token_padding encodes each batch padded to its own longest caption: no fixed-length outputs to cache, and
+    sd-scripts' weighted captions never honoured it."""
+    if not options.get("no_token_padding"):
+        return
+    for other in ("weighted_captions", "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk"):
+        if options.get(other):
+            raise UserError(f"--no_token_padding cannot be used with --{other}: the batch is padded to its longest "
+                            f"caption each step; drop one of them")
 
 
 def text_encoder_trained(options: Mapping, script: str) -> bool:

@@ -137,6 +137,9 @@ class DiffusionMethod:
         return loss
 
     def _text_conditioning(self, captions: list[str], image_paths: list[str]) -> TextConditioning:
+        if self.config.get("no_token_padding"):  # each batch at its own length: nothing to keep per caption
+            with torch.set_grad_enabled(self.train_text_encoder):
+                return self.encode_prompts.unpadded(captions)
         if self.train_text_encoder:
             return self.encode_prompts.conditioning(captions)
         if self._fixed_captions and self.config.get("cache_text_encoder_outputs_to_disk"):

@@ -122,12 +122,14 @@ class ModelFamily:
             problems.append(f"bucket_reso_steps {', '.join(map(str, bad))} must be a multiple of {self.bucket_step} "
                             f"for {self.label} (sd-scripts' {script} requires it)")
         mine = self.script_options.get(kind, ())
+        owners: dict[tuple[str, str], list[str]] = {}  # (option, script) -> the labels of the families it serves
         for other in families():
             for name in other.script_options.get(kind, ()):
                 if name not in mine and options.get(name) not in (None, False):
-                    problems.append(f"--{name} belongs to {other.scripts[kind]} ({other.label} models); {script} "
-                                    f"does not take it" + (f": {self.script_options_hint[name]}"
-                                                           if name in self.script_options_hint else ""))
+                    owners.setdefault((name, other.scripts[kind]), []).append(other.label)
+        for (name, owner), labels in owners.items():
+            problems.append(f"--{name} belongs to {owner} ({', '.join(labels)} models); {script} does not take it"
+                            + (f": {self.script_options_hint[name]}" if name in self.script_options_hint else ""))
         return list(dict.fromkeys(problems))
 
     def full_tune_text_encoders(self, options: Any) -> tuple[float | None, ...]:

@@ -33,7 +33,7 @@ SD_UNET_TARGETS = AdapterTargets("lora_unet", ("Transformer2DModel",),
 @dataclass(frozen=True, eq=False)
 class StableDiffusion(ModelFamily):
     v2: bool = False
-    script_options = {"db": ("learning_rate_te", "stop_text_encoder_training")}  # train_db.py's own
+    script_options = {"db": ("learning_rate_te", "stop_text_encoder_training", "no_token_padding")}  # train_db.py's own
     script_options_hint = {"learning_rate_te1": "use --learning_rate_te", "learning_rate_te2": "use --learning_rate_te"}
 
     # ------------------------------------------------------------------ detection

@@ -151,6 +151,14 @@ class PromptEncoder:
         """What the UNet takes from the text: SD 1.x/2.x have hidden states only (no pooled output)."""
         return TextConditioning(self(captions, weighted=weighted))
 
+    def unpadded(self, captions: Sequence[str]) -> TextConditioning:
+        """--no_token_padding (train_db.py): the batch padded only to its longest caption, one window of at most 77
+        tokens whatever --max_token_length says, as sd-scripts' DreamBooth dataset tokenized it (padding=True). Unlike
+        sd-scripts, whose shortcut for such ids skipped the layer choice, --clip_skip applies."""
+        ids = self.tokenizer(list(captions), padding=True, truncation=True, max_length=MODEL_MAX_LENGTH,
+                             return_tensors="pt").input_ids
+        return TextConditioning(_hidden_states(self.text_encoder, ids.to(self.text_encoder.device), self.clip_skip))
+
     def encoder_identity(self) -> str:
         """Everything the outputs depend on besides the caption, for the text-encoder-output cache key."""
         n = chunk_count(self.max_token_length)

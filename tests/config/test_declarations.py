@@ -200,15 +200,14 @@ def test_later_issues_by_kind():
     # accepted so configs load, refused by name: no issue covers them yet
     for name in ("torch_compile",):
         assert BY_NAME[name].note == "is not supported yet", name
-    for name in ("weighted_captions", "masked_loss", "conditioning_data_dir"):  # #20 implements them
+    for name in ("weighted_captions", "masked_loss", "conditioning_data_dir", "no_token_padding"):  # #20 has them
         assert BY_NAME[name].note is None, name
     # DeepSpeed (#19) trains full fine-tunes; the adapter trainers refuse it with their reason
     assert BY_NAME["deepspeed"].note is None and BY_NAME["deepspeed"].for_script(DB).note is None
     assert "full fine-tuning" in BY_NAME["deepspeed"].for_script(NETWORK).note
-    # train_db.py (#6) implements these now; --no_token_padding is refused by name
+    # train_db.py (#6) implements these now
     for name in ("learning_rate_te", "stop_text_encoder_training", "num_class_images", "use_ema"):
         assert BY_NAME[name].later is None and BY_NAME[name].note is None, name
-    assert BY_NAME["no_token_padding"].note == "is not supported yet"
     # train_textual_inversion.py and train_hypernetwork.py (#7) implement theirs now
     for name in ("init_word", "token_string", "ti_lr_schedule", "hypernetwork_sizes", "hypernetwork_weight_init"):
         assert BY_NAME[name].later is None and BY_NAME[name].note is None, name
