@@ -49,8 +49,9 @@ _DROPOUT_ANY_LEVEL = {"caption_dropout_every_n_epochs": INT, "caption_dropout_ra
 _DREAMBOOTH_ANY_LEVEL = {"caption_extension": STR, "class_tokens": STR, "cache_info": BOOL}
 # conditioning_data_dir: sd-scripts reads it in ControlNet datasets (every subset has one), which --masked_loss
 # enables; here any DreamBooth subset may have one (the others train unmasked).
-_DREAMBOOTH_SUBSET_ONLY = {"image_dir": STR, "is_reg": BOOL, "alpha_mask": BOOL, "conditioning_data_dir": STR}
-_FINE_TUNING_SUBSET_ONLY = {"metadata_file": STR, "image_dir": STR, "alpha_mask": BOOL}
+_DREAMBOOTH_SUBSET_ONLY = {"image_dir": STR, "is_reg": BOOL, "is_val": BOOL, "alpha_mask": BOOL,
+                           "conditioning_data_dir": STR}
+_FINE_TUNING_SUBSET_ONLY = {"metadata_file": STR, "image_dir": STR, "is_val": BOOL, "alpha_mask": BOOL}
 _DATASET_LEVEL = {
     "batch_size": INT, "bucket_no_upscale": BOOL, "bucket_reso_steps": INT, "enable_bucket": BOOL,
     "max_bucket_reso": INT, "min_bucket_reso": INT, "validation_seed": INT, "validation_split": NUMBER,

@@ -266,9 +266,9 @@ def latent_request(entry: ImageEntry, bucket, resized, original) -> LatentReques
 
 
 def latent_requests(plan: RunPlan) -> list[LatentRequest]:
-    """Every image of the run at its bucket, once (repeats share one cache entry)."""
+    """Every image of the run at its bucket, once (repeats share one cache entry); validation images too."""
     requests = []
-    for dataset in plan.datasets:
+    for dataset in [*plan.datasets, *plan.validation]:
         for key, entry in enumerate(dataset.entries):
             choice = dataset.assignment.choices[key]
             requests.append(latent_request(entry, choice.reso, choice.resized_size, dataset.sizes[entry.path]))

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import random
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -48,6 +49,13 @@ class RunPlan:
     max_train_steps: int = 0
     max_train_epochs: int | None = None
     strict: bool = False  # --strict: an image that fails to decode during training stops the run too
+    # Images held out for the validation loss (validation_split, is_val subsets): one plan per dataset that has any,
+    # each image once (no repeats, no reg images); they never train.
+    validation: list[DatasetPlan] = field(default_factory=list)
+
+    @property
+    def validation_images(self) -> int:
+        return sum(len(d.entries) for d in self.validation)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -83,12 +91,17 @@ def plan_run(options: Mapping, *, script: str = "network", verify: bool = False)
     # The step the script's model family requires (sd-scripts: 64 for SD 1.x/2.x, 32 for SDXL).
     families = options.get("model_families") or ()
     required_step = _required_bucket_step(families)
-    datasets = [_plan_dataset(spec, problems, strict, verify, required_step) for spec in specs]
+    # The split's shuffle: --validation_seed (or the dataset's), else --seed, else 0: the same images every time
+    # the plan is made, in every process (sd-scripts draws from the global RNG without a validation_seed, twice).
+    split_seed = options.get("seed") or 0
+    planned = [_plan_dataset(spec, problems, strict, verify, required_step, split_seed) for spec in specs]
+    datasets = [train for train, _ in planned]
     if not any(d.train for d in datasets):
         details = "; ".join(problems[:3]) or "no subset holds images"
         raise UserError(f"no usable training images ({details})")
     return RunPlan(datasets, problems, options.get("gradient_accumulation_steps") or 1,
-                   options.get("max_train_steps") or 0, options.get("max_train_epochs"), strict)
+                   options.get("max_train_steps") or 0, options.get("max_train_epochs"), strict,
+                   validation=[val for _, val in planned if val is not None])
 
 
 def _check_masks(options: Mapping, subsets: list, problems: list[str]) -> None:
@@ -134,14 +147,21 @@ def _required_bucket_step(families) -> int:
 
 
 def _plan_dataset(spec: DatasetSpec, problems: list[str], strict: bool, verify: bool,
-                  required_step: int = 64) -> DatasetPlan:
-    train, reg = [], []
+                  required_step: int = 64, split_seed: int = 0) -> tuple[DatasetPlan, DatasetPlan | None]:
+    train, reg, held_out = [], [], []
     sizes: dict[Path, tuple[int, int]] = {}
+    seed = spec.validation_seed if spec.validation_seed is not None else split_seed
     for subset in spec.subsets:
         entries, found = list_subset_images(subset)
         problems.extend(found)
         # Unreadable images leave before reg balancing, which counts the training images that will really be used.
-        (reg if subset.is_reg else train).extend(_readable(entries, sizes, problems, strict, verify))
+        usable = _readable(entries, sizes, problems, strict, verify)
+        if subset.is_reg:
+            reg.extend(usable)
+            continue
+        trained, validated = split_validation(usable, 1.0 if subset.is_val else spec.validation_split, seed)
+        train.extend(trained)
+        held_out.extend(validated)
     if reg and not train:
         problems.append("regularisation images without training images in one dataset: they are not used")
     entries = train + balance_regularisation(train, reg)
@@ -156,7 +176,24 @@ def _plan_dataset(spec: DatasetSpec, problems: list[str], strict: bool, verify: 
         if note not in problems:
             problems.append(note)
     assignment = assign_buckets(buckets, ((i, sizes[e.path], e.num_repeats) for i, e in enumerate(entries)))
-    return DatasetPlan(spec, entries, sizes, assignment)
+    validation = None
+    if held_out:
+        held_out = [replace(e, num_repeats=1) for e in held_out]
+        validation = DatasetPlan(spec, held_out, {e.path: sizes[e.path] for e in held_out},
+                                 assign_buckets(buckets, ((i, sizes[e.path], 1) for i, e in enumerate(held_out))))
+    return DatasetPlan(spec, entries, sizes, assignment), validation
+
+
+def split_validation(entries: list[ImageEntry], split: float, seed: int) -> tuple[list[ImageEntry], list[ImageEntry]]:
+    """(train, validation) of one subset's images, as sd-scripts' split_train_val: shuffled with `seed`, the first
+    ceil(n * (1 - split)) train and the rest validate. Unlike sd-scripts (which counts the validation part as
+    round(n * split), so both parts can hold one image), the parts never overlap."""
+    if split <= 0 or not entries:
+        return entries, []
+    order = list(entries)
+    random.Random(seed).shuffle(order)
+    cut = math.ceil(len(order) * (1 - split) - 1e-9)  # 1e-9: 10 * (1 - 0.7) is 3.0000000000000004, not 4 images
+    return order[:cut], order[cut:]
 
 
 # One epoch lists every image once per repeat; past this the plan alone would need gigabytes of memory.
@@ -211,6 +248,9 @@ def print_plan(plan: RunPlan, *, verbose: bool) -> None:
               f"buckets {'on' if spec.enable_bucket else 'off'}")
         print(f"  {len(dataset.train)} training images ({train_total} with repeats), "
               f"{len(dataset.reg)} regularisation images ({reg_total} with repeats)")
+        held_out = next((v for v in plan.validation if v.spec is spec), None)
+        if held_out is not None:
+            print(f"  {len(held_out.entries)} validation images (held out: they never train)")
         if verbose:
             _print_subsets(dataset)
             _print_buckets(dataset)

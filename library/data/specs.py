@@ -16,6 +16,7 @@ class SubsetSpec:
     image_dir: str | None = None
     metadata_file: str | None = None
     is_reg: bool = False
+    is_val: bool = False  # every image of the subset validates (never trains)
     class_tokens: str | None = None
     num_repeats: int = 1
     caption_extension: str = ".caption"

@@ -38,6 +38,7 @@ from library.training.optimizers import make_optimizer
 from library.training.precision import bf16_tip
 from library.training.reporting import Reporter, tracker_settings
 from library.training.schedulers import make_scheduler
+from library.training.validation import make_validator
 from library.training.zero import ZeroEngine, deepspeed_requested, refuse_unsupported, zero_engine
 
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -48,6 +49,7 @@ class TrainingResult:
     final_file: Path | None
     global_step: int
     losses: list[float] = field(default_factory=list)  # per optimizer step, this process
+    validation_losses: list[tuple] = field(default_factory=list)  # (step, epoch or None, loss) per validation
     method: object = None  # what was trained (e.g. NetworkMethod: .network), for callers and tests
 
 
@@ -138,6 +140,7 @@ def train(config: RunConfig, plan: RunPlan, parts, make_method, *, save_ext: str
     reporter = (Reporter if sharded is None else partial(_ShardedReporter, sharded))(
         config, plan, parts, method, accelerator, optimizer_name=optimizer_name, optimizer_kwargs=optimizer_kwargs,
         descriptions=descriptions, started=started, max_steps=max_steps, epochs=epochs, save_ext=save_ext)
+    reporter.validator = make_validator(config, plan, method, accelerator, latent_cache, sharded=sharded)
     reporter.begin(state.global_step)
     loop = _Loop(config, accelerator, method, optimizer, lr_scheduler, reporter, per_epoch, accumulation, max_steps,
                  fused=fused, latent_cache=latent_cache, sharded=sharded)
@@ -147,7 +150,7 @@ def train(config: RunConfig, plan: RunPlan, parts, make_method, *, save_ext: str
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted while saving the final files at step {loop.state.global_step}: files saved "
                           "before are intact (continue with --resume from the last -state folder)") from None
-    return TrainingResult(final, loop.state.global_step, loop.losses, method)
+    return TrainingResult(final, loop.state.global_step, loop.losses, reporter.validation_losses, method)
 
 
 def process_group_kwargs(config: RunConfig) -> list:
@@ -320,6 +323,8 @@ class _Loop:
                 if state.global_step >= self.max_steps:
                     if end_of_epoch:
                         self.reporter.after_epoch(state, epoch)
+                    else:
+                        self.reporter.validate_epoch(state, epoch)
                     return
             if end_of_epoch:
                 micro, pending = 0, []

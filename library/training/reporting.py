@@ -74,6 +74,8 @@ class Reporter:
         self._metadata = None
         self._sizes: dict[str, int] = {}  # bytes of the last model / state saved, to warn before the next
         self.epoch_losses: list[float] = []
+        self.validator = None  # library.training.validation.Validator when the run holds validation images
+        self.validation_losses: list[tuple[int, int | None, float]] = []  # (step, epoch or None, loss)
         self.first_step_at = None
         self.prompts = []
         if config.sample_prompts:
@@ -117,18 +119,46 @@ class Reporter:
                 self._rotate(state, by_step=True)
             if self._should_sample(step=state.global_step, epoch=None):
                 self._sample(step=state.global_step, epoch=None)
+            every = self.config.get("validate_every_n_steps")
+            if self.validator is not None and every and state.global_step % every == 0:
+                self._validate("step", state.global_step, average, step=state.global_step)
 
     def after_epoch(self, state: ck.TrainState, epoch: int) -> None:
-        if self.epoch_losses:
-            self.accelerator.log({"loss/epoch": sum(self.epoch_losses) / len(self.epoch_losses)}, step=epoch)
+        average = sum(self.epoch_losses) / len(self.epoch_losses) if self.epoch_losses else None
+        if average is not None:
+            self.accelerator.log({"loss/epoch": average}, step=epoch)
         self.epoch_losses = []
         with self._set_aside():
+            self.validate_epoch(state, epoch, average)
             every = self.config.save_every_n_epochs
             if every and epoch % every == 0 and epoch < self.epochs:
                 self._save(ck.epoch_name(self.name, epoch, self.ext), state, epoch=epoch)
                 self._rotate(state, by_step=False, epoch=epoch)
             if self._should_sample(step=state.global_step, epoch=epoch):
                 self._sample(step=state.global_step, epoch=epoch)
+
+    def validate_epoch(self, state: ck.TrainState, epoch: int, average: float | None = None) -> None:
+        """The epoch's validation, when due (every epoch, or every --validate_every_n_epochs); also for the last,
+        partial epoch of a run that --max_train_steps ends mid-epoch, as sd-scripts."""
+        every = self.config.get("validate_every_n_epochs")
+        if self.validator is not None and (not every or epoch % every == 0):
+            if average is None and self.epoch_losses:
+                average = sum(self.epoch_losses) / len(self.epoch_losses)
+            self._validate("epoch", state.global_step, average, step=epoch, epoch=epoch)
+
+    def _validate(self, kind: str, global_step: int, training: float | None, *, step: int,
+                  epoch: int | None = None) -> None:
+        """One validation, logged as sd-scripts names it: loss/validation/{step,epoch}_average, and _divergence (minus
+        the training loss's average of the epoch so far)."""
+        loss = self.validator.loss()
+        self.validation_losses.append((global_step, epoch, loss))
+        logs = {f"loss/validation/{kind}_average": loss}
+        if training is not None:
+            logs[f"loss/validation/{kind}_divergence"] = loss - training
+        self.accelerator.log(logs, step=step)
+        where = f"epoch {epoch}" if epoch is not None else f"step {global_step}"
+        self.accelerator.print(f"validation loss {loss:.4f} at {where} ({self.validator.images} images, "
+                               f"{self.validator.batches} batches x {len(self.validator.timesteps)} timesteps)")
 
     @contextlib.contextmanager
     def _set_aside(self):
@@ -168,6 +198,7 @@ class Reporter:
                 config, self.plan, session_id=random.randint(0, 2**32), training_started_at=self.started,
                 optimizer=self.optimizer_name, optimizer_kwargs=self.optimizer_kwargs,
                 sd_model_hashes=file_hashes(self.config.pretrained_model_name_or_path),
+                num_validation_images=self.plan.validation_images,
                 vae_hashes=file_hashes(self.config.vae) if self.config.vae else None, family=self.parts.family)
             self._modelspec = modelspec_from_config(config, timestamp=self.started, family=self.parts.family)
         return saved_metadata(self._metadata, steps=state.global_step, epoch=epoch, finished_at=time.time(),
