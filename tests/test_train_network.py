@@ -202,3 +202,29 @@ def test_log_config_and_log_tracker_config_reach_tensorboard(data, tmp_path):
     assert not {"train_data_dir", "output_dir", "pretrained_model_name_or_path", "logging_dir"} & logged.keys()
     assert not list((tmp_path / "without" / "logs").rglob("hparams.yml"))  # as sd-scripts: only with --log_config
     assert not any(p.name.endswith(".sdtrainer") for p in (tmp_path / "without" / "logs").rglob("*"))
+
+
+def test_initial_step_counts_on_and_skip_until_initial_step_continues_the_data(tmp_path):
+    from tests.helpers import make_image_folder
+
+    make_image_folder(tmp_path / "data", repeats=1, count=4, caption_extension=".txt", sizes=((32, 32),))
+    flags = ["--train_batch_size", "1", "--save_every_n_steps", "1", "--network_dropout", "0"]
+    full = train_network.main(_flags(tmp_path / "data", tmp_path / "a", *flags, steps=6))  # 4 batches per epoch
+    start = str(tmp_path / "a" / "net-step00000002.safetensors")
+    # From the weights of step 2, counting on from step 2 and skipping the data steps 1-2 used: the third step sees
+    # the same weights, batch and noise as the uninterrupted run's third step (the optimizer's moments restart).
+    skipped = train_network.main(_flags(tmp_path / "data", tmp_path / "b", *flags, "--network_weights", start,
+                                        "--initial_step", "2", "--skip_until_initial_step", steps=6))
+    assert skipped.global_step == 6 and len(skipped.losses) == 4
+    assert skipped.losses[0] == full.losses[2] and skipped.losses[1:] != full.losses[3:]
+    assert (tmp_path / "b" / "net-step00000003.safetensors").is_file()
+    assert not (tmp_path / "b" / "net-step00000001.safetensors").exists()
+    # Without skipping, the epoch's data starts from its beginning: another batch for step 3.
+    restarted = train_network.main(_flags(tmp_path / "data", tmp_path / "c", *flags, "--network_weights", start,
+                                          "--initial_step", "2", steps=6))
+    assert len(restarted.losses) == 4 and restarted.losses[0] != full.losses[2]
+    # --initial_epoch 2 is step 4 (4 steps per epoch); the run must still have steps left.
+    assert len(train_network.main(_flags(tmp_path / "data", tmp_path / "d", *flags, "--initial_epoch", "2",
+                                         steps=6)).losses) == 2
+    with pytest.raises(SystemExit):
+        train_network.main(_flags(tmp_path / "data", tmp_path / "e", *flags, "--initial_step", "6", steps=6))

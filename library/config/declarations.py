@@ -207,11 +207,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_validation_steps", int, None, "most validation batches per validation (default: all)", "training",
            scripts=NET, minimum=1),
     Option("initial_epoch", int, None, "number the first epoch this (1 = start); the lr schedule still starts at 0",
-           "training", scripts=NET, note=NOT_SUPPORTED, minimum=1),
+           "training", scripts=NET, minimum=1),
     Option("initial_step", int, None, "number the first step this (0 = from the start); overrides initial_epoch",
-           "training", scripts=NET, note=NOT_SUPPORTED, minimum=0),
-    Option("skip_until_initial_step", bool, False, "skip the batches before initial_step", "training", scripts=NET,
-           note=NOT_SUPPORTED),
+           "training", scripts=NET, minimum=0),
+    Option("skip_until_initial_step", bool, False, "skip the batches before initial_step", "training", scripts=NET),
 
     # --- optimizer and learning-rate schedule (add_optimizer_arguments, per-part rates) ---
     Option("optimizer_type", str, "", "AdamW (default), AdamW8bit, Lion, Prodigy, AdaFactor, ... or module.Class",

@@ -131,6 +131,16 @@ def train(config: RunConfig, plan: RunPlan, parts, make_method, *, save_ext: str
         state = ck.TrainState.read(folder)
         _load_state(accelerator, folder)
         accelerator.print(f"resumed from {folder} at step {state.global_step} (epoch {state.epoch})")
+    start = initial_position(config, steps_per_epoch=steps_per_epoch, batches_per_step=procs * accumulation,
+                             per_epoch=per_epoch, max_steps=max_steps)
+    if start is not None:
+        if config.resume:
+            accelerator.print(f"--initial_step/--initial_epoch: starting at step {start.global_step}, not at the "
+                              f"state's step {state.global_step} (as sd-scripts)")
+        state = start
+        skipped = f", skipping its first {start.batch_in_epoch} batches" if start.batch_in_epoch else ""
+        accelerator.print(f"starting at step {start.global_step} (epoch {start.epoch}{skipped}); the learning-rate "
+                          "schedule starts from its beginning" + ("" if config.resume else " (no --resume)"))
     sampler = EpochBatchSampler(per_epoch, start_epoch=state.epoch, epochs=epochs, skip=state.batch_in_epoch)
     loader = accelerator.prepare_data_loader(
         make_loader(dataset, sampler, workers=loader_workers(config, latent_cache, accelerator.print),
@@ -151,6 +161,27 @@ def train(config: RunConfig, plan: RunPlan, parts, make_method, *, save_ext: str
         raise Interrupted(f"interrupted while saving the final files at step {loop.state.global_step}: files saved "
                           "before are intact (continue with --resume from the last -state folder)") from None
     return TrainingResult(final, loop.state.global_step, loop.losses, reporter.validation_losses, method)
+
+
+def initial_position(config: RunConfig, *, steps_per_epoch: int, batches_per_step: int, per_epoch: int,
+                     max_steps: int) -> ck.TrainState | None:
+    """--initial_step N (or --initial_epoch E: N = (E - 1) × steps per epoch): the run counts on from step N (step
+    names, logs, the save cadence, --max_train_steps), in the epoch step N falls in. With --skip_until_initial_step
+    the data goes on where an uninterrupted run would be (the batches before are skipped unread, and each batch keeps
+    its noise seed); without it that epoch's data starts from its beginning. The learning-rate schedule is not
+    advanced (sd-scripts: "initial_epoch/step doesn't affect to lr scheduler"). sd-scripts' own arithmetic restarts
+    the step count within the epoch and miscounts with gradient accumulation or several GPUs; this does not."""
+    step = config.get("initial_step")
+    if step is None and config.get("initial_epoch") is not None:
+        step = (config.initial_epoch - 1) * steps_per_epoch
+    if not step:
+        return None
+    if step >= max_steps:
+        raise UserError(f"--initial_step {step} is not below the run's {max_steps} steps (--max_train_steps or "
+                        "--max_train_epochs count the whole run, the steps before it included): raise them")
+    epoch, done = divmod(step, steps_per_epoch)
+    skip = min(per_epoch, done * batches_per_step) if config.get("skip_until_initial_step") else 0
+    return ck.TrainState(step, epoch + 1, skip)
 
 
 def process_group_kwargs(config: RunConfig) -> list:
