@@ -228,3 +228,20 @@ def test_initial_step_counts_on_and_skip_until_initial_step_continues_the_data(t
                                          steps=6)).losses) == 2
     with pytest.raises(SystemExit):
         train_network.main(_flags(tmp_path / "data", tmp_path / "e", *flags, "--initial_step", "6", steps=6))
+
+
+@pytest.mark.parametrize("flag, text_encoder_fp8", [("--fp8_base", True), ("--fp8_base_unet", False)])
+def test_fp8_base_stores_the_frozen_weights_in_float8_and_trains(data, tmp_path, flag, text_encoder_fp8):
+    plain = train_network.main(_flags(data, tmp_path / "a", steps=2))
+    result = train_network.main(_flags(data, tmp_path / "b", flag, steps=2))
+    parts = result.method.parts
+    unet_linear = parts.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    te_linear = getattr(parts.text_encoder, "text_model", parts.text_encoder).encoder.layers[0].mlp.fc1
+    assert unet_linear.weight.dtype == torch.float8_e4m3fn  # at rest, between forwards
+    assert (te_linear.weight.dtype == torch.float8_e4m3fn) == text_encoder_fp8
+    assert parts.unet.conv_in.weight.dtype == torch.float8_e4m3fn
+    # The adapter trained on them: finite losses near the full-precision run's, and a file that loads.
+    assert all(abs(a - b) < 0.1 * abs(b) for a, b in zip(result.losses, plain.losses))
+    assert result.losses != plain.losses  # float8 rounding reached the outputs
+    weights, _ = read_state_dict(tmp_path / "b" / "net.safetensors")
+    assert weights and all(torch.isfinite(t).all() for t in weights.values())

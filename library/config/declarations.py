@@ -49,6 +49,8 @@ DEEPSPEED = ("deepspeed", None)
 
 ADAPTERS_USE_DDP = ("is for full fine-tuning (train_db.py, sdxl_train.py): an adapter is small enough for DDP over "
                     "several processes")
+FP8_FOR_ADAPTERS = ("is for adapters on a frozen base model (train_network.py, as in sd-scripts): a full fine-tune "
+                    "trains the weights it would store in float8")
 SECRET_IN_FILES = "is a secret; a value here would be copied into the resolved config saved with the outputs"
 
 OPTIONS: tuple[Option, ...] = (
@@ -167,9 +169,10 @@ OPTIONS: tuple[Option, ...] = (
            requires=("mixed_precision", "fp16")),
     Option("full_bf16", bool, False, "keep trained weights and gradients in bf16 too", "training",
            requires=("mixed_precision", "bf16")),
-    Option("fp8_base", bool, False, "store the frozen base model in fp8", "training", note=NOT_SUPPORTED),
-    Option("fp8_base_unet", bool, False, "store the frozen U-Net in fp8, text encoder in fp16/bf16", "training",
-           scripts=NET, note=NOT_SUPPORTED),
+    Option("fp8_base", bool, False, "store the frozen base model's weights in float8 (computed in the training dtype)",
+           "training", note_per_script=tuple((script, FP8_FOR_ADAPTERS) for script in (DB, TI, HYPERNETWORK))),
+    Option("fp8_base_unet", bool, False, "store only the frozen U-Net in float8, the text encoder as usual",
+           "training", scripts=NET),
     Option("noise_offset", float, None, "add this much per-channel offset to the noise (about 0.1)", "training",
            minimum=0),
     Option("noise_offset_random_strength", bool, False, "draw the noise offset between 0 and noise_offset", "training"),

@@ -26,6 +26,9 @@ class NetworkMethod(DiffusionMethod):
             raise UserError("--network_train_unet_only and --network_train_text_encoder_only together train nothing")
         module_name = config.network_module or "networks.lora"
         _merge_base_weights(config, parts, module_name)
+        freeze_models(parts, device, weight_dtype, no_half_vae=bool(config.no_half_vae))
+        # Before the adapters wrap the layers: they then call the float8 layers' forward.
+        store_base_in_fp8(config, parts, weight_dtype)
         if config.network_weights and config.dim_from_weights:
             self.network, _ = create_network_from_weights(module_name, 1.0, config.network_weights, parts.vae,
                                                           parts.network_text_encoder, parts.unet)
@@ -36,7 +39,6 @@ class NetworkMethod(DiffusionMethod):
         self.network.apply_to(parts.network_text_encoder, parts.unet, train_text_encoder, train_unet)
         if config.network_weights:
             _load_weights(self.network, config.network_weights, module_name)
-        freeze_models(parts, device, weight_dtype, no_half_vae=bool(config.no_half_vae))
         network_dtype = weight_dtype if (config.full_fp16 or config.full_bf16) else torch.float32
         self.network.to(device=device, dtype=network_dtype)
         self.network.prepare_grad_etc(parts.network_text_encoder, parts.unet)
@@ -91,6 +93,26 @@ class NetworkMethod(DiffusionMethod):
     def export(self, path: Path, *, dtype: torch.dtype | None, metadata: dict[str, str] | None, **_) -> Path:
         self.network.save_weights(str(path), dtype, metadata)
         return path
+
+
+# Kept in the compute dtype: the text embeddings (nn.Embedding; sd-scripts keeps them too) and the projection.
+FP8_TEXT_ENCODER_SKIPS = ("embeddings", "text_projection")
+
+
+def store_base_in_fp8(config: RunConfig, parts: Components, compute_dtype: torch.dtype) -> None:
+    """--fp8_base (U-Net and text encoders) / --fp8_base_unet (U-Net only): library/training/fp8.py."""
+    from library.training.fp8 import store_in_fp8
+
+    unet = bool(config.fp8_base or config.get("fp8_base_unet"))
+    text_encoders = bool(config.fp8_base and not config.get("fp8_base_unet"))
+    if not unet:
+        return
+    layers = store_in_fp8(parts.unet)
+    if text_encoders:
+        layers += sum(store_in_fp8(te, skip=FP8_TEXT_ENCODER_SKIPS) for te in parts.text_encoders)
+    what = "U-Net and text encoder" if text_encoders else "U-Net"
+    print(f"fp8 base: {layers} frozen layers of the {what} stored in float8, computed in "
+          f"{str(compute_dtype).removeprefix('torch.')}")
 
 
 def _merge_base_weights(config: RunConfig, parts: Components, module_name: str) -> None:
