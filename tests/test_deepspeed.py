@@ -30,9 +30,13 @@ from tests.test_ddp import (SGD, WORKER, _argv, _db_argv, _free_port, _two_proce
 def test_train_db_under_zero_matches_one_process_and_saves_the_full_model(tmp_path, tiny_parts, stage, clip):
     # SGD: a parameter without a gradient (the last text-encoder layer under --clip_skip 2) stays put in both runs;
     # DeepSpeed hands the optimizer zeros for it, where torch's AdamW would skip it (no weight decay applied).
+    # Stage 3 sums the clipping norm over its partitions in another order than one process: with transformers 5.25
+    # and accelerate 1.16 that moved one of 9,216 conv weights by 1.13e-5 (1e-5 held with the versions installed at
+    # the last landing; the stage-3 run at bf1efab fails it now too).
     out, rank0, _ = _two_processes_and_one(tmp_path, "train_db", _db_argv, accumulation=2,
                                            extra=(*SGD, "--clip_skip", "2", *clip),
-                                           two_only=("--deepspeed", "--zero_stage", str(stage)))
+                                           two_only=("--deepspeed", "--zero_stage", str(stage)),
+                                           atol=2e-5 if stage == 3 else 1e-5)
     assert f"DeepSpeed ZeRO stage {stage}: 2 trained model(s) over 2 process(es)" in (out / "launch.log").read_text()
     assert_trained_and_saved_in_full(out, rank0, tiny_parts["tiny-sd1"])
 
