@@ -58,7 +58,17 @@ class AdapterModule(nn.Module):
 
     @property
     def scale(self) -> float:
-        return alpha_value(self.alpha) / self.dim
+        return self.alpha_number() / self.dim
+
+    def alpha_number(self) -> float:
+        """alpha as a Python number: the one freeze_alpha() fixed (torch.compile: reading a tensor's value would break
+        the graph), else the buffer's."""
+        frozen = getattr(self, "_frozen_alpha", None)
+        return alpha_value(self.alpha) if frozen is None else frozen
+
+    def freeze_alpha(self) -> None:
+        """Fix alpha's value for a compiled forward (it never trains; call again after loading other weights)."""
+        self._frozen_alpha = alpha_value(self.alpha)
 
     def parameter_factors(self) -> list[nn.Parameter]:
         """The tensors ΔW is a product of, each appearing once: scaling each by r^(1/n) scales ΔW by r."""

@@ -9,7 +9,6 @@ from torch import nn
 
 from library.errors import UserError
 from networks.args import boolean
-from networks.base import alpha_value
 from networks.lycoris_common import RebuiltWeightAdapter, algo_check, flat_layer_shapes, rebuild_tucker
 from networks.network import plugin_entry_points
 
@@ -84,7 +83,7 @@ class LoKrModule(RebuiltWeightAdapter):
     @property
     def scale(self) -> float:
         # LyCORIS (and ComfyUI, A1111) ignore alpha when neither side is low-rank.
-        return 1.0 if self.full_rank else alpha_value(self.alpha) / self.dim
+        return 1.0 if self.full_rank else self.alpha_number() / self.dim
 
     @torch.no_grad()
     def _init_like_lycoris(self) -> None:

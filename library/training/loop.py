@@ -28,6 +28,7 @@ from library.data.dataset import TrainingDataset
 from library.data.plan import RunPlan
 from library.errors import Interrupted, UserError
 from library.training import checkpoints as ck
+from library.training.compiling import compile_unet
 from library.training.conv_matmul import use_matmul_convs
 from library.training.data_loading import EpochBatchSampler, make_loader
 from library.training.distributed import (FullySharded, GradientSync, check_ddp_options, fully_shard_trained,
@@ -147,6 +148,8 @@ def train(config: RunConfig, plan: RunPlan, parts, make_method, *, save_ext: str
                     persistent=bool(config.persistent_data_loader_workers), batches_per_step=procs * accumulation),
         device_placement=False)
 
+    if config.get("torch_compile"):  # after resuming: the adapters' alpha is final now
+        compile_unet(config, parts, method, say=accelerator.print)
     reporter = (Reporter if sharded is None else partial(_ShardedReporter, sharded))(
         config, plan, parts, method, accelerator, optimizer_name=optimizer_name, optimizer_kwargs=optimizer_kwargs,
         descriptions=descriptions, started=started, max_steps=max_steps, epochs=epochs, save_ext=save_ext)
