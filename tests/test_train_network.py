@@ -245,3 +245,21 @@ def test_fp8_base_stores_the_frozen_weights_in_float8_and_trains(data, tmp_path,
     assert result.losses != plain.losses  # float8 rounding reached the outputs
     weights, _ = read_state_dict(tmp_path / "b" / "net.safetensors")
     assert weights and all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_cpu_offload_checkpointing_moves_what_backward_needs_to_the_cpu(data, tmp_path):
+    from types import SimpleNamespace
+
+    from library.methods.diffusion_method import DiffusionMethod
+
+    def saves(device, **config):
+        return DiffusionMethod._offloaded_saves(SimpleNamespace(config=config, device=torch.device(device)))
+
+    assert isinstance(saves("cuda", cpu_offload_checkpointing=True), torch.autograd.graph.save_on_cpu)
+    assert not isinstance(saves("cuda"), torch.autograd.graph.save_on_cpu)
+    assert not isinstance(saves("cpu", cpu_offload_checkpointing=True), torch.autograd.graph.save_on_cpu)
+    # What stays in CPU memory comes back unchanged: the same training, here where it is a no-op anyway.
+    flags = ("--gradient_checkpointing", "--network_train_unet_only")
+    plain = train_network.main(_flags(data, tmp_path / "a", *flags, steps=2))
+    offloaded = train_network.main(_flags(data, tmp_path / "b", *flags, "--cpu_offload_checkpointing", steps=2))
+    assert offloaded.losses == plain.losses

@@ -140,9 +140,11 @@ def coming_from_sd_scripts() -> str:
         "(attention is always PyTorch's scaled-dot-product attention; memory placement is automatic).",
         "- *not supported yet*: declared so that configs and command lines written for sd-scripts parse and "
         "`--help` lists it, but setting it to anything other than its default stops the run before any weights "
-        "load, with exit code 2 and one line naming it, e.g. "
-        "`error: --masked_loss (from command line) is not supported yet; remove it to run now`. "
-        "Left at its default (say `masked_loss = false` in a TOML) it is harmless.",
+        "load, with exit code 2 and one line naming it (`error: --<option> (from command line) is not supported "
+        "yet; remove it to run now`); left at its default it is harmless. The only ones left are the Hugging Face "
+        "upload settings, which change nothing without `--huggingface_repo_id`, and that is refused with its "
+        "reason (uploads are not built: nothing here can reach or stand in for the Hub) and the command that "
+        "uploads the saved files instead.",
         "- *refused when set: ...*: the same, with the reason and what to do instead (secrets that would be "
         "copied into the saved config, an sd-scripts misspelling, an option that opens windows, ...).",
         "",

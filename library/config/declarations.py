@@ -51,6 +51,10 @@ ADAPTERS_USE_DDP = ("is for full fine-tuning (train_db.py, sdxl_train.py): an ad
                     "several processes")
 FP8_FOR_ADAPTERS = ("is for adapters on a frozen base model (train_network.py, as in sd-scripts): a full fine-tune "
                     "trains the weights it would store in float8")
+HF_NOT_BUILT = ("is not supported: uploading to the Hugging Face Hub is not built (nothing here can reach or stand in "
+                "for the Hub to test it); upload the saved files afterwards with `hf upload <repo_id> <output_dir>`")
+HF_RESUME_NOT_BUILT = ("is not supported: states are not read from the Hugging Face Hub; download the -state folder "
+                       "with `hf download <repo_id> --include '<name>-state/*' --local-dir <folder>` and --resume it")
 SECRET_IN_FILES = "is a secret; a value here would be copied into the resolved config saved with the outputs"
 
 OPTIONS: tuple[Option, ...] = (
@@ -306,7 +310,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("save_state_on_train_end", bool, False, "save the training state when the run ends", "saving"),
     Option("resume", str, None, "resume from this saved state folder, or from an output folder (its newest complete -state folder)",
            "saving", path=INPUT_PATH),
-    Option("huggingface_repo_id", str, None, "upload outputs to this Hugging Face repo", "saving", note=NOT_SUPPORTED),
+    Option("huggingface_repo_id", str, None, "upload outputs to this Hugging Face repo", "saving", note=HF_NOT_BUILT),
     Option("huggingface_repo_type", str, None, "type of the Hugging Face repo (model, dataset, ...)", "saving",
            note=NOT_SUPPORTED, inert_without=HF_UPLOAD),
     Option("huggingface_path_in_repo", str, None, "folder inside the Hugging Face repo", "saving", note=NOT_SUPPORTED,
@@ -318,7 +322,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("save_state_to_huggingface", bool, False, "upload saved states too", "saving", note=NOT_SUPPORTED,
            inert_without=HF_UPLOAD),
     Option("resume_from_huggingface", bool, False, "read --resume as repo_id/path:revision:repo_type on the Hub",
-           "saving", note=NOT_SUPPORTED, inert_without=("resume", None)),
+           "saving", note=HF_RESUME_NOT_BUILT, inert_without=("resume", None)),
     Option("async_upload", bool, False, "upload in the background", "saving", note=NOT_SUPPORTED,
            inert_without=HF_UPLOAD),
     Option("training_comment", str, None, "free text stored as ss_training_comment", "saving", scripts=NET),
@@ -471,8 +475,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("torch_compile", bool, False, "compile the U-Net (with its adapters) with torch.compile", "advanced"),
     Option("dynamo_backend", str, "inductor", "torch.compile backend", "advanced", choices=DYNAMO_BACKENDS,
            off=("no", "NO"), inert_without=("torch_compile", None)),
-    Option("cpu_offload_checkpointing", bool, False, "offload checkpointed activations to the CPU", "advanced",
-           scripts=NET, note=NOT_SUPPORTED),
+    Option("cpu_offload_checkpointing", bool, False, "keep what the U-Net's forward saves for backward (with "
+           "--gradient_checkpointing: its checkpoints) in CPU memory until backward", "advanced", scripts=NET),
     Option("ddp_timeout", int, None, "several processes: a collective's timeout in minutes (default: accelerate's)",
            "advanced", minimum=1),
     Option("ddp_gradient_as_bucket_view", bool, False,

@@ -6,6 +6,8 @@ A method is what the loop talks to: `param_groups()`, `trainable_params()`, `los
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from library.config.run_config import RunConfig
@@ -127,7 +129,8 @@ class DiffusionMethod:
         latents = self._latents(batch, generator) * family.latent_scale
         text = self._text_conditioning(batch.captions, batch.image_paths)
         draw = draw_noise(self.scheduler, latents, self.noise_settings, generator)
-        pred = family.predict(self.parts.unet, draw.noisy_latents, draw.timesteps, text, batch.conditioning)
+        with self._offloaded_saves():
+            pred = family.predict(self.parts.unet, draw.noisy_latents, draw.timesteps, text, batch.conditioning)
         target = target_for(self.scheduler, latents, draw.noise, draw.timesteps,
                             v_parameterization=self.parts.v_parameterization)
         # Masks come with the batch when any of its images has one (alpha_mask, or conditioning_data_dir with
@@ -135,6 +138,14 @@ class DiffusionMethod:
         loss, _ = training_loss(pred, target, draw.timesteps, batch.is_reg, self.scheduler, self.loss_settings,
                                 v_parameterization=self.parts.v_parameterization, loss_mask=batch.alpha_masks)
         return loss
+
+    def _offloaded_saves(self):
+        """--cpu_offload_checkpointing: what autograd keeps of the U-Net's forward for backward (under gradient
+        checkpointing, the blocks' inputs) waits in CPU memory, pinned on a GPU machine, and comes back as backward
+        needs it; a CPU run's tensors are there already."""
+        if not self.config.get("cpu_offload_checkpointing") or self.device.type == "cpu" or not torch.is_grad_enabled():
+            return contextlib.nullcontext()
+        return torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
 
     def _text_conditioning(self, captions: list[str], image_paths: list[str]) -> TextConditioning:
         if self.config.get("no_token_padding"):  # each batch at its own length: nothing to keep per caption

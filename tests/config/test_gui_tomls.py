@@ -143,7 +143,7 @@ def test_typos_keep_their_did_you_mean_and_other_unknown_keys_are_listed_togethe
     assert line.startswith(f"error: 3 problems in {cfg}: ")
     assert "unknown option 'netwrok_dim' (did you mean 'network_dim'?)" in line
     assert "2 unknown options: foo_one, foo_two (" in line
-    assert f"--huggingface_repo_id (from {cfg}) is not supported yet" in line
+    assert f"--huggingface_repo_id (from {cfg}) is not supported: " in line
 
 
 def test_off_values_are_accepted_for_every_option_supported_or_not(tmp_path):
