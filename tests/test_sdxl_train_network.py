@@ -256,3 +256,28 @@ def test_block_wise_network_args_are_counted_for_sdxl_before_loading(data, tmp_p
                                    steps=1))
     weights = load_file(str(tmp_path / "ok" / "net.safetensors"))
     assert weights["lora_unet_input_blocks_4_1_proj_in.lora_down.weight"].shape[0] == 4
+
+
+def test_weighted_captions_masks_validation_and_fp8_on_sdxl(tmp_path):
+    """#20's options on the SDXL seam: weighted captions through both encoders, a mask folder, held-out images
+    scored every step, the frozen base in float8 under bf16; a white mask and weight-1 captions train as plain ones."""
+    from PIL import Image
+
+    from tests.helpers import make_image_folder
+
+    folder = make_image_folder(tmp_path / "data", repeats=1, count=4, caption_extension=".txt", sizes=((32, 32),))
+    (tmp_path / "white").mkdir()
+    for image in folder.glob("*.png"):
+        Image.new("RGB", (32, 32), (255, 255, 255)).save(tmp_path / "white" / image.name)
+    common = ("--validation_split", "0.5", "--validate_every_n_steps", "1", "--seed", "5")
+    plain = sdxl_train_network.main(_flags(tmp_path / "data", tmp_path / "a", *common, steps=2))
+    for caption in folder.glob("*.txt"):
+        caption.write_text(f"({caption.read_text()}:1)")
+    weighted = sdxl_train_network.main(_flags(tmp_path / "data", tmp_path / "b", *common, "--weighted_captions",
+                                              "--masked_loss", "--conditioning_data_dir", str(tmp_path / "white"),
+                                              steps=2))
+    assert weighted.losses == plain.losses and weighted.validation_losses == plain.validation_losses
+    assert len(plain.validation_losses) == 4  # steps 1 and 2, each also ending an epoch (one batch of 2 images)
+    fp8 = sdxl_train_network.main(_flags(tmp_path / "data", tmp_path / "c", *common, "--weighted_captions",
+                                         "--fp8_base", "--mixed_precision", "bf16", steps=2))
+    assert len(fp8.losses) == 2 and all(abs(a - b) < 0.1 * b for a, b in zip(fp8.losses, plain.losses))

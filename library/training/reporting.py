@@ -150,7 +150,9 @@ class Reporter:
                   epoch: int | None = None) -> None:
         """One validation, logged as sd-scripts names it: loss/validation/{step,epoch}_average, and _divergence (minus
         the training loss's average of the epoch so far)."""
-        loss = self.validator.loss()
+        last = self.validation_losses[-1] if self.validation_losses else None
+        # An epoch ending on a step that was just validated: the same weights, so the same figure (not scored again).
+        loss = last[2] if last is not None and last[0] == global_step else self.validator.loss()
         self.validation_losses.append((global_step, epoch, loss))
         logs = {f"loss/validation/{kind}_average": loss}
         if training is not None:
