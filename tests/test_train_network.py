@@ -263,3 +263,17 @@ def test_cpu_offload_checkpointing_moves_what_backward_needs_to_the_cpu(data, tm
     plain = train_network.main(_flags(data, tmp_path / "a", *flags, steps=2))
     offloaded = train_network.main(_flags(data, tmp_path / "b", *flags, "--cpu_offload_checkpointing", steps=2))
     assert offloaded.losses == plain.losses
+
+
+def test_save_every_n_minutes_saves_on_time_and_keeps_only_the_last_such_save(data, tmp_path):
+    out = tmp_path / "out"
+    # Every step is past a few milliseconds: steps 1 and 3 save on time (2 is the --save_every_n_steps cadence's,
+    # 4 the final save); each on-time save replaces the one before, state included.
+    train_network.main(_flags(data, out, "--save_every_n_minutes", "0.0001", "--save_every_n_steps", "2",
+                              "--save_state", steps=4))
+    names = sorted(p.name for p in out.iterdir() if p.name.startswith("net") and p.suffix != ".toml")
+    assert names == sorted(["net.safetensors", "net-state", "net-step00000002.safetensors", "net-step00000002-state",
+                            "net-step00000003.safetensors", "net-step00000003-state"])
+    quiet = tmp_path / "quiet"
+    train_network.main(_flags(data, quiet, "--save_every_n_minutes", "60", steps=3))
+    assert sorted(p.name for p in quiet.glob("*.safetensors")) == ["net.safetensors"]

@@ -297,6 +297,9 @@ OPTIONS: tuple[Option, ...] = (
            scripts=DB_ONLY),
     Option("save_every_n_epochs", int, None, "also save every N epochs", "saving", minimum=1, off=GUI_UNSET),
     Option("save_every_n_steps", int, None, "also save every N steps", "saving", minimum=1, off=GUI_UNSET),
+    Option("save_every_n_minutes", float, None, "also save (a step file, and its state with --save_state) once N "
+           "minutes have passed since the last save: for machines that may be taken away (ours; not in sd-scripts)",
+           "saving", above=0),
     Option("save_n_epoch_ratio", int, None,
            "save about N times over the run: every floor(epochs / N) epochs (at least 1), over save_every_n_epochs",
            "saving", minimum=1, off=GUI_UNSET),

@@ -91,6 +91,8 @@ class Reporter:
     def begin(self, step: int) -> None:
         self.bar.update(step)
         self.first_step_at = None
+        self.last_save_at = time.time()  # --save_every_n_minutes counts from here and from each save
+        self.timed_save = None  # the file the last on-time save wrote
         # Everything before the first step (imports, model loading, latent caching) as one figure, timed from the
         # process's own start so the figure is what the user waited.
         self.accelerator.print(f"training starts {time.time() - psutil.Process().create_time():.1f} s after launch")
@@ -117,11 +119,39 @@ class Reporter:
             if every and state.global_step % every == 0 and state.global_step < self.max_steps:
                 self._save(ck.step_name(self.name, state.global_step, self.ext), state)
                 self._rotate(state, by_step=True)
+            elif self._minutes_up(state):
+                self._save_on_time(state)
             if self._should_sample(step=state.global_step, epoch=None):
                 self._sample(step=state.global_step, epoch=None)
             every = self.config.get("validate_every_n_steps")
             if self.validator is not None and every and state.global_step % every == 0:
                 self._validate("step", state.global_step, average, step=state.global_step)
+
+    def _minutes_up(self, state: ck.TrainState) -> bool:
+        """--save_every_n_minutes: whether that long has passed since the last save (or the first step). Several
+        processes must agree, so the main process's clock decides (one small collective per step, only with it)."""
+        minutes = self.config.get("save_every_n_minutes")
+        if not minutes or state.global_step >= self.max_steps:
+            return False
+        due = time.time() - self.last_save_at >= minutes * 60
+        if self.accelerator.num_processes == 1:
+            return due
+        import torch
+
+        flag = torch.tensor([int(due and self.accelerator.is_main_process)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item())
+
+    def _save_on_time(self, state: ck.TrainState) -> None:
+        """A step file (and its state with --save_state); the previous one saved on time goes once this one is
+        written, so they do not pile up (saves made on the step or epoch cadence stay theirs to rotate)."""
+        name = ck.step_name(self.name, state.global_step, self.ext)
+        self._save(name, state)
+        self.accelerator.print(f"saved on time (--save_every_n_minutes {self.config.save_every_n_minutes:g})")
+        previous, self.timed_save = self.timed_save, name
+        if previous is not None and previous != name and self.accelerator.is_main_process:
+            target = self.output_dir / previous
+            ck.remove_quietly(target)
+            ck.remove_quietly(target.with_name(_stem(previous, self.ext) + "-state"))
 
     def after_epoch(self, state: ck.TrainState, epoch: int) -> None:
         average = sum(self.epoch_losses) / len(self.epoch_losses) if self.epoch_losses else None
@@ -208,6 +238,7 @@ class Reporter:
 
     def _save(self, file_name: str, state: ck.TrainState, *, epoch: int | None = None, last: bool = False,
               with_state: bool | None = None, force_state: bool = False) -> Path:
+        self.last_save_at = time.time()
         path = self.output_dir / file_name
         self.accelerator.wait_for_everyone()
         _check_finite(self.method, state)
