@@ -35,6 +35,7 @@ from library.training.distributed import (FullySharded, GradientSync, check_ddp_
                                           gradient_sync, hidden_from_accelerate, sharding_requested, trainable_key)
 from library.training.fused_backward import FusedBackward, check_fused_backward, fused_flag
 from library.training.latents import build_latent_cache, loader_workers
+from library.training.live_control import LiveControl
 from library.training.optimizers import make_optimizer
 from library.training.precision import bf16_tip
 from library.training.reporting import Reporter, tracker_settings
@@ -157,7 +158,9 @@ def train(config: RunConfig, plan: RunPlan, parts, make_method, *, save_ext: str
     reporter.begin(state.global_step)
     loop = _Loop(config, accelerator, method, optimizer, lr_scheduler, reporter, per_epoch, accumulation, max_steps,
                  fused=fused, latent_cache=latent_cache, sharded=sharded)
-    _run_until_done_or_stopped(loop, loader, state, reporter, fused)
+    reporter.control = LiveControl(config.output_dir, accelerator, say=accelerator.print)
+    with reporter.control.listening():
+        _run_until_done_or_stopped(loop, loader, state, reporter, fused)
     try:
         final = reporter.finish(loop.state)
     except KeyboardInterrupt:
@@ -354,6 +357,9 @@ class _Loop:
                 if end_of_epoch:
                     state.epoch, state.batch_in_epoch = epoch + 1, 0
                 self.reporter.after_step(state, step_loss, self.lr_scheduler)
+                if self.reporter.stop_requested:
+                    self.accelerator.print(f"control: stopping after step {state.global_step}, as asked")
+                    return
                 if state.global_step >= self.max_steps:
                     if end_of_epoch:
                         self.reporter.after_epoch(state, epoch)

@@ -75,6 +75,8 @@ class Reporter:
         self._sizes: dict[str, int] = {}  # bytes of the last model / state saved, to warn before the next
         self.epoch_losses: list[float] = []
         self.validator = None  # library.training.validation.Validator when the run holds validation images
+        self.control = None  # library.training.live_control.LiveControl while training
+        self.stop_requested = False  # a live-control `stop`: the loop ends after the current step
         self.validation_losses: list[tuple[int, int | None, float]] = []  # (step, epoch or None, loss)
         self.first_step_at = None
         self.prompts = []
@@ -126,6 +128,24 @@ class Reporter:
             every = self.config.get("validate_every_n_steps")
             if self.validator is not None and every and state.global_step % every == 0:
                 self._validate("step", state.global_step, average, step=state.global_step)
+            if self.control is not None:
+                self._follow(self.control.requests(), state)
+
+    def _follow(self, commands: tuple[str, ...], state: ck.TrainState) -> None:
+        """Live control (library/training/live_control.py): do what was asked, after this step."""
+        name = ck.step_name(self.name, state.global_step, self.ext)
+        for command in commands:
+            if command == "sample":
+                if self.prompts:
+                    self._sample(step=state.global_step, epoch=None)
+                else:
+                    self.accelerator.print("control: no sample without --sample_prompts")
+            elif command == "save" and "state" not in commands:
+                self._save(name, state, with_state=False)
+            elif command == "state":
+                self._save(name, state, with_state=True)
+            elif command == "stop":
+                self.stop_requested = True
 
     def _minutes_up(self, state: ck.TrainState) -> bool:
         """--save_every_n_minutes: whether that long has passed since the last save (or the first step). Several
