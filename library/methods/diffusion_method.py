@@ -51,9 +51,13 @@ class DiffusionMethod:
         self._fixed_captions = plan is not None and not any(_varies(s) for s in subsets)
         # captions -> hidden states (sampling's prompt embeddings); `.conditioning(captions)` adds what else the
         # family's UNet takes from the text (a pooled embedding where it has one).
-        self.encode_prompts = parts.family.prompt_encoder(parts, clip_skip=config.clip_skip,
-                                                          max_token_length=config.max_token_length,
-                                                          weighted=bool(config.get("weighted_captions")))
+        self.encode_prompts = self.prompt_encoder_for(parts)
+
+    def prompt_encoder_for(self, parts: Components):
+        """The run's prompt encoding (--clip_skip, --max_token_length, --weighted_captions) over `parts`' encoders."""
+        config = self.config
+        return parts.family.prompt_encoder(parts, clip_skip=config.clip_skip, max_token_length=config.max_token_length,
+                                           weighted=bool(config.get("weighted_captions")))
 
     # ------------------------------------------------------------------ hooks the loop calls
     def latents_ready(self, *, all_cached: bool) -> None:

@@ -233,9 +233,7 @@ class _ShardedReporter(Reporter):
             parts, encode = self.parts, method.encode_prompts
             if method.parts is not parts:  # FSDP: the main process holds full copies; prompts are encoded with them
                 self.parts = method.parts
-                method.encode_prompts = parts.family.prompt_encoder(
-                    method.parts, clip_skip=self.config.clip_skip, max_token_length=self.config.max_token_length,
-                    weighted=bool(self.config.get("weighted_captions")))
+                method.encode_prompts = method.prompt_encoder_for(method.parts)
             try:
                 super()._sample(step=step, epoch=epoch)
             finally:

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 import torch
 
 from library.models.tokenizer import MODEL_MAX_LENGTH
+from library.training.text_encoding import CHUNK_TOKENS, _split_into_chunks, chunk_count
 
 ROUND_MULTIPLIER = 1.1
 SQUARE_MULTIPLIER = 1 / 1.1
-CHUNK_TOKENS = MODEL_MAX_LENGTH - 2
 
 _ATTENTION = re.compile(r"""
 \\\(|
@@ -86,8 +86,6 @@ def tokenize_weighted(tokenizer, captions: Sequence[str], *, max_token_length: i
     """Ids and weights, both (B, n, 77), as sd-scripts' `tokenize_with_weights`: each piece is tokenized on its own
     (so a piece boundary is a token boundary), the tokens cut to 75n, then laid out as `tokenize` lays out ids; BOS,
     EOS and padding weigh 1."""
-    from library.training.text_encoding import _split_into_chunks, chunk_count
-
     n = chunk_count(max_token_length)
     length = n * CHUNK_TOKENS
     rows, weight_rows = [], []

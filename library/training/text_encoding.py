@@ -12,7 +12,6 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from library.errors import UserError
 from library.models.family import TextConditioning
 from library.models.tokenizer import MODEL_MAX_LENGTH
-from library.training.prompt_weights import apply_weights, tokenize_weighted
 
 # Tokens between <BOS> and <EOS> in one 77-token CLIP window; --max_token_length counts these.
 CHUNK_TOKENS = MODEL_MAX_LENGTH - 2
@@ -143,6 +142,8 @@ class PromptEncoder:
             # The whole batch is encoded, duplicates included, as sd-scripts does: same shapes, same numerics.
             return encode(self.text_encoder, self.tokenize(captions), clip_skip=self.clip_skip,
                           max_token_length=self.max_token_length)
+        from library.training.prompt_weights import apply_weights, tokenize_weighted  # it builds on this module
+
         ids, weights = tokenize_weighted(self.tokenizer, captions, max_token_length=self.max_token_length)
         hidden = encode(self.text_encoder, ids, clip_skip=self.clip_skip, max_token_length=self.max_token_length)
         return apply_weights(hidden, weights)
