@@ -1,4 +1,6 @@
-"""The adapter base: wraps one Linear or Conv2d so its output becomes org(x) + adapter(x) · multiplier · alpha/dim."""
+"""The adapter base: wraps one Linear or Conv2d so its output becomes org(x) + adapter(x) · multiplier · alpha/dim,
+or, for adapters that are not additive (DoRA's weight decomposition, OFT's rotation), the layer run with the weight
+they make of the original one."""
 
 from __future__ import annotations
 
@@ -30,10 +32,16 @@ class AdapterModule(nn.Module):
     DETECT_NAMES: tuple[str, ...] | None = None  # one of these is in every module (default: WEIGHT_NAMES[0])
     PLUS_PARAMS: tuple[str, ...] = ()  # LoRA+: parameters that learn at lr × the loraplus ratio
     EXTRA_ARGS: ClassVar[dict] = {}  # its own --network_args: name -> parser
+    COMMON_ARGS: tuple[str, ...] | None = None  # which of networks.args.COMMON_ARGS it reads (None: all of them)
+    NAME_PREFIX: str = "lora"  # module names start lora_unet_ / lora_te_ (sd-scripts' OFT: oft_unet_)
+    TEXT_ENCODER: bool = True  # whether it adapts the text encoders too (sd-scripts' OFT: U-Net only)
+    ADDITIVE: bool = True  # W + ΔW always (OFT rotates W instead); DoRA makes one module of any class non-additive
+    DECOMPOSABLE: bool = False  # takes dora_wd=True (LyCORIS' DoRA: a learned magnitude per input channel)
 
     def __init__(self, lora_name: str, org_module: nn.Module, multiplier: float = 1.0, dim: int = 4,
                  alpha: float | None = 1.0, dropout: float | None = None, rank_dropout: float | None = None,
-                 module_dropout: float | None = None):
+                 module_dropout: float | None = None, dora_wd: bool = False,
+                 wd_on_output: bool = False):
         super().__init__()
         if not isinstance(org_module, (nn.Linear, nn.Conv2d)):
             raise TypeError(f"{lora_name}: adapters wrap Linear or Conv2d, not {type(org_module).__name__}")
@@ -51,6 +59,14 @@ class AdapterModule(nn.Module):
         self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
         self._org = [org_module]  # a list keeps it out of this module's parameters and state dict
         self._org_forward = None
+        self._merged_from: torch.Tensor | None = None  # the weight before a merge that cannot be subtracted again
+        self.dora_scale: nn.Parameter | None = None
+        self.wd_on_output = bool(wd_on_output)
+        if dora_wd:
+            if not self.DECOMPOSABLE:
+                raise TypeError(f"{lora_name}: {type(self).__name__} has no weight decomposition (dora_wd)")
+            # DoRA's magnitude starts as the original weight's norm, in float32 whatever the model's dtype.
+            self.dora_scale = nn.Parameter(channel_norm(org_module.weight.detach().float(), self.wd_on_output))
 
     @property
     def org_module(self) -> nn.Module:
@@ -71,8 +87,9 @@ class AdapterModule(nn.Module):
         self._frozen_alpha = alpha_value(self.alpha)
 
     def parameter_factors(self) -> list[nn.Parameter]:
-        """The tensors ΔW is a product of, each appearing once: scaling each by r^(1/n) scales ΔW by r."""
-        return list(self.parameters())
+        """The tensors ΔW is a product of, each appearing once: scaling each by r^(1/n) scales ΔW by r (DoRA's
+        magnitude is not one of them)."""
+        return [p for p in self.parameters() if p is not self.dora_scale]
 
     # -------------------------------------------------------------- wiring
     def apply_to(self) -> None:
@@ -86,7 +103,15 @@ class AdapterModule(nn.Module):
             self.org_module.forward = self._org_forward
             self._org_forward = None
 
+    def is_additive(self) -> bool:
+        """Whether the adapter adds ΔW·multiplier to W (merging can then be undone by subtracting it)."""
+        return self.ADDITIVE and self.dora_scale is None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.is_additive():
+            if self.module_dropout and self.training and torch.rand(()) < self.module_dropout:
+                return self._org_forward(x)
+            return self.adapted_forward(x)
         org = self._org_forward(x)
         if self.module_dropout and self.training and torch.rand(()) < self.module_dropout:
             return org
@@ -105,28 +130,65 @@ class AdapterModule(nn.Module):
         """ΔW in the wrapped layer's weight shape, alpha/dim scale included, multiplier excluded."""
         raise NotImplementedError
 
-    def apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """x through the wrapped layer's operation with another weight and no bias."""
+    def apply_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x through the wrapped layer's operation with another weight (and no bias unless given)."""
         org = self.org_module
         if self.is_conv:
-            return F.conv2d(x, weight, None, org.stride, org.padding, org.dilation, org.groups)
-        return F.linear(x, weight)
+            return F.conv2d(x, weight, bias, org.stride, org.padding, org.dilation, org.groups)
+        return F.linear(x, weight, bias)
+
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """A non-additive adapter's output: the layer run with the adapted weight and its own bias (the original
+        weight is read in whatever dtype it is stored, float8 under --fp8_base included)."""
+        org = self.org_module
+        weight = self.adapted_weight(org.weight, self.multiplier, training=self.training)
+        bias = None if org.bias is None else org.bias.to(x.dtype)
+        return self.apply_weight(x, weight.to(x.dtype), bias)
+
+    def adapted_weight(self, weight: torch.Tensor, multiplier: float, *, training: bool = False) -> torch.Tensor:
+        """The weight a non-additive adapter makes of `weight` at `multiplier`, in the adapter's dtype. DoRA (LyCORIS,
+        and as ComfyUI and A1111 apply it): V = W + ΔW, then each input channel (output row with wd_on_output) of V
+        rescaled to the learned magnitude, dora_scale / ‖V‖. A multiplier m ≠ 1 blends W + m·(that − W), as ComfyUI
+        and A1111 apply a strength (LyCORIS instead scales V by m·(dora_scale/‖V‖ − 1) + 1, which is V, not W, at 0)."""
+        base = weight.to(self.dora_scale.dtype)
+        delta = self.delta_weight()
+        if training and self.rank_dropout:
+            from networks.lycoris_common import drop_output_rows
+
+            delta = drop_output_rows(delta, self.rank_dropout)
+        combined = base + delta.to(base.dtype)
+        norm = channel_norm(combined, self.wd_on_output) + torch.finfo(combined.dtype).eps
+        decomposed = combined * (self.dora_scale / norm)
+        if isinstance(multiplier, (int, float)) and multiplier == 1:
+            return decomposed
+        return base + (decomposed - base) * multiplier
 
     def merged_weight(self, weight: torch.Tensor, multiplier: float | None = None) -> torch.Tensor:
-        """The wrapped layer's weight with this adapter merged in: W + ΔW · multiplier here. Adapters that do not
-        add to W (DoRA rescales it, OFT rotates it) override this; merging goes through it."""
-        return weight + (self.delta_weight() * (self.multiplier if multiplier is None else multiplier)).to(weight)
+        """The wrapped layer's weight with this adapter merged in: W + ΔW · multiplier for additive adapters, else
+        the adapted weight; merging goes through it."""
+        multiplier = self.multiplier if multiplier is None else multiplier
+        if not self.is_additive():
+            return self.adapted_weight(weight, multiplier).to(weight.dtype)
+        return weight + (self.delta_weight() * multiplier).to(weight)
 
     @torch.no_grad()
     def merge_to(self, multiplier: float | None = None) -> None:
         """Merge this adapter into the wrapped layer's weight (then the adapter must not be applied as well)."""
         weight = self.org_module.weight
+        if not self.is_additive():
+            self._merged_from = weight.detach().clone()  # DoRA's rescaling and OFT's blend have no exact inverse
         weight.copy_(self.merged_weight(weight, multiplier))
 
     @torch.no_grad()
     def unmerge(self, multiplier: float | None = None) -> None:
-        """Take an additive merge back out (an adapter overriding merged_weight overrides this with its inverse)."""
+        """Take a merge back out: subtract ΔW·multiplier, or restore the weight kept by merge_to."""
         weight = self.org_module.weight
+        if not self.is_additive():
+            if self._merged_from is None:
+                raise RuntimeError(f"{self.lora_name}: unmerge without merge_to")
+            weight.copy_(self._merged_from)
+            self._merged_from = None
+            return
         weight -= (self.delta_weight() * (self.multiplier if multiplier is None else multiplier)).to(weight)
 
     def org_weight_shape(self) -> torch.Size:
@@ -164,6 +226,16 @@ class AdapterModule(nn.Module):
         """The adapted Linear's input width when the tensors tell it unambiguously (check_lora_weights reads the
         base model's text-encoder width from attn2 to_k this way); None when they do not."""
         return None
+
+
+def channel_norm(weight: torch.Tensor, on_output: bool = False) -> torch.Tensor:
+    """DoRA's norm of W, shaped to broadcast against it: per input channel, (1, in, 1, …), the layout A1111 and
+    ComfyUI both apply (LyCORIS' wd_on_output=False); or per output row, (out, 1, …), LyCORIS' default, which
+    A1111 cannot apply."""
+    if on_output:
+        return weight.reshape(weight.shape[0], -1).norm(dim=1).reshape(weight.shape[0], *[1] * (weight.dim() - 1))
+    columns = weight.transpose(0, 1).reshape(weight.shape[1], -1).norm(dim=1)
+    return columns.reshape(1, weight.shape[1], *[1] * (weight.dim() - 2))
 
 
 def alpha_value(alpha: torch.Tensor) -> float:

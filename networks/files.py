@@ -47,9 +47,26 @@ class NetworkFileInfo:
 
     @property
     def label(self) -> str:
-        """The algorithm's common name: LoCon for a LoRA that adapts 3×3 convolutions, as sd-scripts says."""
+        """The algorithm's common name: LoCon for a LoRA that adapts 3×3 convolutions, as sd-scripts says; DoRA
+        added for weight-decomposed files."""
         cls = self.module_class
-        return cls.CONV_LABEL if self.conv_modules and cls.CONV_LABEL else cls.LABEL
+        label = cls.CONV_LABEL if self.conv_modules and cls.CONV_LABEL else cls.LABEL
+        return f"{label} (DoRA)" if self.module_args.get("dora_wd") else label
+
+    @property
+    def needs_base_weights(self) -> str | None:
+        """Why the file's change to a layer depends on that layer's weight (DoRA rescales it, OFT rotates it), or
+        None: tools that work on ΔW alone (resize, svd merge, merging networks into one) cannot handle it."""
+        if self.module_args.get("dora_wd"):
+            return "a DoRA network (dora_scale) rescales the base weights, so its change depends on the model"
+        if not self.module_class.ADDITIVE:
+            return f"an {self.module_class.LABEL} network changes the base weights by more than adding ΔW"
+        return None
+
+    def refuse_without_model(self, source, what: str, instead: str) -> None:
+        reason = self.needs_base_weights
+        if reason:
+            raise UserError(f"{source}: {reason}; {what} works on ΔW alone — {instead}")
 
 
 def read_network_file(path, *, check: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -64,8 +81,9 @@ def read_network_file(path, *, check: bool = True) -> tuple[dict[str, torch.Tens
 
 
 def tensor_names(module_class) -> set[str]:
-    """What one adapter of `module_class` stores: its weight names and alpha."""
-    return set(module_class.WEIGHT_NAMES) | {"alpha"}
+    """What one adapter of `module_class` stores: its weight names and alpha (and DoRA's dora_scale where the class
+    has weight decomposition)."""
+    return set(module_class.WEIGHT_NAMES) | {"alpha"} | ({"dora_scale"} if module_class.DECOMPOSABLE else set())
 
 
 def unknown_tensors(weights: dict[str, torch.Tensor], info: NetworkFileInfo) -> list[str]:
@@ -109,8 +127,8 @@ def _examples(keys: list[str], count: int = 3) -> list[str]:
 
 # Tensor names of adapters we do not implement -> what a file holding them is.
 _FOREIGN_TENSORS = (
-    (("dora_scale",), "DoRA (dora_scale) is not supported yet: use a file trained without DoRA "
-                      "(weight decomposition, dora_wd)"),
+    (("dora_scale",), "DoRA magnitudes (dora_scale) on a network type that has no weight decomposition here "
+                      "(LoRA, LoHa and LoKr have)"),
     (("lora_mid.weight",), "a LoCon with Tucker decomposition (lora_mid, LyCORIS use_tucker/use_cp), which "
                            "networks.lora does not read: train without use_tucker"),
     (("diff", "diff_b"), "LyCORIS full/diff weights (diff), which are not supported"),
@@ -205,7 +223,14 @@ def describe_network_file(weights: dict[str, torch.Tensor], *, source: str) -> N
             dims = {name: cls.dim_from_weights(ws) for name, ws in modules.items()}
             alphas = {name: float(ws["alpha"]) if "alpha" in ws else float(dims[name]) for name, ws in modules.items()}
             conv = {name for name, ws in modules.items() if cls.is_conv_kernel(ws)}
-            return NetworkFileInfo(cls.ALGORITHM, cls, dims, alphas, conv, cls.module_args_from_weights(modules))
+            args = cls.module_args_from_weights(modules)
+            scales = [ws["dora_scale"] for ws in modules.values() if "dora_scale" in ws]
+            if cls.DECOMPOSABLE and scales:
+                args["dora_wd"] = True
+                # LyCORIS' default layout (out, 1, …) against A1111's (1, in, …): a file keeps one for all modules.
+                if all(s.dim() >= 2 and s.shape[1] == 1 and s.shape[0] > 1 for s in scales):
+                    args["wd_on_output"] = True
+            return NetworkFileInfo(cls.ALGORITHM, cls, dims, alphas, conv, args)
     sample = ", ".join(sorted(weights)[:3]) or "no tensors"
     expected = " / ".join(cls.signature_names()[0].removesuffix(".weight") for cls in all_module_classes())
     raise UserError(f"{source}: not a LoRA/LyCORIS network file (no {expected} tensors; keys start: {sample})")

@@ -45,11 +45,15 @@ class LoKrModule(RebuiltWeightAdapter):
     # LoRA+: the out-side factors of the low-rank pairs; full w1/w2 stay at the base lr. LyCORIS' kohya network
     # matches only "lora_up", so loraplus ratios have no effect on a LoKr trained by LyCORIS itself.
     PLUS_PARAMS = ("lokr_w1_a", "lokr_w2_a")
-    EXTRA_ARGS = {"algo": algo_check("lokr"), "factor": int, "decompose_both": boolean, "use_tucker": boolean}
+    EXTRA_ARGS = {"algo": algo_check("lokr"), "factor": int, "decompose_both": boolean, "use_tucker": boolean,
+                  "dora_wd": boolean, "wd_on_output": boolean}
+    DECOMPOSABLE = True
 
     def __init__(self, lora_name, org_module, multiplier=1.0, dim=4, alpha=1.0, dropout=None, rank_dropout=None,
-                 module_dropout=None, factor=-1, decompose_both=False, use_tucker=False, **_unused):
-        super().__init__(lora_name, org_module, multiplier, dim, alpha, dropout, rank_dropout, module_dropout)
+                 module_dropout=None, factor=-1, decompose_both=False, use_tucker=False, dora_wd=False,
+                 wd_on_output=False, **_unused):
+        super().__init__(lora_name, org_module, multiplier, dim, alpha, dropout, rank_dropout, module_dropout,
+                         dora_wd=dora_wd, wd_on_output=wd_on_output)
         shape = org_module.weight.shape  # (out, in) or (out, in / groups, kh, kw)
         kernel = tuple(shape[2:])
         out_small, out_large = factorization(shape[0], int(factor))

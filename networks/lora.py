@@ -6,6 +6,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from networks.args import boolean
 from networks.base import AdapterModule, kaiming_init_
 from networks.network import plugin_entry_points
 
@@ -19,11 +20,14 @@ class LoRAModule(AdapterModule):
     ALIASES = ("locon",)
     WEIGHT_NAMES = ("lora_down.weight", "lora_up.weight")
     PLUS_PARAMS = ("lora_up.weight",)  # LoRA+: the up side learns at lr × loraplus ratio
-    EXTRA_ARGS: dict = {}
+    # DoRA (LyCORIS' network_args): ours, sd-scripts' networks.lora has no weight decomposition.
+    EXTRA_ARGS: dict = {"dora_wd": boolean, "wd_on_output": boolean}
+    DECOMPOSABLE = True
 
     def __init__(self, lora_name, org_module, multiplier=1.0, dim=4, alpha=1.0, dropout=None, rank_dropout=None,
-                 module_dropout=None, **_unused):
-        super().__init__(lora_name, org_module, multiplier, dim, alpha, dropout, rank_dropout, module_dropout)
+                 module_dropout=None, dora_wd=False, wd_on_output=False, **_unused):
+        super().__init__(lora_name, org_module, multiplier, dim, alpha, dropout, rank_dropout, module_dropout,
+                         dora_wd=dora_wd, wd_on_output=wd_on_output)
         if self.is_conv:
             self.lora_down = nn.Conv2d(self.in_dim, self.dim, org_module.kernel_size, org_module.stride,
                                        org_module.padding, bias=False)

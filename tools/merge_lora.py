@@ -247,6 +247,7 @@ def read_lora_modules(path: Path, dtype: torch.dtype) -> tuple[dict[str, dict], 
     if info.algorithm != "lora":
         raise UserError(f"{path}: a {info.algorithm} network; merging networks into one supports LoRA/LoCon only, "
                         "merge it into a checkpoint instead (--sd_model BASE)")
+    info.refuse_without_model(path, "merging networks into one", "merge it into a checkpoint instead (--sd_model BASE)")
     modules = {}
     for name, rank in info.dims.items():
         up = weights.get(f"{name}.lora_up.weight")

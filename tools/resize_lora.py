@@ -174,7 +174,8 @@ def read_lora(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if info.algorithm != "lora":
         raise UserError(f"{path}: a {info.algorithm} network; resize supports LoRA/LoCon (lora_up/lora_down) files "
                         "only")
-    # Kept as they are, tensors we do not read (DoRA's dora_scale) would no longer fit the resized factors.
+    info.refuse_without_model(path, "resize", "train it at the rank you want instead")
+    # Kept as they are, tensors we do not read (another tool's) would no longer fit the resized factors.
     refuse_unknown_tensors(weights, info, source=str(path))
     return {k: v.float() for k, v in weights.items()}, dict(metadata)
 

@@ -59,6 +59,7 @@ def summed_deltas(inputs: list[Path], ratios: list[float], dtype: torch.dtype, l
         weights, metadata = read_network_file(path)
         first_metadata = metadata if first_metadata is None else first_metadata
         info = describe_network_file(weights, source=str(path))
+        info.refuse_without_model(path, "svd_merge_lora", "merge it into a checkpoint with merge_lora.py --sd_model")
         if weights_of is not None:  # --lbws: each module's ΔW times its block's weight, as sd-scripts
             weights_of.check(path, info.dims)
         grouped: dict[str, dict[str, torch.Tensor]] = {}

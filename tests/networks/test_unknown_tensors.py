@@ -42,9 +42,9 @@ def _variant(trained_file, path, kind):
     weights = load_file(str(trained_file))
     up = next(k for k in sorted(weights) if k.startswith("lora_unet_") and k.endswith("to_q.lora_up.weight"))
     name = up.removesuffix(".lora_up.weight")
-    if kind == "dora":
+    if kind == "tucker":
         for key in sorted(k for k in weights if k.endswith(".lora_up.weight"))[:5]:
-            weights[key.replace(".lora_up.weight", ".dora_scale")] = torch.ones(1, weights[key].shape[0])
+            weights[key.replace(".lora_up.weight", ".lora_mid.weight")] = torch.ones(2, 2, 3, 3)
     elif kind == "unknown module":
         weights["lora_unet_no_such_block_to_q.lora_down.weight"] = weights[f"{name}.lora_down.weight"].clone()
         weights["lora_unet_no_such_block_to_q.lora_up.weight"] = weights[up].clone()
@@ -62,7 +62,7 @@ def _variant(trained_file, path, kind):
 
 
 EXPECTED = {
-    "dora": (5, "DoRA (dora_scale) is not supported yet", ".dora_scale"),
+    "tucker": (5, "a LoCon with Tucker decomposition (lora_mid", ".lora_mid.weight"),
     "unknown module": (2, "they adapt 1 module this model does not have", "lora_unet_no_such_block_to_q"),
     "sdxl": (None, "an SDXL network (lora_te1_/lora_te2_", "lora_te1_text_model_encoder_layers_0"),
     "bundled embedding": (1, "textual-inversion embeddings bundled into the network", "bundle_emb.mytok"),
@@ -96,7 +96,7 @@ def test_network_weights_refuses_tensors_it_does_not_read(kind, trained, tmp_pat
     assert not (tmp_path / "out" / "net.safetensors").exists()
 
 
-@pytest.mark.parametrize("kind", ["dora", "unknown module", "sdxl"])
+@pytest.mark.parametrize("kind", ["tucker", "unknown module", "sdxl"])
 def test_merging_into_a_model_refuses_them(kind, trained, tiny_files, tmp_path, capsys):
     path = _variant(trained[0], tmp_path / "foreign.safetensors", kind)
     out = tmp_path / "merged.safetensors"
@@ -112,15 +112,15 @@ def test_merging_into_a_model_refuses_them(kind, trained, tiny_files, tmp_path, 
     (resize_lora, ["--model", "{f}", "--save_to", "{o}", "--new_rank", "2"]),
 ], ids=["merge_lora", "svd_merge_lora", "resize_lora"])
 def test_model_free_tools_refuse_them(tool, argv, trained, tmp_path, capsys):
-    path = _variant(trained[0], tmp_path / "foreign.safetensors", "dora")
+    path = _variant(trained[0], tmp_path / "foreign.safetensors", "tucker")
     out = tmp_path / "out.safetensors"
     argv = [a.format(f=path, t=trained[0], o=out) for a in argv]
     err = _one_line_error(capsys, lambda: tool.main(argv))
-    _check_message(err, path, "dora")
+    _check_message(err, path, "tucker")
     assert not out.exists()
 
 
-@pytest.mark.parametrize("kind", ["dora", "sdxl"])
+@pytest.mark.parametrize("kind", ["tucker", "sdxl"])
 def test_gen_img_refuses_them(kind, trained, tiny_files, tmp_path, capsys):
     path = _variant(trained[0], tmp_path / "foreign.safetensors", kind)
     err = _one_line_error(capsys, lambda: gen_img.main([
@@ -131,21 +131,21 @@ def test_gen_img_refuses_them(kind, trained, tiny_files, tmp_path, capsys):
 
 
 def test_check_lora_weights_names_them_without_refusing(trained, tmp_path, capsys):
-    path = _variant(trained[0], tmp_path / "foreign.safetensors", "dora")
+    path = _variant(trained[0], tmp_path / "foreign.safetensors", "tucker")
     check_lora_weights.main([str(path)])
     out = capsys.readouterr().out
-    assert "warning: 5 tensors are not read by this project" in out and "DoRA (dora_scale)" in out
+    assert "warning: 5 tensors are not read by this project" in out and "Tucker decomposition" in out
 
 
 def test_the_line_between_legitimate_extras_and_foreign_tensors(trained, tiny_parts, tmp_path, capsys):
     """Loaded exactly: sd-scripts' text-encoder spelling and transformers-5's, files without alpha (alpha = rank),
-    files that train fewer modules (the rest keep their weights, as in sd-scripts). Refused: one dora_scale more."""
+    files that train fewer modules (the rest keep their weights, as in sd-scripts). Refused: one Tucker lora_mid more."""
     trained_file = trained[0]
     weights = load_file(str(trained_file))
     parts = copy.deepcopy(tiny_parts["tiny-sd1"])
     with pytest.raises(UserError, match=f"1 of its {len(weights) + 1} tensors are not understood"):
         network = lora.create_network(1.0, 4, 2, None, parts.text_encoder, parts.unet, conv_dim="2", conv_alpha="1")
-        network.load_state_dict_flexible({**weights, "lora_unet_conv_in.dora_scale": torch.ones(1, 32)})
+        network.load_state_dict_flexible({**weights, "lora_unet_conv_in.lora_mid.weight": torch.ones(1, 32)})
     variants = {
         "ours": weights,
         "lycoris te names": {k.replace("lora_te_text_model_encoder_", "lora_te_encoder_"): v for k, v in weights.items()},
