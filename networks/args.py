@@ -140,10 +140,13 @@ def split_network_args(items: Iterable[str] | None) -> dict[str, str]:
 
 
 def parse_network_args(raw: Mapping[str, Any], extra: Mapping[str, Callable[[str], Any]] | None = None,
-                       *, module: str = "networks.lora", layout: BlockLayout | None = None) -> dict[str, Any]:
-    """Typed values for the keys `module` accepts; an unknown key or a bad value is a UserError naming it. With the
-    model's block `layout`, block-wise keys are counted and sized for it (`apply_layout`)."""
-    accepted = {**COMMON_ARGS, **(extra or {})}
+                       *, module: str = "networks.lora", layout: BlockLayout | None = None,
+                       common: Iterable[str] | None = None) -> dict[str, Any]:
+    """Typed values for the keys `module` accepts (`common`: which of COMMON_ARGS, None for all); an unknown key or a
+    bad value is a UserError naming it. With the model's block `layout`, block-wise keys are counted and sized for it
+    (`apply_layout`)."""
+    shared = COMMON_ARGS if common is None else {key: COMMON_ARGS[key] for key in common}
+    accepted = {**shared, **(extra or {})}
     typed: dict[str, Any] = {}
     for key, value in raw.items():
         if value is None:
@@ -186,4 +189,5 @@ def check_network_args(items: Iterable[str] | None, module_name: str | None, lay
     if classes:
         extra = getattr(classes[0], "EXTRA_ARGS", None) or {}
         known = {key: value for key, value in raw.items() if key in COMMON_ARGS or key in extra}
-        parse_network_args(known, extra, module=name, layout=BLOCK_LAYOUTS[layout])
+        parse_network_args(known, extra, module=name, layout=BLOCK_LAYOUTS[layout],
+                           common=getattr(classes[0], "COMMON_ARGS", None))

@@ -36,6 +36,7 @@ class AdapterModule(nn.Module):
     NAME_PREFIX: str = "lora"  # module names start lora_unet_ / lora_te_ (sd-scripts' OFT: oft_unet_)
     TEXT_ENCODER: bool = True  # whether it adapts the text encoders too (sd-scripts' OFT: U-Net only)
     ADDITIVE: bool = True  # W + ΔW always (OFT rotates W instead); DoRA makes one module of any class non-additive
+    MAX_NORM: bool = True  # --scale_weight_norms can cap ‖ΔW‖ by scaling parameter_factors()
     DECOMPOSABLE: bool = False  # takes dora_wd=True (LyCORIS' DoRA: a learned magnitude per input channel)
 
     def __init__(self, lora_name: str, org_module: nn.Module, multiplier: float = 1.0, dim: int = 4,
@@ -109,6 +110,9 @@ class AdapterModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_additive():
+            multiplier = self.multiplier
+            if isinstance(multiplier, (int, float)) and multiplier == 0:
+                return self._org_forward(x)
             if self.module_dropout and self.training and torch.rand(()) < self.module_dropout:
                 return self._org_forward(x)
             return self.adapted_forward(x)
@@ -193,6 +197,11 @@ class AdapterModule(nn.Module):
 
     def org_weight_shape(self) -> torch.Size:
         return self.org_module.weight.shape
+
+    @classmethod
+    def name_prefix(cls, prefix: str) -> str:
+        """A family's adapter-name prefix (lora_unet, lora_te1, ...) as this algorithm's files spell it."""
+        return cls.NAME_PREFIX + prefix.removeprefix("lora")
 
     # -------------------------------------------------------------- reading files
     @classmethod

@@ -26,7 +26,7 @@ KERNEL_NAME_ENDINGS = ("_conv1", "_conv2", "_conv", "_in_layers_2", "_out_layers
 
 
 def is_unet_kernel_name(name: str) -> bool:
-    return name.startswith("lora_unet_") and name.endswith(KERNEL_NAME_ENDINGS)
+    return as_lora_name(name).startswith("lora_unet_") and name.endswith(KERNEL_NAME_ENDINGS)
 
 
 def canonical_key(key: str) -> str:
@@ -166,6 +166,7 @@ SD_PREFIXES = ("lora_te_", "lora_unet_down_blocks_", "lora_unet_mid_block_", "lo
 def other_model_hint(module_names: list[str]) -> str:
     """Which model family the modules' names belong to, saying what to do about it (the model at hand has none of
     them; it may be of the same family at another size, so the hint names the family, not the model)."""
+    module_names = [as_lora_name(name) for name in module_names]
     if any(name.startswith(SDXL_TEXT_ENCODER_PREFIXES) for name in module_names):
         return ("an SDXL network (lora_te1_/lora_te2_: two text encoders): use it with the SDXL model it was "
                 "trained for")
@@ -190,7 +191,7 @@ def family_of_network(module_names, metadata: dict[str, str] | None = None):
         for v_parameterization in (False, True):
             if version and family.base_model_version(v_parameterization) == version:
                 return family, v_parameterization
-    names = list(module_names)
+    names = [as_lora_name(name) for name in module_names]
     fitting = [family for family in families() if names and _names_fit(family, names)]
     return (fitting[0], False) if len(fitting) == 1 else (None, False)
 
@@ -223,6 +224,7 @@ def describe_network_file(weights: dict[str, torch.Tensor], *, source: str) -> N
             dims = {name: cls.dim_from_weights(ws) for name, ws in modules.items()}
             alphas = {name: float(ws["alpha"]) if "alpha" in ws else float(dims[name]) for name, ws in modules.items()}
             conv = {name for name, ws in modules.items() if cls.is_conv_kernel(ws)}
+            _check_prefix(cls, modules, source)
             args = cls.module_args_from_weights(modules)
             scales = [ws["dora_scale"] for ws in modules.values() if "dora_scale" in ws]
             if cls.DECOMPOSABLE and scales:
@@ -234,6 +236,23 @@ def describe_network_file(weights: dict[str, torch.Tensor], *, source: str) -> N
     sample = ", ".join(sorted(weights)[:3]) or "no tensors"
     expected = " / ".join(cls.signature_names()[0].removesuffix(".weight") for cls in all_module_classes())
     raise UserError(f"{source}: not a LoRA/LyCORIS network file (no {expected} tensors; keys start: {sample})")
+
+
+def _check_prefix(cls, modules: dict, source: str) -> None:
+    """An algorithm with its own name prefix (sd-scripts' OFT: oft_unet_) reads only files named that way: LyCORIS'
+    diag-OFT / BOFT also store `oft_blocks`, under lora_ names, with another constraint and layout."""
+    if cls.NAME_PREFIX == "lora":
+        return
+    other = sorted(name for name in modules if not name.startswith(f"{cls.NAME_PREFIX}_"))
+    if other:
+        raise UserError(f"{source}: {other[0]} holds {cls.signature_names()[0]} under a lora_ name: a LyCORIS "
+                        f"diag-OFT/BOFT network, which {cls.MODULE} ({cls.LABEL} as sd-scripts writes it, "
+                        f"{cls.NAME_PREFIX}_unet_ names) does not read; load it with --network_module lycoris.kohya")
+
+
+def as_lora_name(name: str) -> str:
+    """sd-scripts' OFT module names (oft_unet_…) as the lora_ names the family hints know."""
+    return "lora_" + name[4:] if name.startswith("oft_") else name
 
 
 def save_network_file(state_dict: dict[str, torch.Tensor], file, *, dtype=None,

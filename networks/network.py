@@ -276,9 +276,12 @@ def build_network(module_class, multiplier, network_dim, network_alpha, text_enc
     # The family with this many text encoders names them (lora_te, or lora_te1 / lora_te2), says what to adapt and
     # how sd-scripts counts the UNet's blocks (25 for SD 1.x/2.x, 23 for SDXL).
     unet_side, te_sides = adapter_targets(len(encoders))
+    unet_side, te_sides = named_for(module_class, unet_side, te_sides)
+    if not module_class.TEXT_ENCODER:
+        encoders, te_sides = [], ()
     layout = BLOCK_LAYOUTS[unet_side.blocks]
     opts = parse_network_args(network_args, getattr(module_class, "EXTRA_ARGS", None), module=module_class.MODULE,
-                              layout=layout)
+                              layout=layout, common=module_class.COMMON_ARGS)
     dim = 4 if network_dim is None else int(network_dim)
     alpha = 1.0 if network_alpha is None else float(network_alpha)
     conv_dim = opts.get("conv_dim")
@@ -324,6 +327,16 @@ def build_network(module_class, multiplier, network_dim, network_alpha, text_enc
                              block_layout=layout)
     network.layer_names = frozenset(target.lora_name for target in layers)
     return network
+
+
+def named_for(module_class, unet_side, te_sides):
+    """The family's targets with this algorithm's name prefixes (sd-scripts' OFT: oft_unet_ for lora_unet_)."""
+    from dataclasses import replace
+
+    if module_class.NAME_PREFIX == "lora":
+        return unet_side, te_sides
+    return (replace(unet_side, prefix=module_class.name_prefix(unet_side.prefix)),
+            tuple(replace(side, prefix=module_class.name_prefix(side.prefix)) for side in te_sides))
 
 
 def _block_dims(opts, dim, alpha, conv_dim, conv_alpha, total: int):

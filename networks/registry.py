@@ -13,6 +13,7 @@ ALGORITHMS = {
     "lora": "networks.lora:LoRAModule",
     "loha": "networks.loha:LoHaModule",
     "lokr": "networks.lokr:LoKrModule",
+    "oft": "networks.oft:OFTModule",
 }
 
 

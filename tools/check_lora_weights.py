@@ -87,13 +87,13 @@ def _refuse_foreign(path: Path, keys: list[str], others: list) -> None:
 # ---- networks ----------------------------------------------------------------------------------------------------
 
 def network_summary(path: Path, verbose: bool) -> list[str]:
-    from networks.files import describe_network_file, read_network_file
+    from networks.files import as_lora_name, describe_network_file, read_network_file
 
     weights, metadata = read_network_file(path, check=False)  # described, with what we do not read named below
     info = describe_network_file(weights, source=str(path))
     modules = _grouped(weights, info.dims)
     algorithm = info.label  # LoCon for a LoRA that also adapts 3×3 convolutions (conv_dim), as sd-scripts says
-    unet = sum(name.startswith("lora_unet_") for name in modules)
+    unet = sum(as_lora_name(name).startswith("lora_unet_") for name in modules)
     te = sum(name.startswith("lora_te") for name in modules)
     te_counts = _text_encoder_counts(modules, te)
     from networks.files import is_unet_kernel_name
@@ -105,6 +105,10 @@ def network_summary(path: Path, verbose: bool) -> list[str]:
              f"  modules: {len(modules)} (UNet {unet}, {te_counts}"
              + (f", other {len(modules) - unet - te}" if len(modules) - unet - te else "")
              + f"); conv 3×3 modules: {len(conv)}"]
+    if not info.module_class.ADDITIVE:  # OFT: dim counts blocks, alpha is a constraint
+        lines.append(f"  blocks (dim): {_tally(info.dims.values())}; "
+                     f"constraint (alpha): {_tally(info.alphas.values())}")
+        linear = conv = []
     if linear:
         lines.append(f"  rank (dim): {_tally(info.dims[n] for n in linear)}; "
                      f"alpha: {_tally(info.alphas[n] for n in linear)}")

@@ -159,4 +159,8 @@ def _max_norm(config: RunConfig, network, module_name: str) -> float | None:
     if not hasattr(network, "scale_weight_norms") and not hasattr(network, "apply_max_norm_regularization"):
         raise UserError(f"--scale_weight_norms: --network_module {module_name} cannot apply max-norm "
                         "regularisation (it has no apply_max_norm_regularization); drop the flag")
+    module_class = getattr(network, "module_class", None)
+    if module_class is not None and not module_class.MAX_NORM:
+        raise UserError(f"--scale_weight_norms: {module_class.LABEL} ({module_name}) has no weight norm to cap (it "
+                        "does not add a low-rank ΔW; sd-scripts' OFT has no max-norm either); drop the flag")
     return float(value)

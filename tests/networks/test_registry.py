@@ -106,8 +106,8 @@ def test_builtin_names_are_the_ones_the_tools_always_printed():
     assert {name: (module_class(name).LABEL, module_class(name).CONV_LABEL) for name in ("lora", "loha", "lokr")} \
         == {"lora": ("LoRA", "LoCon"), "loha": ("LoHa", None), "lokr": ("LoKr", None)}
     assert algo_modules() == {"lora": "networks.lora", "locon": "networks.lora", "loha": "networks.loha",
-                              "lokr": "networks.lokr"}
-    assert signature_names() == ("lora_down.weight", "hada_w1_a", "lokr_w1", "lokr_w1_a")
+                              "lokr": "networks.lokr", "oft": "networks.oft"}
+    assert signature_names() == ("lora_down.weight", "hada_w1_a", "lokr_w1", "lokr_w1_a", "oft_blocks")
 
 
 # ---------------------------------------------------------------------------------------------- one file + one line
