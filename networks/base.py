@@ -36,6 +36,7 @@ class AdapterModule(nn.Module):
     NAME_PREFIX: str = "lora"  # module names start lora_unet_ / lora_te_ (sd-scripts' OFT: oft_unet_)
     TEXT_ENCODER: bool = True  # whether it adapts the text encoders too (sd-scripts' OFT: U-Net only)
     ADDITIVE: bool = True  # W + ΔW always (OFT rotates W instead); DoRA makes one module of any class non-additive
+    FILE_ALGORITHM: str | None = None  # a training variant whose files are another algorithm's (DyLoRA: lora)
     MAX_NORM: bool = True  # --scale_weight_norms can cap ‖ΔW‖ by scaling parameter_factors()
     DECOMPOSABLE: bool = False  # takes dora_wd=True (LyCORIS' DoRA: a learned magnitude per input channel)
 
@@ -91,6 +92,10 @@ class AdapterModule(nn.Module):
         """The tensors ΔW is a product of, each appearing once: scaling each by r^(1/n) scales ΔW by r (DoRA's
         magnitude is not one of them)."""
         return [p for p in self.parameters() if p is not self.dora_scale]
+
+    def factor_degree(self) -> int:
+        """n in "ΔW is a product of n factors": scaling every factor by r^(1/n) scales ΔW by r."""
+        return len(self.parameter_factors())
 
     # -------------------------------------------------------------- wiring
     def apply_to(self) -> None:

@@ -13,7 +13,7 @@ from library.errors import UserError
 from library.models.checkpoint_io import read_safetensors_keys, read_state_dict
 from library.formats.a1111_pickle import write_pickle
 from library.safe_write import atomic_file
-from networks.registry import all_module_classes, signature_names
+from networks.registry import all_module_classes, file_module_classes, signature_names
 
 # LyCORIS under transformers >= 5 names text-encoder modules without `text_model_`; the ecosystem uses it.
 _TE_SPELLINGS = (("lora_te_encoder_", "lora_te_text_model_encoder_"),)
@@ -150,7 +150,7 @@ def what_it_is(keys: list[str], algorithm: str) -> str:
     if any(k.startswith("bundle_emb.") for k in keys):
         return ("textual-inversion embeddings bundled into the network (bundle_emb.*), which are not supported: "
                 "save the embeddings as their own files")
-    for cls in all_module_classes():
+    for cls in file_module_classes():
         if cls.ALGORITHM != algorithm and rests & set(cls.WEIGHT_NAMES):
             return (f"it mixes {cls.ALGORITHM} modules into a {algorithm} network; one algorithm per file is read "
                     "(merge them into the model one file at a time)")
@@ -216,7 +216,7 @@ def describe_network_file(weights: dict[str, torch.Tensor], *, source: str) -> N
     for key, value in weights.items():
         name, _, rest = canonical_key(key).partition(".")
         grouped.setdefault(name, {})[rest] = value
-    for cls in all_module_classes():
+    for cls in file_module_classes():
         # A module is recognised by any of its signature tensors (LoKr's w1 may be one matrix or two factors).
         signatures = cls.signature_names()
         modules = {name: ws for name, ws in grouped.items() if any(s in ws for s in signatures)}
@@ -234,7 +234,7 @@ def describe_network_file(weights: dict[str, torch.Tensor], *, source: str) -> N
                     args["wd_on_output"] = True
             return NetworkFileInfo(cls.ALGORITHM, cls, dims, alphas, conv, args)
     sample = ", ".join(sorted(weights)[:3]) or "no tensors"
-    expected = " / ".join(cls.signature_names()[0].removesuffix(".weight") for cls in all_module_classes())
+    expected = " / ".join(cls.signature_names()[0].removesuffix(".weight") for cls in file_module_classes())
     raise UserError(f"{source}: not a LoRA/LyCORIS network file (no {expected} tensors; keys start: {sample})")
 
 

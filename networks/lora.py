@@ -56,13 +56,8 @@ class LoRAModule(AdapterModule):
         return out if scale == 1.0 else out * scale  # alpha = dim: × 1.0 changes no bit, so skip the full-size pass
 
     def delta_weight(self) -> torch.Tensor:
-        up, down = self.lora_up.weight, self.lora_down.weight
-        if not self.is_conv:
-            return (up @ down) * self.scale
-        if down.shape[2:] == (1, 1):
-            return (up.flatten(1) @ down.flatten(1)).reshape(self.out_dim, self.in_dim, 1, 1) * self.scale
-        # 3×3 down then 1×1 up: the composed kernel is up applied to every tap of down.
-        return torch.einsum("or,rikl->oikl", up.flatten(1), down) * self.scale
+        return lora_delta(self.lora_up.weight, self.lora_down.weight, self.is_conv, self.out_dim, self.in_dim) \
+            * self.scale
 
     @classmethod
     def dim_from_weights(cls, weights: dict[str, torch.Tensor]) -> int:
@@ -81,6 +76,16 @@ class LoRAModule(AdapterModule):
     @classmethod
     def in_width(cls, weights: dict[str, torch.Tensor]) -> int | None:
         return int(weights["lora_down.weight"].shape[1])
+
+
+def lora_delta(up: torch.Tensor, down: torch.Tensor, is_conv: bool, out_dim: int, in_dim: int) -> torch.Tensor:
+    """up · down in the wrapped layer's weight shape (no scale)."""
+    if not is_conv:
+        return up @ down
+    if down.shape[2:] == (1, 1):
+        return (up.flatten(1) @ down.flatten(1)).reshape(out_dim, in_dim, 1, 1)
+    # 3×3 down then 1×1 up: the composed kernel is up applied to every tap of down.
+    return torch.einsum("or,rikl->oikl", up.flatten(1), down)
 
 
 create_network, create_network_from_weights = plugin_entry_points(LoRAModule)

@@ -112,7 +112,9 @@ class AdapterNetwork(nn.Module):
         normal, plus = [], []
         for lora in loras:
             for name, param in lora.named_parameters():
-                (plus if name in plus_names else normal).append(param)
+                # a PLUS_PARAMS entry names a parameter, or a list of them (DyLoRA's lora_B.0, lora_B.1, ...)
+                is_plus = name in plus_names or name.rpartition(".")[0] in plus_names
+                (plus if is_plus else normal).append(param)
         for params, ratio, suffix in ((normal, 1.0, ""), (plus, plus_ratio, " plus")):
             if not params:
                 continue
@@ -161,7 +163,7 @@ class AdapterNetwork(nn.Module):
         for lora, ratio in zip(loras, ratios):
             factors = lora.parameter_factors()
             # Multiplying by exactly 1 changes nothing, so no per-module branch (and no device sync) is needed.
-            step = ratio ** (1.0 / len(factors))
+            step = ratio ** (1.0 / lora.factor_degree())
             for factor in factors:
                 factor.mul_(step.to(factor.dtype))
         scaled = norms * ratios
@@ -268,7 +270,8 @@ def _absent_modules(modules: list[str]) -> str:
 
 
 def build_network(module_class, multiplier, network_dim, network_alpha, text_encoder, unet, *, neuron_dropout=None,
-                  modules_dim: dict | None = None, modules_alpha: dict | None = None, **network_args) -> AdapterNetwork:
+                  modules_dim: dict | None = None, modules_alpha: dict | None = None, network_class=None,
+                  **network_args) -> AdapterNetwork:
     """Adapters for every target, with sd-scripts' dims: network_dim/alpha, conv_dim/alpha for 3×3 convolutions,
     block-wise dims for the UNet, or per-module dims (`modules_dim`, from a file)."""
     encoders = [te for te in (text_encoder if isinstance(text_encoder, (list, tuple)) else [text_encoder])
@@ -323,8 +326,8 @@ def build_network(module_class, multiplier, network_dim, network_alpha, text_enc
         te_loras = [lora for te, side in zip(encoders, te_sides)
                     for lora in make(text_encoder_targets(te, side), False)]
         unet_loras = make(unet_targets(unet, unet_side, include_conv=include_conv), True) if unet is not None else []
-    network = AdapterNetwork(module_class, te_loras, unet_loras, multiplier=multiplier, options=opts,
-                             block_layout=layout)
+    network = (network_class or AdapterNetwork)(module_class, te_loras, unet_loras, multiplier=multiplier,
+                                                options=opts, block_layout=layout)
     network.layer_names = frozenset(target.lora_name for target in layers)
     return network
 
@@ -364,10 +367,13 @@ def network_from_weights(multiplier, file, text_encoder, unet, *, weights_sd=Non
     if weights_sd is None:
         weights_sd, _ = read_network_file(file)
     info = describe_network_file(weights_sd, source=str(file))
-    if module_class is not None and info.module_class is not module_class:
-        raise UserError(f"{file}: this is a {info.algorithm} network; load it with --network_module "
-                        f"{info.module_class.MODULE} (not {module_class.MODULE})")
-    network = build_network(info.module_class, multiplier, None, None, text_encoder, unet,
+    cls = info.module_class
+    if module_class is not None and module_class is not cls:
+        if module_class.FILE_ALGORITHM != info.algorithm:
+            raise UserError(f"{file}: this is a {info.algorithm} network; load it with --network_module "
+                            f"{cls.MODULE} (not {module_class.MODULE})")
+        cls = module_class  # a training variant of the file's algorithm (DyLoRA trains LoRA files)
+    network = build_network(cls, multiplier, None, None, text_encoder, unet,
                             modules_dim=info.dims, modules_alpha=info.alphas, **info.module_args, **network_args)
     found = {lora.lora_name for lora in network.text_encoder_loras + network.unet_loras}
     missing = sorted(set(info.dims) - found)

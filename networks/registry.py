@@ -14,6 +14,7 @@ ALGORITHMS = {
     "loha": "networks.loha:LoHaModule",
     "lokr": "networks.lokr:LoKrModule",
     "oft": "networks.oft:OFTModule",
+    "dylora": "networks.dylora:DyLoRAModule",
 }
 
 
@@ -36,6 +37,11 @@ def algo_modules() -> dict[str, str]:
     return {name: cls.MODULE for cls in all_module_classes() for name in (cls.ALGORITHM, *cls.ALIASES)}
 
 
+def file_module_classes() -> list:
+    """The classes that read files: a training variant writing another algorithm's files (DyLoRA) is left out."""
+    return [cls for cls in all_module_classes() if cls.FILE_ALGORITHM is None]
+
+
 def signature_names() -> tuple[str, ...]:
     """Tensor names (after `<lora_name>.`) of which every module of some registered algorithm holds one."""
-    return tuple(name for cls in all_module_classes() for name in cls.signature_names())
+    return tuple(name for cls in file_module_classes() for name in cls.signature_names())

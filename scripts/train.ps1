@@ -21,8 +21,8 @@ $train_data_dir = "./train/data"            # training images: folders named <re
 $reg_data_dir = ""                          # regularisation images, same layout (empty: none)
 
 # ---- Network -------------------------------------------------------------------------------------------------------
-$algo = "lora"                              # lora | locon (LoRA + conv layers) | loha | lokr | oft (network_alpha: its constraint, e.g. 1e-3)
-$network_module = ""                        # empty: chosen from algo (networks.lora/loha/lokr/oft); or e.g. lycoris.kohya
+$algo = "lora"                              # lora | locon (LoRA + conv layers) | loha | lokr | oft (network_alpha: its constraint, e.g. 1e-3) | dylora
+$network_module = ""                        # empty: chosen from algo (networks.lora/loha/lokr/oft/dylora); or e.g. lycoris.kohya
 $network_weights = ""                       # continue from these adapter weights (empty: start fresh)
 $network_dim = "32"                         # rank, usually 4..128
 $network_alpha = "32"                       # alpha, usually network_dim or half of it (smaller needs a higher lr)
@@ -117,18 +117,22 @@ if ($network_module -eq "") {
     $network_module = "networks.lokr"
   } elseif ($algo -eq "oft") {
     $network_module = "networks.oft"
+  } elseif ($algo -eq "dylora") {
+    $network_module = "networks.dylora"
   } elseif ($algo -eq "locon") {
     $network_module = "networks.lora"
   } elseif ($algo -eq "lora") {
     $network_module = "networks.lora"
   } else {
-    Fail "unknown algo (use lora, locon, loha, lokr or oft)"
+    Fail "unknown algo (use lora, locon, loha, lokr, oft or dylora)"
   }
 }
 if ($algo -ne "lora") {
   if ($algo -ne "oft") {
-    Add-NetArg "conv_dim" $conv_dim
-    Add-NetArg "conv_alpha" $conv_alpha
+    if ($algo -ne "dylora") {
+      Add-NetArg "conv_dim" $conv_dim
+      Add-NetArg "conv_alpha" $conv_alpha
+    }
   }
 }
 if ($network_module -eq "lycoris.kohya") {

@@ -19,8 +19,8 @@ train_data_dir="${train_data_dir:-./train/data}" # training images: folders name
 reg_data_dir="${reg_data_dir:-}"                # regularisation images, same layout (empty: none)
 
 # ---- Network -------------------------------------------------------------------------------------------------------
-algo="${algo:-lora}"                            # lora | locon (LoRA + conv layers) | loha | lokr | oft (network_alpha: its constraint, e.g. 1e-3)
-network_module="${network_module:-}"            # empty: chosen from algo (networks.lora/loha/lokr/oft); or e.g. lycoris.kohya
+algo="${algo:-lora}"                            # lora | locon (LoRA + conv layers) | loha | lokr | oft (network_alpha: its constraint, e.g. 1e-3) | dylora
+network_module="${network_module:-}"            # empty: chosen from algo (networks.lora/loha/lokr/oft/dylora); or e.g. lycoris.kohya
 network_weights="${network_weights:-}"          # continue from these adapter weights (empty: start fresh)
 network_dim="${network_dim:-32}"                # rank, usually 4..128
 network_alpha="${network_alpha:-32}"            # alpha, usually network_dim or half of it (smaller needs a higher lr)
@@ -109,18 +109,22 @@ if [[ -z "$network_module" ]]; then
     network_module="networks.lokr"
   elif [[ "$algo" == "oft" ]]; then
     network_module="networks.oft"
+  elif [[ "$algo" == "dylora" ]]; then
+    network_module="networks.dylora"
   elif [[ "$algo" == "locon" ]]; then
     network_module="networks.lora"
   elif [[ "$algo" == "lora" ]]; then
     network_module="networks.lora"
   else
-    fail "unknown algo (use lora, locon, loha, lokr or oft)"
+    fail "unknown algo (use lora, locon, loha, lokr, oft or dylora)"
   fi
 fi
 if [[ "$algo" != "lora" ]]; then
   if [[ "$algo" != "oft" ]]; then
-    add_net_arg "conv_dim" "$conv_dim"
-    add_net_arg "conv_alpha" "$conv_alpha"
+    if [[ "$algo" != "dylora" ]]; then
+      add_net_arg "conv_dim" "$conv_dim"
+      add_net_arg "conv_alpha" "$conv_alpha"
+    fi
   fi
 fi
 if [[ "$network_module" == "lycoris.kohya" ]]; then

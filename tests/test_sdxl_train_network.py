@@ -153,6 +153,33 @@ def test_each_adapter_learns_on_sdxl_and_its_file_reloads(algorithm, learn_data,
     assert all(torch.equal(own[k], weights[k].to(own[k].dtype)) for k in weights)
 
 
+# #20's adapters on SDXL: DoRA on LoRA, OFT (U-Net only, oft_unet_ names), DyLoRA (a LoRA file).
+MORE_ADAPTERS = {
+    "dora": (["--network_module", "networks.lora", "--network_args", "dora_wd=True"], "5e-2", "lora_"),
+    "oft": (["--network_module", "networks.oft", "--network_args", "enable_all_linear=True", "enable_conv=True"],
+            "5e-2", "oft_"),
+    "dylora": (["--network_module", "networks.dylora", "--network_args", "unit=2"], "1e-1", "lora_"),
+}
+
+
+@pytest.mark.parametrize("name", list(MORE_ADAPTERS))
+def test_dora_oft_and_dylora_learn_on_sdxl_and_reload(name, learn_data, baseline_losses, tmp_path):
+    flags, lr, prefix = MORE_ADAPTERS[name]
+    losses = sdxl_train_network.main(_learn_flags(learn_data, tmp_path / "out", *flags, lr=lr)).losses
+    assert losses[0] == pytest.approx(baseline_losses[0], abs=1e-5)  # each starts as (practically) a no-op
+    assert sum(losses[-3:]) / 3 < 0.98 * sum(baseline_losses[-3:]) / 3, (losses, baseline_losses)
+    file = tmp_path / "out" / "net.safetensors"
+    weights, _ = read_state_dict(file)
+    assert f"{prefix}unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in {k.partition(".")[0] for k in weights}
+    from library.models.tiny import build_tiny
+
+    parts = build_tiny("tiny-sdxl")
+    network = network_from_weights(1.0, str(file), list(parts.text_encoders), parts.unet)
+    network.load_weights(str(file))
+    own = network.state_dict()
+    assert own.keys() == weights.keys() and all(torch.equal(own[k], weights[k]) for k in weights)
+
+
 def test_network_weights_of_a_saved_sdxl_file_continue_training(data, tmp_path):
     """--network_weights of a saved SDXL file (lora_te1_/lora_te2_/lora_unet_) into a new 1-step run."""
     sdxl_train_network.main(_flags(data, tmp_path / "a", steps=2))

@@ -183,7 +183,7 @@ def test_train_sh_settings_become_flags():
 
 
 @pytest.mark.parametrize("algo, module, network_args", [
-    (algo, module, None if algo in ("lora", "oft") else ["conv_dim=8", "conv_alpha=2"])
+    (algo, module, None if algo in ("lora", "oft", "dylora") else ["conv_dim=8", "conv_alpha=2"])
     for algo, module in algo_modules().items()
 ])
 def test_algo_picks_network_module_and_network_args(algo, module, network_args):

@@ -47,6 +47,12 @@ class NetworkMethod(DiffusionMethod):
         self.max_norm = _max_norm(config, self.network, module_name)
         self._norm_stats = None  # [keys scaled, mean norm, max norm] of the last step, on the device
 
+    def before_step(self, global_step: int) -> None:
+        # sd-scripts' train loop calls the network's on_step_start every step (DyLoRA draws its blocks there).
+        on_step_start = getattr(self.network, "on_step_start", None)
+        if on_step_start is not None:
+            on_step_start(self.parts.network_text_encoder, self.parts.unet)
+
     def after_step(self, global_step: int) -> None:
         if self.max_norm:
             # sd-scripts applies max-norm regularisation after every optimizer step; ours queues it on the device.

@@ -102,14 +102,23 @@ def test_runtime_and_merged_weight_equal_the_loaders_formula(cls, kind, multipli
 @pytest.mark.parametrize("on_output", [False, True], ids=["per-input", "per-output"])
 def test_lora_dora_equals_lycoris_locon_forward_and_merge(kind, on_output):
     layer, ours = _decomposed(LoRAModule, kind, on_output=on_output)
-    theirs = LycorisLoCon("lora_unet_test", layer, 1.0, 4, 2, weight_decompose=True, wd_on_out=on_output)
-    theirs.load_state_dict({k: v.detach().clone() for k, v in ours.state_dict().items()}, strict=False)
+    theirs = _theirs(LycorisLoCon, layer, ours, on_output)
     assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == \
            {k: tuple(v.shape) for k, v in theirs.custom_state_dict().items()}
     weight = layer.weight.detach()
     their_weight, _ = theirs.get_merged_weight(multiplier=1)
     torch.testing.assert_close(ours.merged_weight(weight).detach(), their_weight.detach(), atol=1e-6, rtol=1e-6)
-    x = _input(kind)
+    _assert_same_forward(layer, ours, theirs, _input(kind))
+
+
+def _theirs(lycoris_class, layer, ours, on_output):
+    """lycoris-lora's own module of that kind over the same layer, holding our module's tensors."""
+    theirs = lycoris_class("lora_unet_test", layer, 1.0, 4, 2, weight_decompose=True, wd_on_out=on_output)
+    theirs.load_state_dict({k: v.detach().clone() for k, v in ours.state_dict().items()}, strict=False)
+    return theirs
+
+
+def _assert_same_forward(layer, ours, theirs, x):
     theirs.apply_to()
     expected = layer(x)
     theirs.restore()
@@ -120,14 +129,7 @@ def test_lora_dora_equals_lycoris_locon_forward_and_merge(kind, on_output):
 def test_loha_dora_equals_lycoris_loha_forward():
     """(Through its forward: 4.1.3's LoHa get_merged_weight applies alpha/dim twice.)"""
     layer, ours = _decomposed(LoHaModule, "linear")
-    theirs = LycorisLoha("lora_unet_test", layer, 1.0, 4, 2, weight_decompose=True, wd_on_out=False)
-    theirs.load_state_dict({k: v.detach().clone() for k, v in ours.state_dict().items()}, strict=False)
-    x = _input("linear")
-    theirs.apply_to()
-    expected = layer(x)
-    theirs.restore()
-    ours.apply_to()
-    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+    _assert_same_forward(layer, ours, _theirs(LycorisLoha, layer, ours, False), _input("linear"))
 
 
 def test_the_magnitude_and_the_factors_learn():

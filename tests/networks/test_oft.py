@@ -18,7 +18,7 @@ from networks.files import describe_network_file, read_network_file
 from networks.network import network_from_weights
 from networks.oft import OFTModule
 from tests.models.test_full_size_layout import SD15_TEXT, SD15_UNET
-from tools import merge_lora
+from tools import merge_lora, svd_merge_lora
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -202,6 +202,12 @@ def test_refusals(trained_oft, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2 and message in err and "\n" not in err, err
     assert not (root / "out" / "refused.safetensors").exists()
+    with pytest.raises(SystemExit):  # it needs the model: an OFT's change is a rotation of the base weights
+        svd_merge_lora.main(["--models", str(root / "out" / "oft.safetensors"), "--save_to",
+                             str(tmp_path / "svd.safetensors"), "--new_rank", "2"])
+    err = capsys.readouterr().err
+    assert "an OFT network changes the base weights by more than adding ΔW; svd_merge_lora works on ΔW alone" in err
+    assert not (tmp_path / "svd.safetensors").exists()
 
 
 def test_merging_into_a_copy_then_unmerging_restores_the_model(tiny_parts):

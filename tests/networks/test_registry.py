@@ -18,8 +18,8 @@ from networks.base import AdapterModule
 from networks.files import describe_network_file, read_network_file, what_it_is
 from networks.lycoris_common import algo_check
 from networks.network import AdapterNetwork, plugin_entry_points
-from networks.registry import (ALGORITHMS, algo_modules, all_module_classes, module_class, network_modules,
-                               signature_names)
+from networks.registry import (ALGORITHMS, algo_modules, file_module_classes, module_class,
+                               network_modules, signature_names)
 from tools import check_lora_weights, merge_lora, svd_merge_lora
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -96,7 +96,7 @@ def test_every_entry_is_a_complete_adapter_class(algorithm):
 def test_algorithms_store_disjoint_tensor_names():
     """A module's tensor names tell its algorithm, so no two algorithms may share one."""
     seen: dict[str, str] = {}
-    for cls in all_module_classes():
+    for cls in file_module_classes():  # a training variant (DyLoRA) writes its file algorithm's names
         for name in cls.WEIGHT_NAMES:
             assert name not in seen, f"{name}: {seen.get(name)} and {cls.ALGORITHM}"
             seen[name] = cls.ALGORITHM
@@ -106,7 +106,8 @@ def test_builtin_names_are_the_ones_the_tools_always_printed():
     assert {name: (module_class(name).LABEL, module_class(name).CONV_LABEL) for name in ("lora", "loha", "lokr")} \
         == {"lora": ("LoRA", "LoCon"), "loha": ("LoHa", None), "lokr": ("LoKr", None)}
     assert algo_modules() == {"lora": "networks.lora", "locon": "networks.lora", "loha": "networks.loha",
-                              "lokr": "networks.lokr", "oft": "networks.oft"}
+                              "lokr": "networks.lokr", "oft": "networks.oft",
+                              "dylora": "networks.dylora"}
     assert signature_names() == ("lora_down.weight", "hada_w1_a", "lokr_w1", "lokr_w1_a", "oft_blocks")
 
 
@@ -117,7 +118,7 @@ def test_a_registered_adapter_reaches_the_tables_and_messages(fake_registered):
     assert "fake_delta" in signature_names()
     with pytest.raises(ValueError, match=f"for fake use --network_module {__name__}"):
         algo_check("loha")("fake")
-    with pytest.raises(UserError, match=f"ours are networks.lora, networks.loha, networks.lokr and {__name__}"):
+    with pytest.raises(UserError, match=f"ours are networks.lora, networks.loha, networks.lokr, networks.oft, networks.dylora and {__name__}"):
         plugin.load_network_module("no_such_network_module")
     assert "mixes fake modules into a lora network" in what_it_is(["lora_unet_x.fake_delta"], "lora")
     assert "LoRA/LyCORIS network" in foreign_kind(["x.fake_delta"])  # refused as a base model
@@ -154,7 +155,7 @@ def test_a_registered_adapters_files_are_read_checked_merged_and_svd_merged(fake
 # ---------------------------------------------------------------------------------------------- merged_weight
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["linear", "conv3x3"])
-@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+@pytest.mark.parametrize("algorithm", [a for a in ALGORITHMS if module_class(a).ADDITIVE])
 def test_default_merge_is_bit_identical_to_adding_the_scaled_delta(algorithm, kind, dtype):
     torch.manual_seed(0)
     layer = (nn.Linear(24, 40) if kind == "linear" else nn.Conv2d(24, 40, 3, padding=1)).to(dtype)

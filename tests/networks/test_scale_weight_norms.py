@@ -93,7 +93,10 @@ def test_linear_and_convolutions_equal_sd_scripts_formula():
 
 # Every registered algorithm with 3×3 convolutions, and the options that change an algorithm's factors.
 MAX_NORM_CASES = {
-    **{name: (name, {"conv_dim": "2", "conv_alpha": "1"}) for name in ALGORITHMS},
+    **{name: (name, {"conv_dim": "2", "conv_alpha": "1"}) for name in ALGORITHMS
+       if module_class(name).MAX_NORM and name != "dylora"},
+    "dylora": ("dylora", {"conv_dim": "4", "unit": "2"}),  # its conv_dim must equal network_dim
+    "lora-dora": ("lora", {"conv_dim": "2", "dora_wd": "true"}),  # the magnitude is not a factor: left alone
     "loha-tucker": ("loha", {"conv_dim": "2", "use_tucker": "true"}),
     "lokr-factor4": ("lokr", {"factor": "4"}),
     "lokr-both-tucker": ("lokr", {"conv_dim": "2", "decompose_both": "true", "use_tucker": "true"}),

@@ -102,9 +102,13 @@ def test_every_algorithm_is_named_with_its_own_counts(tiny_parts, tmp_path, caps
     file = tmp_path / f"net{suffix}"
     network.save_weights(file)
     out = _run(check_lora_weights, [file], capsys)
-    assert f"{cls.LABEL} network ({algorithm}, kohya key layout)" in out
+    stored = module_class(cls.FILE_ALGORITHM) if cls.FILE_ALGORITHM else cls  # DyLoRA writes LoRA files
+    assert f"{stored.LABEL} network ({stored.ALGORITHM}, kohya key layout)" in out
     assert f"(UNet {len(network.unet_loras)}, text encoder {len(network.text_encoder_loras)})" in out
-    assert f"rank (dim): {dim}; alpha: 1\n" in out
+    if cls.ADDITIVE:
+        assert f"rank (dim): {dim}; alpha: 1\n" in out
+    else:  # OFT: dim counts blocks, alpha is a constraint
+        assert f"blocks (dim): {dim}; constraint (alpha): 1\n" in out
     if suffix == ".pt":
         assert "metadata: none (a torch pickle has no header)" in out
 
