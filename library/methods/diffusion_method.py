@@ -15,6 +15,7 @@ from library.data.dataset import Batch, fixed_captions
 from library.data.plan import RunPlan
 from library.models.components import Components
 from library.models.family import TextConditioning
+from library.training.concept_losses import ConceptLosses, concept_labels
 from library.training.losses import LossSettings, training_loss
 from library.training.memory import release_freed_memory
 from library.training.noise import (
@@ -52,6 +53,8 @@ class DiffusionMethod:
         # captions -> hidden states (sampling's prompt embeddings); `.conditioning(captions)` adds what else the
         # family's UNet takes from the text (a pooled embedding where it has one).
         self.encode_prompts = self.prompt_encoder_for(parts)
+        # Per-concept progress: each training sample's loss by subset (TensorBoard) and by image (the end-of-run list).
+        self.concept_losses = ConceptLosses(concept_labels(plan)) if plan is not None else None
 
     def prompt_encoder_for(self, parts: Components):
         """The run's prompt encoding (--clip_skip, --max_token_length, --weighted_captions) over `parts`' encoders."""
@@ -116,8 +119,8 @@ class DiffusionMethod:
         """Called after optimizer step `global_step`."""
 
     def step_logs(self) -> dict[str, float]:
-        """Extra scalars for the step just taken, logged with the loss; none by default."""
-        return {}
+        """Extra scalars for the step just taken, logged with the loss: the loss per concept (subset)."""
+        return self.concept_losses.step_logs() if self.concept_losses is not None else {}
 
     def checkpoint_objects(self) -> list:
         """What `--save_state` saves besides optimizer, scheduler and RNG (objects with state_dict/load_state_dict)."""
@@ -139,8 +142,11 @@ class DiffusionMethod:
                             v_parameterization=self.parts.v_parameterization)
         # Masks come with the batch when any of its images has one (alpha_mask, or conditioning_data_dir with
         # --masked_loss); sd-scripts applies them whenever they are there too.
-        loss, _ = training_loss(pred, target, draw.timesteps, batch.is_reg, self.scheduler, self.loss_settings,
-                                v_parameterization=self.parts.v_parameterization, loss_mask=batch.alpha_masks)
+        loss, per_sample = training_loss(pred, target, draw.timesteps, batch.is_reg, self.scheduler,
+                                         self.loss_settings, v_parameterization=self.parts.v_parameterization,
+                                         loss_mask=batch.alpha_masks)
+        if self.concept_losses is not None and torch.is_grad_enabled():  # training, not validation or a probe
+            self.concept_losses.add(batch.image_paths, per_sample)
         return loss
 
     def _offloaded_saves(self):

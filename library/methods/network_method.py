@@ -65,12 +65,13 @@ class NetworkMethod(DiffusionMethod):
     def step_logs(self) -> dict[str, float]:
         """Scalars to log for the step just taken, under sd-scripts' TensorBoard names (read after the loss, so the
         device has already finished them)."""
+        logs = super().step_logs()
         if self._norm_stats is None:
-            return {}
+            return logs
         stats = self._norm_stats
         keys_scaled, mean_norm, max_norm = stats.tolist() if isinstance(stats, torch.Tensor) else stats
-        return {"max_norm/keys_scaled": int(keys_scaled), "max_norm/max_key_norm": float(max_norm),
-                "norm/avg_key_norm": float(mean_norm)}
+        return logs | {"max_norm/keys_scaled": int(keys_scaled), "max_norm/max_key_norm": float(max_norm),
+                       "norm/avg_key_norm": float(mean_norm)}
 
     def _gradient_checkpointing(self) -> None:
         if not self.config.gradient_checkpointing:

@@ -227,6 +227,9 @@ class Reporter:
             pace = (time.time() - self.first_step_at - self.aside) / (state.global_step - 1)
             self.accelerator.print(f"trained {state.global_step} steps: {pace:.3f} s/step after the first step "
                                    f"(saving and sampling, {self.aside:.1f} s, left out)")
+        concepts = getattr(self.method, "concept_losses", None)
+        for line in concepts.summary_lines() if concepts is not None else ():
+            self.accelerator.print(line)
         path = self._save(ck.last_name(self.name, self.ext), state, last=True,
                           with_state=self.config.save_state or self.config.save_state_on_train_end)
         self.accelerator.end_training()
