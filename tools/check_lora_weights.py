@@ -33,9 +33,27 @@ def main(argv=None) -> None:
     parser.add_argument("file", help=".safetensors/.pt/.ckpt file to identify")
     parser.add_argument("--verbose", action="store_true",
                         help="for a network, one line per module: shapes and mean |w| of each tensor")
+    parser.add_argument("--loaders", metavar="BASE_MODEL",
+                        help="also check, on this base model (a checkpoint file or diffusers folder), that diffusers, "
+                             "ComfyUI and AUTOMATIC1111 would each load every module of the network (the self-test "
+                             "training runs after each save)")
     args = parser.parse_args(argv)
     quiet_libraries()  # before detect/networks import diffusers, whose bitsandbytes import logs a warning
     print("\n".join(describe(Path(args.file), verbose=args.verbose)))
+    if args.loaders:
+        print("\n".join(loader_lines(Path(args.file), args.loaders)))
+
+
+def loader_lines(path: Path, base_model: str) -> list[str]:
+    """The export self-test's lines for any network file, against `base_model`'s layers."""
+    from library.formats.loader_check import check_network, report_lines
+    from library.models.loading import load_components
+    from networks.files import describe_network_file, read_network_file
+
+    weights, _ = read_network_file(path, check=False)
+    info = describe_network_file(weights, source=str(path))
+    parts = load_components(base_model)
+    return report_lines(f"loaders ({parts.family.label} {base_model})", check_network(weights, parts, info.algorithm))
 
 
 def describe(path: Path, *, verbose: bool = False) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -99,7 +100,22 @@ class NetworkMethod(DiffusionMethod):
 
     def export(self, path: Path, *, dtype: torch.dtype | None, metadata: dict[str, str] | None, **_) -> Path:
         self.network.save_weights(str(path), dtype, metadata)
+        self._self_test(path)
         return path
+
+    def _self_test(self, path: Path) -> None:
+        """Export self-test (library/formats/loader_check.py): one line saying which loaders map every module of
+        the file just written, and a warning naming any module one of them would not load."""
+        from library.formats.loader_check import check_network, report_lines
+        from networks.files import describe_network_file
+
+        weights = self.network.state_dict()
+        try:
+            algorithm = describe_network_file(weights, source=str(path)).algorithm
+        except UserError:
+            return  # a third-party module's own format: nothing to check it against
+        for line in report_lines(f"saved {Path(path).name}", check_network(weights, self.parts, algorithm)):
+            print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout)
 
 
 # Kept in the compute dtype: the text embeddings (nn.Embedding; sd-scripts keeps them too) and the projection.
