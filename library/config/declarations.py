@@ -12,7 +12,8 @@ DB_ONLY = frozenset({DB})
 TI_ONLY = frozenset({TI})
 HN_ONLY = frozenset({HYPERNETWORK})
 EMB = frozenset({TI, HYPERNETWORK})  # embeddings and hypernetworks share A1111's schedule, templates and --weights
-NOT_TI = frozenset({NETWORK, DB, HYPERNETWORK})  # sd-scripts' TI has no caption dropout nor weighted captions
+NOT_TI = frozenset({NETWORK, DB, HYPERNETWORK})
+POSTHOC = frozenset({NETWORK, TI, HYPERNETWORK})  # what --posthoc_ema snapshots (a full model per snapshot is too big)  # sd-scripts' TI has no caption dropout nor weighted captions
 
 SAMPLERS = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
             "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a")
@@ -300,6 +301,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("save_every_n_minutes", float, None, "also save (a step file, and its state with --save_state) once N "
            "minutes have passed since the last save: for machines that may be taken away (ours; not in sd-scripts)",
            "saving", above=0),
+    Option("posthoc_ema", bool, False, "keep power-function EMAs of the trained weights and save snapshots of them, so "
+           "tools/posthoc_ema.py can rebuild an EMA of any width afterwards (ours; Karras et al. 2024)", "saving",
+           scripts=POSTHOC),
+    Option("posthoc_ema_sigma_rels", str, "0.05,0.1", "widths (σ_rel) of the tracked EMAs", "saving",
+           scripts=POSTHOC, numbers=Numbers(float, (2, 3)), above=0, below=0.2886),
+    Option("posthoc_ema_every", int, None, "post-hoc EMA snapshot every N steps (default: 20 over the run, and at "
+           "the end)", "saving", scripts=POSTHOC, minimum=1),
     Option("save_n_epoch_ratio", int, None,
            "save about N times over the run: every floor(epochs / N) epochs (at least 1), over save_every_n_epochs",
            "saving", minimum=1, off=GUI_UNSET),

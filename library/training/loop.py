@@ -38,6 +38,7 @@ from library.training.latents import build_latent_cache, loader_workers
 from library.training.live_control import LiveControl
 from library.training.optimizers import make_optimizer
 from library.training.precision import bf16_tip
+from library.training.posthoc_ema import make_tracker
 from library.training.reporting import Reporter, tracker_settings
 from library.training.schedulers import make_scheduler
 from library.training.validation import make_validator
@@ -126,6 +127,9 @@ def train(config: RunConfig, plan: RunPlan, parts, make_method, *, save_ext: str
                           groups=config.get("fused_optimizer_groups")) if fused_flag(config) else None
     for stateful in method.checkpoint_objects():
         accelerator.register_for_checkpointing(stateful)
+    posthoc = make_tracker(config, method, max_steps)  # --posthoc_ema: its EMAs are part of a saved state
+    if posthoc is not None:
+        accelerator.register_for_checkpointing(posthoc)
 
     state = ck.TrainState(0, 1, 0)
     if config.resume:
@@ -154,6 +158,7 @@ def train(config: RunConfig, plan: RunPlan, parts, make_method, *, save_ext: str
     reporter = (Reporter if sharded is None else partial(_ShardedReporter, sharded))(
         config, plan, parts, method, accelerator, optimizer_name=optimizer_name, optimizer_kwargs=optimizer_kwargs,
         descriptions=descriptions, started=started, max_steps=max_steps, epochs=epochs, save_ext=save_ext)
+    reporter.posthoc = posthoc
     reporter.validator = make_validator(config, plan, method, accelerator, latent_cache, sharded=sharded)
     reporter.begin(state.global_step)
     loop = _Loop(config, accelerator, method, optimizer, lr_scheduler, reporter, per_epoch, accumulation, max_steps,

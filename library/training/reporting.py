@@ -75,6 +75,7 @@ class Reporter:
         self._sizes: dict[str, int] = {}  # bytes of the last model / state saved, to warn before the next
         self.epoch_losses: list[float] = []
         self.validator = None  # library.training.validation.Validator when the run holds validation images
+        self.posthoc = None  # library.training.posthoc_ema.PosthocTracker with --posthoc_ema
         self.control = None  # library.training.live_control.LiveControl while training
         self.stop_requested = False  # a live-control `stop`: the loop ends after the current step
         self.validation_losses: list[tuple[int, int | None, float]] = []  # (step, epoch or None, loss)
@@ -117,6 +118,10 @@ class Reporter:
         logs |= self.method.step_logs()  # e.g. max-norm figures; the step's work is done, so reading them waits not
         self.accelerator.log(logs, step=state.global_step)
         with self._set_aside():
+            if self.posthoc is not None:
+                self.posthoc.update()
+                if self.posthoc.due(state.global_step):
+                    self._posthoc_snapshot(state)
             every = self.config.save_every_n_steps
             if every and state.global_step % every == 0 and state.global_step < self.max_steps:
                 self._save(ck.step_name(self.name, state.global_step, self.ext), state)
@@ -230,6 +235,8 @@ class Reporter:
         concepts = getattr(self.method, "concept_losses", None)
         for line in concepts.summary_lines() if concepts is not None else ():
             self.accelerator.print(line)
+        if self.posthoc is not None and state.global_step and self.posthoc.last_snapshot != state.global_step:
+            self._posthoc_snapshot(state)
         path = self._save(ck.last_name(self.name, self.ext), state, last=True,
                           with_state=self.config.save_state or self.config.save_state_on_train_end)
         self.accelerator.end_training()
@@ -278,6 +285,19 @@ class Reporter:
                            epoch=epoch if epoch is not None else state.epoch, global_step=state.global_step)
         self._sizes["model"] = size_on_disk(path)
         self.accelerator.print(f"saved {path}")
+
+    def _posthoc_snapshot(self, state: ck.TrainState) -> None:
+        """--posthoc_ema: each tracked EMA written in the run's own format (float32, no self-test line)."""
+        metadata = self.metadata(state, state.epoch)
+
+        def export(path: Path) -> None:
+            self.method.export(path, dtype=None, metadata=metadata, epoch=state.epoch, global_step=state.global_step,
+                               check=False)
+
+        folder = self.posthoc.folder
+        self._together(lambda: self.posthoc.write(state.global_step, self.name, self.ext, export), folder,
+                       main_only=True)
+        self.accelerator.print(f"post-hoc EMA: snapshots at step {state.global_step} in {folder}")
 
     def _save_state(self, model_path: Path, state: ck.TrainState) -> Path:
         """accelerate's files and train_state.json, written into a temporary folder every process agrees on, then
