@@ -104,49 +104,44 @@ def _openclip(rest: str) -> str:
     return rest
 
 
+# AUTOMATIC1111's convert_diffusers_name_to_compvis, rule by rule: (pattern, compvis name from the match and family).
+_A1111_RULES = (
+    (r"lora_unet_conv_in(.*)", lambda m, f: f"diffusion_model_input_blocks_0_0{m[1]}"),
+    (r"lora_unet_conv_out(.*)", lambda m, f: f"diffusion_model_out_2{m[1]}"),
+    (r"lora_unet_time_embedding_linear_(\d+)(.*)",
+     lambda m, f: f"diffusion_model_time_embed_{int(m[1]) * 2 - 2}{m[2]}"),
+    (r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)",
+     lambda m, f: f"diffusion_model_input_blocks_{1 + int(m[1]) * 3 + int(m[3])}_{1 if m[2] == 'attentions' else 0}_"
+                  f"{_suffix(m[2], m[4])}"),
+    (r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)",
+     lambda m, f: f"diffusion_model_middle_block_{1 if m[1] == 'attentions' else int(m[2]) * 2}_{_suffix(m[1], m[3])}"),
+    (r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)",
+     lambda m, f: f"diffusion_model_output_blocks_{int(m[1]) * 3 + int(m[3])}_{1 if m[2] == 'attentions' else 0}_"
+                  f"{_suffix(m[2], m[4])}"),
+    (r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv",
+     lambda m, f: f"diffusion_model_input_blocks_{3 + int(m[1]) * 3}_0_op"),
+    (r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv",
+     lambda m, f: f"diffusion_model_output_blocks_{2 + int(m[1]) * 3}_{2 if int(m[1]) > 0 else 1}_conv"),
+    (r"lora_te_text_model_encoder_layers_(\d+)_(.+)",
+     lambda m, f: f"model_transformer_resblocks_{m[1]}_{_openclip(m[2])}" if f == "sd2"
+     else f"transformer_text_model_encoder_layers_{m[1]}_{m[2]}"),
+    (r"lora_te2_text_model_encoder_layers_(\d+)_(.+)",
+     lambda m, f: f"1_model_transformer_resblocks_{m[1]}_{_openclip(m[2])}"),
+)
+# Names the rules leave alone, by prefix: sd-scripts' OFT, and SDXL's (already SGM / compvis names).
+_A1111_PREFIXES = (("oft_unet", "diffusion_model", None), ("lora_unet", "diffusion_model", "sdxl"),
+                   ("lora_te1_text_model", "0_transformer_text_model", "sdxl"))
+
+
 def a1111_target(name: str, family: str) -> str:
     """The compvis module name AUTOMATIC1111 looks a file's module name up under."""
-    if name.startswith("oft_unet"):
-        return name.replace("oft_unet", "diffusion_model", 1)
-    m = re.fullmatch(r"lora_unet_conv_in(.*)", name)
-    if m:
-        return f"diffusion_model_input_blocks_0_0{m[1]}"
-    m = re.fullmatch(r"lora_unet_conv_out(.*)", name)
-    if m:
-        return f"diffusion_model_out_2{m[1]}"
-    m = re.fullmatch(r"lora_unet_time_embedding_linear_(\d+)(.*)", name)
-    if m:
-        return f"diffusion_model_time_embed_{int(m[1]) * 2 - 2}{m[2]}"
-    m = re.fullmatch(r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", name)
-    if m:
-        return (f"diffusion_model_input_blocks_{1 + int(m[1]) * 3 + int(m[3])}_"
-                f"{1 if m[2] == 'attentions' else 0}_{_suffix(m[2], m[4])}")
-    m = re.fullmatch(r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)", name)
-    if m:
-        return f"diffusion_model_middle_block_{1 if m[1] == 'attentions' else int(m[2]) * 2}_{_suffix(m[1], m[3])}"
-    m = re.fullmatch(r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", name)
-    if m:
-        return (f"diffusion_model_output_blocks_{int(m[1]) * 3 + int(m[3])}_"
-                f"{1 if m[2] == 'attentions' else 0}_{_suffix(m[2], m[4])}")
-    m = re.fullmatch(r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv", name)
-    if m:
-        return f"diffusion_model_input_blocks_{3 + int(m[1]) * 3}_0_op"
-    m = re.fullmatch(r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv", name)
-    if m:
-        return f"diffusion_model_output_blocks_{2 + int(m[1]) * 3}_{2 if int(m[1]) > 0 else 1}_conv"
-    m = re.fullmatch(r"lora_te_text_model_encoder_layers_(\d+)_(.+)", name)
-    if m:
-        if family == "sd2":
-            return f"model_transformer_resblocks_{m[1]}_{_openclip(m[2])}"
-        return f"transformer_text_model_encoder_layers_{m[1]}_{m[2]}"
-    m = re.fullmatch(r"lora_te2_text_model_encoder_layers_(\d+)_(.+)", name)
-    if m:
-        return f"1_model_transformer_resblocks_{m[1]}_{_openclip(m[2])}"
-    if family == "sdxl":
-        if name.startswith("lora_unet"):
-            return name.replace("lora_unet", "diffusion_model", 1)
-        if name.startswith("lora_te1_text_model"):
-            return name.replace("lora_te1_text_model", "0_transformer_text_model", 1)
+    for pattern, target in _A1111_RULES:
+        m = re.fullmatch(pattern, name)
+        if m:
+            return target(m, family)
+    for prefix, replacement, only in _A1111_PREFIXES:
+        if name.startswith(prefix) and only in (None, family):
+            return name.replace(prefix, replacement, 1)
     return name
 
 
@@ -236,7 +231,8 @@ def check_network(weights: dict[str, torch.Tensor], parts, algorithm: str) -> li
             results.append(LoaderResult(loader, len(modules), [m for m in modules if m not in names]))
         else:
             names = a1111_names(parts)
-            results.append(LoaderResult(loader, len(modules), [m for m in modules if not a1111_finds(m, family, names)]))
+            unmatched = [m for m in modules if not a1111_finds(m, family, names)]
+            results.append(LoaderResult(loader, len(modules), unmatched))
     return results
 
 
