@@ -54,13 +54,18 @@ class HypernetworkMethod(DiffusionMethod):
         return (self.network,)
 
     def export(self, path: Path, *, dtype: torch.dtype | None, metadata: dict[str, str] | None = None,
-               global_step: int = 0, **_) -> Path:
+               global_step: int = 0, check: bool = True, **_) -> Path:
         from networks.hypernetwork import save_hypernetwork
 
         _refuse_foreign(path)
-        return save_hypernetwork(path, self.network, step=self.step_offset + global_step, name=self.name,
-                                 sd_checkpoint=self.checkpoint.shorthash_from(metadata),
-                                 sd_checkpoint_name=self.checkpoint.name, dtype=dtype or torch.float32)
+        written = save_hypernetwork(path, self.network, step=self.step_offset + global_step, name=self.name,
+                                    sd_checkpoint=self.checkpoint.shorthash_from(metadata),
+                                    sd_checkpoint_name=self.checkpoint.name, dtype=dtype or torch.float32)
+        if check:  # export self-test: which readers would apply it to this model
+            from library.formats.reader_check import hypernetwork_readers, report
+
+            print("\n".join(report(f"saved {Path(written).name}", *hypernetwork_readers(Path(written), self.parts))))
+        return written
 
 
 def _build(config: RunConfig):

@@ -173,7 +173,16 @@ class TextualInversionMethod(DiffusionMethod):
 
     # ------------------------------------------------------------------ saving
     def export(self, path: Path, *, dtype: torch.dtype | None, metadata: dict[str, str] | None, global_step: int = 0,
-               **_) -> Path:
+               check: bool = True, **_) -> Path:
+        written = self._write(path, dtype=dtype, metadata=metadata, global_step=global_step)
+        if check:  # export self-test: the file as the readers read it, against this model's encoder widths
+            from library.formats.reader_check import embedding_readers, report
+
+            print("\n".join(report(f"saved {Path(written).name}", *embedding_readers(Path(written), self.parts))))
+        return written
+
+    def _write(self, path: Path, *, dtype: torch.dtype | None, metadata: dict[str, str] | None,
+               global_step: int) -> Path:
         from library.formats import embedding_files as files
 
         _refuse_foreign(path)

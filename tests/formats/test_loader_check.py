@@ -107,3 +107,37 @@ def test_what_a_loader_does_not_read_is_a_note_not_a_warning():
                         "files", checked=True, mapped=0),
         SimpleNamespace(loader="ComfyUI", total=3, unmatched=[], note=None, checked=True, mapped=3)])
     assert lines == ["saved x: 3/3 modules map in ComfyUI; diffusers 0/3", "note: diffusers does not read loha files"]
+
+
+# ---- embeddings and hypernetworks ---------------------------------------------------------------------------------
+def test_embedding_files_are_read_back_as_the_readers_read_them(tiny_parts, tmp_path):
+    from library.formats import embedding_files as files
+    from library.formats.reader_check import embedding_readers, report
+
+    sd1, sdxl = tiny_parts["tiny-sd1"], tiny_parts["tiny-sdxl"]
+    width = sd1.text_encoder.config.hidden_size
+    a1111 = files.save_a1111(tmp_path / "a.pt", torch.randn(2, width), name="a", step=1)
+    assert report("saved a.pt", *embedding_readers(a1111, sd1)) == [
+        f"saved a.pt: an embedding of 2 vectors, width {width} loads in diffusers, ComfyUI, A1111"]
+    kohya = files.save_kohya(tmp_path / "k.safetensors", torch.randn(1, width + 16))
+    lines = report("saved k.safetensors", *embedding_readers(kohya, sd1))
+    assert lines[1] == f"warning: no reader would load it: the model's text encoder is {width} wide"
+    widths = [te.config.hidden_size for te in sdxl.text_encoders]
+    pair = files.save_sdxl(tmp_path / "x.safetensors", {"clip_l": torch.randn(1, widths[0]),
+                                                        "clip_g": torch.randn(1, widths[1])})
+    what, readers, _ = embedding_readers(pair, sdxl)
+    assert readers == ["diffusers", "ComfyUI", "A1111"] and f"widths {widths[0]} + {widths[1]}" in what
+    assert embedding_readers(a1111, sdxl)[1] == []  # a one-encoder embedding on SDXL: nobody applies it
+
+
+def test_a_hypernetwork_applies_only_where_the_context_width_is_among_its_sizes(tiny_parts, tmp_path):
+    from library.formats.reader_check import hypernetwork_readers
+    from networks.hypernetwork import Hypernetwork, save_hypernetwork
+
+    parts = tiny_parts["tiny-sd1"]
+    context = parts.unet.config.cross_attention_dim
+    fits = save_hypernetwork(tmp_path / "fits.pt", Hypernetwork([context, 2 * context]), step=1, name="fits")
+    assert hypernetwork_readers(fits, parts)[1] == ["ComfyUI", "A1111"]
+    other = save_hypernetwork(tmp_path / "other.pt", Hypernetwork([context + 8]), step=1, name="other")
+    what, readers, why = hypernetwork_readers(other, parts)
+    assert readers == [] and why == [f"the model's cross-attention context is {context} wide; nothing would apply"]

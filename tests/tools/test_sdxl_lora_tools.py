@@ -17,7 +17,7 @@ from library.models.loading import load_components
 from networks.files import read_network_file
 from networks.network import network_from_weights
 from tests.helpers import planted_low_rank_file
-from tests.tools.test_merge_lora import ALGORITHMS, with_dim
+from tests.tools.test_merge_lora import ALGORITHMS
 from tools import (check_lora_weights, convert_lora, extract_lora_from_models, merge_lora, resize_lora, show_metadata,
                    svd_merge_lora)
 
@@ -46,7 +46,6 @@ def sdxl_file(tiny_files):
 def _network_file(parts, path, algorithm, *, seed=0, dim=4, alpha=2.0, metadata=None):
     """A seeded random network of `algorithm` over both text encoders and the UNet of a copy of `parts`."""
     cls, net_args, std = ALGORITHMS[algorithm]
-    net_args = with_dim(net_args, dim)
     model = copy.deepcopy(parts)
     create_network = importlib.import_module(cls.MODULE).create_network
     network = create_network(1.0, dim, alpha, None, list(model.text_encoders), model.unet, **net_args)
