@@ -11,6 +11,7 @@ that profile relative to t: σ_rel² = (γ+1) / ((γ+2)² (γ+3)). The reconstru
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from pathlib import Path
@@ -51,23 +52,19 @@ class PowerEMA:
         current = [p.detach().float() for p in params]
         torch._foreach_lerp_(self.average, current, 1 - beta)
 
-    @torch.no_grad()
+    @contextlib.contextmanager
     def swapped_into(self, params: list[torch.nn.Parameter]):
         """Context: the parameters hold this EMA (in their dtype) inside, their own values again after."""
-        import contextlib
-
-        @contextlib.contextmanager
-        def swap():
+        with torch.no_grad():
             kept = [p.detach().clone() for p in params]
             for param, value in zip(params, self.average):
-                param.data.copy_(value.to(param.dtype))
-            try:
-                yield
-            finally:
+                param.copy_(value.to(param.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
                 for param, value in zip(params, kept):
-                    param.data.copy_(value)
-
-        return swap()
+                    param.copy_(value)
 
 
 def snapshot_name(stem: str, sigma_rel: float, step: int, suffix: str) -> str:
