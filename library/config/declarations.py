@@ -158,6 +158,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("cache_text_encoder_outputs_to_disk", bool, False,
            "also keep each image's text-encoder outputs in a file beside it (SDXL: sd-scripts' <stem>_te_outputs.npz; "
            "implies cache_text_encoder_outputs)", "caching", scripts=NOT_TI),
+    Option("caption_variants", int, None,
+           "with --cache_text_encoder_outputs and captions that vary (shuffle, tag or caption dropout, wildcards, "
+           "templates): how many captions per image are drawn and cached, one picked each step (default: up to 16, "
+           "as many as fit 1 GiB; 0 refuses the combination, as sd-scripts does)", "caching", scripts=NOT_TI,
+           minimum=0),
     Option("cache_info", bool, False, "remember captions and image sizes in metadata_cache.json for faster starts",
            "caching"),
 

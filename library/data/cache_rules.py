@@ -29,6 +29,12 @@ _CAPTION_AUGMENTATIONS = {
     "enable_wildcard": "picks a new {a|b} alternative every step",
 }
 
+_GROWING_CAPTIONS = {"token_warmup_step": _CAPTION_AUGMENTATIONS["token_warmup_step"]}
+# What --caption_variants keeps working with an in-memory cache.
+_VARIANT_AUGMENTATIONS = set(_CAPTION_AUGMENTATIONS) - set(_GROWING_CAPTIONS)
+_VARIANTS_HINT = (" (--cache_text_encoder_outputs alone, in memory, keeps it: --caption_variants caches a few "
+                  "variants of each caption)")
+
 
 def normalize_cache_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """A copy where the *_to_disk flags imply their in-memory flag, as sd-scripts' verify_training_args sets
@@ -61,15 +67,20 @@ def check_cache_options(options: Mapping[str, Any], subsets: Iterable[SubsetSpec
             raise UserError(f"{te_flag} cannot be used while the text encoder is trained: cached outputs would never "
                             "see its updates; set network_train_unet_only (or stop training the text encoder), "
                             f"or turn off {te_flag}")
-        _refuse(subsets, te_flag, _CAPTION_AUGMENTATIONS, "text-encoder outputs are encoded once per caption")
+        if flags.get("cache_text_encoder_outputs_to_disk") or flags.get("caption_variants") == 0:
+            _refuse(subsets, te_flag, _CAPTION_AUGMENTATIONS, "text-encoder outputs are encoded once per caption",
+                    hint=_VARIANTS_HINT if flags.get("caption_variants") != 0 else "")
+        else:  # --caption_variants: a bounded set of each varying caption is cached; only warm-up cannot be
+            _refuse(subsets, te_flag, _GROWING_CAPTIONS, "text-encoder outputs are cached for a fixed set of captions")
 
 
-def _refuse(subsets: list[SubsetSpec], flag: str, settings: dict[str, str], why: str) -> None:
+def _refuse(subsets: list[SubsetSpec], flag: str, settings: dict[str, str], why: str, hint: str = "") -> None:
     for subset in subsets:
         for name, effect in settings.items():
             if _is_on(getattr(subset, name)):
                 raise UserError(f"{flag} cannot be used with {name} in subset {_where(subset)}: {name} {effect} but "
-                                f"{why}; drop {name} from that subset or turn off {flag}")
+                                f"{why}; drop {name} from that subset or turn off {flag}"
+                                + (hint if name in _VARIANT_AUGMENTATIONS else ""))
 
 
 def _is_on(value: Any) -> bool:

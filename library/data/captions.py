@@ -55,7 +55,7 @@ def process_caption(
     nothing else draws in between (sd-scripts' image augmentations share that global stream).
     """
     caption = _add_prefix_suffix(caption, subset)
-    if _is_dropped(subset, rng, epoch):
+    if caption_dropped(subset, rng, epoch):
         return ""
     if subset.enable_wildcard:
         caption = _expand_wildcards(caption, rng)
@@ -82,7 +82,9 @@ def _add_prefix_suffix(caption: str, subset: SubsetSpec) -> str:
     return caption
 
 
-def _is_dropped(subset: SubsetSpec, rng: random.Random, epoch: int) -> bool:
+def caption_dropped(subset: SubsetSpec, rng: random.Random, epoch: int) -> bool:
+    """Whether this step's caption is dropped (caption_dropout_rate, caption_dropout_every_n_epochs): the first draw
+    process_caption makes, made only when the rate is on."""
     # The rate draw comes first and happens whenever the rate is on, so the stream matches sd-scripts.
     dropped = subset.caption_dropout_rate > 0 and rng.random() < subset.caption_dropout_rate
     every_n = subset.caption_dropout_every_n_epochs

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from library.data.bucketing import make_batches
+from library.data.caption_variants import CaptionVariants, fixed_caption
 from library.data.captions import process_caption
 from library.data.decode_failures import DataLoadingError, DecodeFailures, nothing_decodes_message
 from library.data.images import (CorruptImageError, color_aug, crop_ltrb, flip_horizontal, load_image,
@@ -57,21 +58,20 @@ def fixed_captions(plan: RunPlan, *, max_train_steps: int | None = 0,
     """(image path, final caption) of every image, once, as the first epoch's batches would caption them: what a
     text-encoder cache encodes before the first step. Only meaningful when captions never change (no shuffling,
     dropout, warm-up or wildcards)."""
-    pairs = []
-    for dataset in plan.datasets:
-        for entry in dataset.entries:
-            caption = process_caption(entry.caption, entry.subset, random.Random(0), epoch=0, step=0,
-                                      max_train_steps=max_train_steps)
-            if caption_transform is not None:
-                caption = caption_transform(caption, entry, random.Random(0))
-            pairs.append((str(entry.path), caption))
+    pairs = [(str(entry.path), fixed_caption(entry, max_train_steps=max_train_steps,
+                                             caption_transform=caption_transform))
+             for dataset in plan.datasets for entry in dataset.entries]
     return list(dict.fromkeys(pairs))
 
 
 class TrainingDataset(torch.utils.data.Dataset):
     def __init__(self, plan: RunPlan, *, seed: int, max_train_steps: int = 0, latent_cache: LatentCache | None = None,
-                 caption_transform: Callable[[str, ImageEntry, random.Random], str] | None = None):
+                 caption_transform: Callable[[str, ImageEntry, random.Random], str] | None = None,
+                 caption_variants: CaptionVariants | None = None):
         self.plan = plan
+        # --caption_variants (a text-encoder cache with captions that vary): an image listed there takes one of its
+        # cached captions each step instead of a freshly drawn one.
+        self.caption_variants = caption_variants
         # Textual inversion / hypernetworks: caption templates ([name], [filewords]) applied after the usual processing.
         self.caption_transform = caption_transform
         self.seed = seed
@@ -196,6 +196,9 @@ class TrainingDataset(torch.utils.data.Dataset):
                 pixels = flip_horizontal(pixels)
             example["image"] = pixels_to_tensor(pixels[..., :3])
             example["alpha"] = torch.from_numpy(pixels[..., 3] / 255.0).float() if item.entry.has_mask else None
+        if self.caption_variants is not None and item.entry in self.caption_variants:
+            example["caption"] = self.caption_variants.pick(item.entry, rng, epoch=self.epoch)
+            return example
         example["caption"] = process_caption(item.entry.caption, subset, rng, epoch=self.epoch, step=self.step,
                                              max_train_steps=self.max_train_steps)
         if self.caption_transform is not None:

@@ -11,6 +11,7 @@ import contextlib
 import torch
 
 from library.config.run_config import RunConfig
+from library.data.caption_variants import CaptionVariants, plan_text_cache, varies
 from library.data.dataset import Batch, fixed_captions
 from library.data.plan import RunPlan
 from library.models.components import Components
@@ -25,8 +26,6 @@ from library.training.noise import (
     target_for,
 )
 
-CAPTION_RANDOMNESS = ("shuffle_caption", "caption_dropout_rate", "caption_dropout_every_n_epochs",
-                      "caption_tag_dropout_rate", "token_warmup_step", "enable_wildcard")
 
 
 class DiffusionMethod:
@@ -49,7 +48,10 @@ class DiffusionMethod:
         self.loss_settings = LossSettings.from_config(config)
         self._text_cache: dict[str, TextConditioning] = {}
         subsets = [s for d in plan.datasets for s in d.spec.subsets] if plan is not None else []
-        self._fixed_captions = plan is not None and not any(_varies(s) for s in subsets)
+        self._fixed_captions = plan is not None and not any(varies(s) for s in subsets)
+        # --caption_variants: with a text-encoder cache and captions that vary, the captions each image may take
+        # (drawn up front, encoded once); the datasets pick among them. Set by texts_ready.
+        self.caption_variants: CaptionVariants | None = None
         # captions -> hidden states (sampling's prompt embeddings); `.conditioning(captions)` adds what else the
         # family's UNet takes from the text (a pooled embedding where it has one).
         self.encode_prompts = self.prompt_encoder_for(parts)
@@ -84,23 +86,26 @@ class DiffusionMethod:
         """--cache_text_encoder_outputs(_to_disk): every caption is encoded (or its file read) before the first step,
         as sd-scripts does; then, when nothing will sample, the text encoders are released (SDXL's are 3 GB in
         float32). Called before the latents are cached, so the VAE runs without the text encoders beside it (the
-        run's peak memory). Captions that change, or a trained text encoder, were refused with these flags already."""
+        run's peak memory). Captions that vary are cached as --caption_variants (a trained text encoder, token warm-up
+        and, on disk, varying captions were refused with these flags already)."""
         config = self.config
         if not (config.get("cache_text_encoder_outputs") or config.get("cache_text_encoder_outputs_to_disk")):
             return
-        if not self._fixed_captions or self.train_text_encoder:
+        if self.train_text_encoder:
             return
-        pairs = fixed_captions(plan, max_train_steps=config.max_train_steps,
-                               caption_transform=self.caption_transform)
-        size = max(d.spec.batch_size for d in plan.datasets)
-        for start in range(0, len(pairs), size):
-            paths, captions = zip(*pairs[start:start + size])
-            if config.get("cache_text_encoder_outputs_to_disk"):
-                self._read_or_write_files(list(captions), list(paths))
-            missing = sorted({c for c in captions if c not in self._text_cache})
-            if missing:
-                with torch.no_grad():
-                    self._text_cache.update(zip(missing, self.encode_prompts.conditioning(missing).rows()))
+        if self._fixed_captions:
+            pairs = fixed_captions(plan, max_train_steps=config.max_train_steps,
+                                   caption_transform=self.caption_transform)
+            size = max(d.spec.batch_size for d in plan.datasets)
+            for start in range(0, len(pairs), size):
+                paths, captions = zip(*pairs[start:start + size])
+                if config.get("cache_text_encoder_outputs_to_disk"):
+                    self._read_or_write_files(list(captions), list(paths))
+                self._encode_into_cache(captions)
+        elif config.get("caption_variants") != 0:
+            self._cache_caption_variants(plan)
+        else:  # --caption_variants 0 with a caption template: each step encodes its captions, as without the cache
+            return
         released = not config.sample_prompts and not self.keeps_text_encoders
         if released:
             for text_encoder in self.parts.text_encoders:
@@ -111,6 +116,29 @@ class DiffusionMethod:
                 text_encoder.to("cpu")  # only the saves need them now: off the accelerator (sd-scripts does too)
         print(f"text encoder outputs: {len(self._text_cache)} captions cached before training"
               + ("; text encoders released (nothing samples)" if released else ""))
+
+    def _encode_into_cache(self, captions) -> None:
+        """Each of `captions` not cached yet encoded (no gradient) into the in-memory cache, in sorted order."""
+        missing = sorted({c for c in captions if c not in self._text_cache})
+        if missing:
+            with torch.no_grad():
+                self._text_cache.update(zip(missing, self.encode_prompts.conditioning(missing).rows()))
+
+    def _cache_caption_variants(self, plan: RunPlan) -> None:
+        """--caption_variants: draw each varying caption's variants (training and held-out images), encode them and
+        every fixed caption, in batches of the largest batch size."""
+        config = self.config
+        cache = plan_text_cache((e for d in [*plan.datasets, *plan.validation] for e in d.entries),
+                                family=self.parts.family, max_token_length=config.max_token_length,
+                                element_bytes=self.weight_dtype.itemsize, option=config.get("caption_variants"),
+                                seed=config.seed or 0, max_train_steps=config.max_train_steps,
+                                caption_transform=self.caption_transform)
+        self.caption_variants = cache.variants
+        print(cache.describe())
+        captions = cache.captions()
+        size = max(d.spec.batch_size for d in plan.datasets)
+        for start in range(0, len(captions), size):
+            self._encode_into_cache(captions[start:start + size])
 
     def before_step(self, global_step: int) -> None:
         """Called before the batches of optimizer step `global_step + 1`."""
@@ -165,12 +193,10 @@ class DiffusionMethod:
             return self.encode_prompts.conditioning(captions)
         if self._fixed_captions and self.config.get("cache_text_encoder_outputs_to_disk"):
             self._read_or_write_files(captions, image_paths)
-        if self._fixed_captions:
-            # A frozen text encoder and captions that never change: each caption is encoded once, in memory.
-            missing = sorted({c for c in captions if c not in self._text_cache})
-            if missing:
-                with torch.no_grad():
-                    self._text_cache.update(zip(missing, self.encode_prompts.conditioning(missing).rows()))
+        if self._fixed_captions or self.caption_variants is not None:
+            # A frozen text encoder and captions that never change (or one of their cached variants): each caption
+            # is encoded once, in memory.
+            self._encode_into_cache(captions)
             return TextConditioning.stack([self._text_cache[c] for c in captions])
         with torch.no_grad():
             return self.encode_prompts.conditioning(captions)
@@ -194,10 +220,7 @@ class DiffusionMethod:
             elif caption not in self._text_cache:
                 pooled = None if row.pooled is None else row.pooled.to(self.device, dtype)
                 self._text_cache[caption] = TextConditioning(row.hidden.to(self.device, dtype), pooled)
-        new = sorted({c for _, c in missing if c not in self._text_cache})
-        if new:
-            with torch.no_grad():
-                self._text_cache.update(zip(new, self.encode_prompts.conditioning(new).rows()))
+        self._encode_into_cache(c for _, c in missing)
         for path, caption in missing:
             self._text_files.write(path, caption, self._text_cache[caption])
         self._files_seen.update(p for p, _ in todo)
@@ -218,7 +241,3 @@ def freeze_models(parts: Components, device: torch.device, weight_dtype: torch.d
         module.requires_grad_(False).to(device=device, dtype=weight_dtype)
     if no_half_vae and parts.vae is not None:
         parts.vae.to(dtype=torch.float32)
-
-
-def _varies(subset) -> bool:
-    return any(getattr(subset, name) for name in CAPTION_RANDOMNESS)

@@ -33,7 +33,24 @@ def dry_run(config: RunConfig) -> None:
     plan = plan_run(config, verify=True)
     plan.problems.extend(family_option_problems(config, plan))  # e.g. SDXL's bucket steps: the run would refuse
     print_plan(plan, verbose=True)
+    _print_text_cache(config, plan)
     _print_bf16_tip(config)
+
+
+def _print_text_cache(config: RunConfig, plan) -> None:
+    """With a text-encoder cache: how many captions it holds and its size for the family's full-size model (the
+    variants of captions that vary, drawn as the run will draw them)."""
+    if not (config.get("cache_text_encoder_outputs") or config.get("cache_text_encoder_outputs_to_disk")):
+        return
+    from library.data.caption_variants import plan_text_cache
+    from library.models.family import family_from_flags
+
+    half = config.mixed_precision in ("fp16", "bf16")
+    cache = plan_text_cache((e for d in [*plan.datasets, *plan.validation] for e in d.entries),
+                            family=family_from_flags(config), max_token_length=config.max_token_length,
+                            element_bytes=2 if half else 4, option=config.get("caption_variants"),
+                            seed=config.seed or 0, max_train_steps=config.max_train_steps)
+    print(cache.describe())
 
 
 def _print_bf16_tip(config: RunConfig) -> None:

@@ -139,6 +139,11 @@ class ModelFamily:
         rate = options.get("learning_rate_te")
         return (rate if rate is not None else options.get("learning_rate"),) if stop is None or stop >= 0 else (None,)
 
+    def text_cache_widths(self) -> tuple[int, int]:
+        """(context width, pooled width) of the full-size model's text side: what one cached caption holds per token
+        and once (0: no pooled output). Estimates the text-encoder cache before a model is loaded (the dry run)."""
+        raise NotImplementedError
+
     def unet_block_of(self, unet: torch.nn.Module) -> Callable[[str], int] | None:
         """Parameter name -> the index of its block in the family's --block_lr list; None: no --block_lr here."""
         return None

@@ -189,6 +189,9 @@ class StableDiffusion(ModelFamily):
     def default_resolution(self, v_parameterization: bool) -> int:
         return 768 if self.v2 and v_parameterization else 512
 
+    def text_cache_widths(self) -> tuple[int, int]:
+        return (1024 if self.v2 else 768), 0  # OpenCLIP ViT-H's / CLIP ViT-L's hidden states; no pooled output
+
 
 def _is_v2(shapes: Mapping[str, torch.Tensor]) -> bool:
     """SD 2.x: OpenCLIP text encoder, or 1024-wide cross-attention (some converters store SD 2.x with a HF-layout

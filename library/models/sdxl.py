@@ -241,6 +241,9 @@ class StableDiffusionXL(ModelFamily):
     def default_resolution(self, v_parameterization: bool) -> int:
         return 1024
 
+    def text_cache_widths(self) -> tuple[int, int]:
+        return 768 + 1280, 1280  # both encoders' hidden states side by side; TE2's projected pooled output
+
 
 # ---------------------------------------------------------------- prompt encoding
 

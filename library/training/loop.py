@@ -103,7 +103,7 @@ def train(config: RunConfig, plan: RunPlan, parts, make_method, *, save_ext: str
     # Latents still waiting are encoded as training first needs them; _Loop calls latents_ready again when all are.
     method.latents_ready(all_cached=latent_cache is not None and not latent_cache.waiting)
     dataset = TrainingDataset(plan, seed=seed, max_train_steps=config.max_train_steps, latent_cache=latent_cache,
-                              caption_transform=method.caption_transform)
+                              caption_transform=method.caption_transform, caption_variants=method.caption_variants)
     procs, accumulation = accelerator.num_processes, config.gradient_accumulation_steps or 1
     per_epoch = len(dataset)
     steps_per_epoch = math.ceil(per_epoch / procs / accumulation)

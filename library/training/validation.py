@@ -37,7 +37,8 @@ class Validator:
         held_out = RunPlan(plan.validation, strict=plan.strict)
         self.images = plan.validation_images
         self.dataset = TrainingDataset(held_out, seed=self._seed(), latent_cache=latent_cache,
-                                       caption_transform=method.caption_transform)
+                                       caption_transform=method.caption_transform,
+                                       caption_variants=method.caption_variants)
         most = config.get("max_validation_steps")
         self.batches = len(self.dataset) if most is None else min(most, len(self.dataset))
         settings = method.noise_settings

@@ -38,17 +38,37 @@ def test_latent_cache_refuses_pixel_augmentations(flag, setting, name, reason):
     check_cache_options({flag: False}, [subset])  # fine without the cache
 
 
-@pytest.mark.parametrize("flag", ["cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk"])
+@pytest.mark.parametrize("options", [{"cache_text_encoder_outputs_to_disk": True},
+                                     {"cache_text_encoder_outputs": True, "caption_variants": 0}],
+                         ids=["to_disk", "variants_0"])
 @pytest.mark.parametrize("setting, name, reason", CAPTION_CASES)
-def test_text_cache_refuses_changing_captions(flag, setting, name, reason):
+def test_text_cache_refuses_changing_captions(options, setting, name, reason):
+    """On disk (one file per image) or with --caption_variants 0, every caption augmentation is refused, as in
+    sd-scripts; the disk message points at the in-memory cache, which keeps all but token warm-up."""
+    flag = next(iter(options))
     subset = SubsetSpec(metadata_file="/data/meta.json", **setting)
     with pytest.raises(UserError) as err:
-        check_cache_options({flag: True}, [subset])
+        check_cache_options(options, [subset])
     message = str(err.value)
     assert f"{flag} cannot be used with {name}" in message
     assert "metadata_file = '/data/meta.json'" in message and reason in message
     assert f"drop {name} from that subset" in message
+    assert ("--caption_variants" in message) == (flag.endswith("to_disk") and name != "token_warmup_step")
     check_cache_options({"cache_latents": True}, [subset])  # captions do not matter to the latent cache
+
+
+@pytest.mark.parametrize("setting, name, reason", CAPTION_CASES)
+def test_in_memory_text_cache_keeps_caption_augmentations_as_variants(setting, name, reason):
+    """--cache_text_encoder_outputs in memory (caption_variants unset or N) accepts every augmentation a fixed set
+    of drawn captions can show; token warm-up grows captions with the step and stays refused."""
+    subset = SubsetSpec(metadata_file="/data/meta.json", **setting)
+    for variants in (None, 4):
+        options = {"cache_text_encoder_outputs": True, "caption_variants": variants}
+        if name == "token_warmup_step":
+            with pytest.raises(UserError, match=f"cannot be used with {name}.*{reason}"):
+                check_cache_options(options, [subset])
+        else:
+            check_cache_options(options, [subset])
 
 
 def test_text_cache_refuses_a_trained_text_encoder():

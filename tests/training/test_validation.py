@@ -150,6 +150,7 @@ def test_each_batch_is_scored_at_the_four_timesteps_with_noise_drawn_afresh(tmp_
         noise_settings = NoiseSettings.from_config(config)
         scheduler = make_noise_scheduler(v_parameterization=False)
         caption_transform = None
+        caption_variants = None
         calls = []
 
         def sampling_modules(self):
