@@ -126,7 +126,9 @@ class Generator:
         self.width, self.height = setup.width or side, setup.height or side
         self.model_name = _model_name(setup.ckpt)
         self.model_hash = _file_shorthash(setup.ckpt, 10)
-        self.embeddings = install_embeddings(self.parts, setup.embeddings)
+        # Embeddings bundled into the networks' files (bundle_emb.*, pivotal tuning) install as A1111 installs them.
+        self.embeddings = install_embeddings(self.parts, setup.embeddings,
+                                             bundled=_bundled(self.parts, [f for f, _ in setup.networks]))
         self.hypernetwork = self._load_hypernetwork(setup.hypernetwork, setup.hypernetwork_strength)
         for module in self.parts.modules():
             module.to(self.device)
@@ -320,12 +322,13 @@ def save_png(image: Image.Image, path, parameters: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- embeddings
-def install_embeddings(parts, files: Sequence) -> list[LoadedEmbedding]:
+def install_embeddings(parts, files: Sequence, *, bundled: Sequence = ()) -> list[LoadedEmbedding]:
     """Add each file's token(s) to the tokenizer(s) (name = file stem, as A1111) and its vectors to the text
-    encoder(s): one vector set for SD 1.x/2.x, SDXL's {"clip_l", "clip_g"} pair (one set per text encoder)."""
+    encoder(s): one vector set for SD 1.x/2.x, SDXL's {"clip_l", "clip_g"} pair (one set per text encoder).
+    `bundled`: (LoadedEmbedding, per-encoder vectors) of embeddings read from network files."""
     from library.methods.ti_method import NewTokenEmbedding, add_new_tokens
 
-    if not files:
+    if not files and not bundled:
         return []
     encoders = parts.text_encoders
     widths = [te.get_input_embeddings().weight.shape[1] for te in encoders]
@@ -341,6 +344,13 @@ def install_embeddings(parts, files: Sequence) -> list[LoadedEmbedding]:
         tokens = (name, *(f"{name}{i}" for i in range(1, per_encoder[0].shape[0])))
         loaded.append(LoadedEmbedding(path, tokens, _file_shorthash(path, 12) if path.is_file() else "IsADirectory"))
         vectors.append(per_encoder)
+    for embedding, per_encoder in bundled:
+        if [t.shape[1] for t in per_encoder] != widths:
+            raise UserError(f"{embedding.file}: its bundled embedding '{embedding.tokens[0]}' is "
+                            f"{'/'.join(str(t.shape[1]) for t in per_encoder)} wide, this model's text encoders "
+                            f"{'/'.join(map(str, widths))} (a network for another model family)")
+        loaded.append(embedding)
+        vectors.append(per_encoder)
     for i, (tokenizer, text_encoder) in enumerate(zip(parts.tokenizers, encoders)):
         first_id = add_new_tokens(tokenizer, [t for e in loaded for t in e.tokens],
                                   flag="--textual_inversion_embeddings",
@@ -349,6 +359,22 @@ def install_embeddings(parts, files: Sequence) -> list[LoadedEmbedding]:
         embedding = NewTokenEmbedding(base, first_id, torch.cat([v[i] for v in vectors])).to(base.weight.device)
         text_encoder.set_input_embeddings(embedding)
     return loaded
+
+
+def _bundled(parts, files: Sequence) -> list[tuple[LoadedEmbedding, list[torch.Tensor]]]:
+    """The embeddings bundled into network files (bundle_emb.<name>.*): A1111 installs them with the network, under
+    their own names, hashed as the network file."""
+    from networks.files import bundled_embeddings, read_network_file
+
+    out = []
+    for file in files:
+        path = _existing(file, "network file", "--network_weights")
+        weights, _ = read_network_file(path)
+        for name, per_encoder in bundled_embeddings(weights, parts.family.embedding_keys(), source=str(path)).items():
+            tokens = (name, *(f"{name}{i}" for i in range(1, per_encoder[0].shape[0])))
+            out.append((LoadedEmbedding(path, tokens, _file_shorthash(path, 12, addnet=True)),
+                        [v.float() for v in per_encoder]))
+    return out
 
 
 def _embedding_vectors(parts, path: Path, file) -> list[torch.Tensor]:

@@ -86,13 +86,76 @@ def tensor_names(module_class) -> set[str]:
     return set(module_class.WEIGHT_NAMES) | {"alpha"} | ({"dora_scale"} if module_class.DECOMPOSABLE else set())
 
 
+# Textual-inversion embeddings bundled into a network file (LyCORIS' pack_bundle, AUTOMATIC1111's Lora extension):
+#   bundle_emb.<name>.string_to_param.*   (n, width)   SD 1.x/2.x, A1111's .pt layout flattened
+#   bundle_emb.<name>.emb_params          (n, width)   SD 1.x/2.x, sd-scripts' layout (A1111 reads it too)
+#   bundle_emb.<name>.clip_l / .clip_g    (n, 768) / (n, 1280)   SDXL
+# A1111 splits the key at its first two dots: <name> holds no dot; the prompt uses <name> as the embedding's word.
+BUNDLE_PREFIX = "bundle_emb."
+
+
+def is_bundle_key(key: str) -> bool:
+    return key.startswith(BUNDLE_PREFIX)
+
+
+def without_bundle(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The network's own tensors: the file's without its bundled embeddings."""
+    return {k: v for k, v in weights.items() if not is_bundle_key(k)}
+
+
+def bundled_embeddings(weights: dict[str, torch.Tensor], keys: tuple[str, ...], *,
+                       source: str) -> dict[str, list[torch.Tensor]]:
+    """name -> one (n, width) tensor per text encoder (`keys`: the family's embedding keys, ("emb_params",) or
+    ("clip_l", "clip_g")), as AUTOMATIC1111 reads the bundle."""
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in weights.items():
+        if is_bundle_key(key):
+            name, _, rest = key[len(BUNDLE_PREFIX):].partition(".")
+            rest = "emb_params" if rest.startswith("string_to_param.") else rest
+            found.setdefault(name, {})[rest] = value
+    out = {}
+    for name, tensors in found.items():
+        missing = [k for k in keys if k not in tensors]
+        if missing:
+            raise UserError(f"{source}: bundled embedding '{name}' has {', '.join(sorted(tensors))} but this model's "
+                            f"text encoders need {', '.join(keys)} (an embedding for another model family)")
+        out[name] = [tensors[k] for k in keys]
+    return out
+
+
+def bundle_tensors(name: str, vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The bundle keys of one embedding: SD 1.x/2.x's one vector set under A1111's string_to_param.*, SDXL's
+    clip_l/clip_g pair under their own names."""
+    if set(vectors) == {"emb_params"}:
+        return {f"{BUNDLE_PREFIX}{name}.string_to_param.*": vectors["emb_params"]}
+    return {f"{BUNDLE_PREFIX}{name}.{key}": value for key, value in vectors.items()}
+
+
+def carried_bundles(paths) -> dict[str, torch.Tensor]:
+    """The bundled embeddings of network files a tool rewrites (resize, merge, extract): carried into its output
+    unchanged, so a pivotal-tuning file keeps its embeddings; two files bundling the same name are refused."""
+    out: dict[str, torch.Tensor] = {}
+    owner: dict[str, Path] = {}
+    for path in paths:
+        weights, _ = read_network_file(path)
+        for key, value in weights.items():
+            if not is_bundle_key(key):
+                continue
+            name = key[len(BUNDLE_PREFIX):].partition(".")[0]
+            if owner.setdefault(name, Path(path)) != Path(path):
+                raise UserError(f"{path} and {owner[name]} both bundle an embedding named '{name}'; a network file "
+                                "holds one per name; merge without one of them")
+            out[key] = value
+    return out
+
+
 def unknown_tensors(weights: dict[str, torch.Tensor], info: NetworkFileInfo) -> list[str]:
     """Keys that no adapter of the file's algorithm reads (DoRA's dora_scale, another algorithm's modules, stray
     keys). Loading would silently drop them, so what loads would be another network than the file's."""
     names = tensor_names(info.module_class)
     weighted = {canonical_key(key).partition(".")[0] for key in weights if not key.endswith(".alpha")}
     unknown = []
-    for key in weights:
+    for key in without_bundle(weights):  # bundled embeddings are read on their own (bundled_embeddings)
         module, _, rest = canonical_key(key).partition(".")
         if module in info.dims and rest in names:
             continue
@@ -147,9 +210,6 @@ def what_it_is(keys: list[str], algorithm: str) -> str:
             return text
     if any(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys):
         return "a LoRA in the diffusers/PEFT layout: convert it with tools/convert_lora.py --to kohya first"
-    if any(k.startswith("bundle_emb.") for k in keys):
-        return ("textual-inversion embeddings bundled into the network (bundle_emb.*), which are not supported: "
-                "save the embeddings as their own files")
     for cls in file_module_classes():
         if cls.ALGORITHM != algorithm and rests & set(cls.WEIGHT_NAMES):
             return (f"it mixes {cls.ALGORITHM} modules into a {algorithm} network; one algorithm per file is read "

@@ -190,10 +190,11 @@ class AdapterNetwork(nn.Module):
         """Load adapter tensors, accepting 2-D or 1×1 4-D forms of the same weight (SD 2.x proj_in/out). Tensors this
         network cannot hold as they are meant are refused (sd-scripts' strict=False would drop them); modules the
         file does not have keep their weights, as in sd-scripts."""
-        from networks.files import canonical_key
+        from networks.files import canonical_key, without_bundle
 
         own = self.state_dict()
-        weights = {canonical_key(key): value for key, value in weights.items()}
+        # Bundled embeddings (bundle_emb.*) are not the network's: the method or generator that wants them reads them.
+        weights = {canonical_key(key): value for key, value in without_bundle(weights).items()}
         _check_tensors(self, weights, own, source)
         adapted = {}
         for key, value in weights.items():

@@ -138,12 +138,25 @@ def network_summary(path: Path, verbose: bool) -> list[str]:
     lines.append(f"  dtype: {_tally(str(v.dtype).removeprefix('torch.') for v in weights.values())}")
     lines.append(f"  base model: {_base_model(metadata, modules, info.module_class)}")
     lines += _untrained_note(modules, info.module_class)
+    lines += _bundle_lines(weights)
     lines += _unknown_note(weights, info)
     lines += _metadata_lines(path, metadata)
     if verbose:
         lines.append("  per module (tensor shape, mean |w|):")
         lines += [_module_line(name, modules[name], info) for name in sorted(modules)]
     return lines
+
+
+def _bundle_lines(weights: dict[str, torch.Tensor]) -> list[str]:
+    """Pivotal tuning's embeddings bundled into the file (bundle_emb.<name>.*), as A1111 installs them."""
+    from networks.files import BUNDLE_PREFIX, is_bundle_key
+
+    found: dict[str, list[str]] = {}
+    for key, value in weights.items():
+        if is_bundle_key(key):
+            name, _, rest = key[len(BUNDLE_PREFIX):].partition(".")
+            found.setdefault(name, []).append(f"{rest.split('.')[0]} {tuple(value.shape)}")
+    return [f"  bundled embedding '{name}': {', '.join(sorted(shapes))}" for name, shapes in sorted(found.items())]
 
 
 def _text_encoder_counts(modules: dict, total: int) -> str:

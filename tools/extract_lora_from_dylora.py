@@ -54,7 +54,7 @@ def main(argv=None) -> list[Path]:
             raise UserError(f"--{name} is required (e.g. --model dylora.safetensors --save_to lora.safetensors "
                             "--unit 4)")
     from library.safe_write import refuse_input_as_output
-    from networks.files import describe_network_file, read_network_file, save_network_file
+    from networks.files import describe_network_file, is_bundle_key, read_network_file, save_network_file, without_bundle
 
     source = Path(args.model)
     weights, metadata = read_network_file(source)
@@ -65,7 +65,8 @@ def main(argv=None) -> list[Path]:
     if odd:
         raise UserError(f"{source}: {odd[0]} has rank {info.dims[odd[0]]}, not a multiple of --unit {args.unit}: "
                         "give the unit the file was trained with (its ss_network_args)")
-    outputs = split_ranks(weights, args.unit)
+    bundle = {k: v for k, v in weights.items() if is_bundle_key(k)}  # pivotal tuning's embeddings, carried
+    outputs = split_ranks(without_bundle(weights), args.unit)
     if not outputs:
         raise UserError(f"{source}: its largest rank is {max(info.dims.values())}: nothing below it to cut with "
                         f"--unit {args.unit}")
@@ -80,7 +81,7 @@ def main(argv=None) -> list[Path]:
         meta = {k: v for k, v in metadata.items() if k not in ("sshs_model_hash", "sshs_legacy_hash")}
         meta["ss_training_comment"] = f"split from DyLoRA, rank {original} to {rank}; {comment}"
         meta["ss_network_dim"] = str(rank)
-        written.append(save_network_file(tensors, target, metadata=meta))
+        written.append(save_network_file({**tensors, **bundle}, target, metadata=meta))
         print(f"wrote {target} (rank {rank})")
     return written
 

@@ -193,7 +193,7 @@ def merge_dtypes(args) -> tuple[torch.dtype, torch.dtype]:
 def merge_file_into(parts, path: Path, ratio: float, device: str, weights_of: BlockWeights | None = None) -> str:
     """Add ratio·ΔW (times each module's block weight) of one network file into parts' text encoders and UNet;
     a one-line summary."""
-    from networks.files import describe_network_file, read_network_file
+    from networks.files import describe_network_file, is_bundle_key, read_network_file
     from networks.network import network_from_weights
 
     weights, _ = read_network_file(path)
@@ -208,7 +208,11 @@ def merge_file_into(parts, path: Path, ratio: float, device: str, weights_of: Bl
             module.multiplier = ratio * weights_of(module.lora_name)
     network.merge_to(parts.network_text_encoder, parts.unet)
     te, unet = len(network.text_encoder_loras), len(network.unet_loras)
-    return f"merged {path.name} ({info.label}) at ratio {ratio:g}: {te + unet} modules ({te} text encoder, {unet} UNet)"
+    bundled = sorted({k.split(".")[1] for k in weights if is_bundle_key(k)})
+    note = (f"; its bundled embeddings ({', '.join(bundled)}) are new words, not weights: a checkpoint cannot hold "
+            f"them, use {path.stem}-embeddings/ (or the network file) with the merged model") if bundled else ""
+    return (f"merged {path.name} ({info.label}) at ratio {ratio:g}: {te + unet} modules ({te} text encoder, "
+            f"{unet} UNet){note}")
 
 
 def merge_into_model(args, inputs: list[Path], ratios: list[float]) -> Path:
@@ -403,7 +407,7 @@ def network_metadata(weights: dict[str, torch.Tensor], first: dict[str, str], in
 
 
 def merge_networks(args, inputs: list[Path], ratios: list[float]) -> Path:
-    from networks.files import save_network_file
+    from networks.files import carried_bundles, save_network_file
 
     dst = Path(args.save_to)
     check_network_output(dst, inputs)
@@ -421,7 +425,7 @@ def merge_networks(args, inputs: list[Path], ratios: list[float]) -> Path:
     metadata = network_metadata(weights, loaded[0][1][1], inputs, ratios,
                                 note="concatenated" if args.concat else "merged", minimal=args.no_metadata,
                                 title=dst.stem)
-    save_network_file(weights, dst, dtype=dtype, metadata=metadata)
+    save_network_file({**weights, **carried_bundles(inputs)}, dst, dtype=dtype, metadata=metadata)
     downs = [w for k, w in weights.items() if k.endswith(".lora_down.weight")]
     ranks = sorted({w.shape[0] for w in downs})
     print(f"merged {len(inputs)} LoRAs into {len(downs)} modules "

@@ -186,10 +186,11 @@ def main(argv=None) -> list[ResizedModule]:
                            [o.name for o in TOOL_OPTIONS] + ["save_precision"])
     _check_args(args)
     from library.models.saving import save_dtype
-    from networks.files import save_network_file
+    from networks.files import carried_bundles, save_network_file, without_bundle
 
     dtype = save_dtype(args.save_precision)  # sd-scripts saves float32 unless told otherwise
     weights, metadata = read_lora(args.model)
+    weights = without_bundle(weights)
     if args.dynamic_method:
         print(f"choosing ranks with {args.dynamic_method} {args.dynamic_param}, at most {args.new_rank}")
     resized, report = resize_weights(weights, args.new_rank, args.new_conv_rank, dynamic_method=args.dynamic_method,
@@ -197,6 +198,7 @@ def main(argv=None) -> list[ResizedModule]:
     if args.verbose:
         for m in report:
             print(f"{m.name:75} | fro retained {m.retained:.1%}, rank {m.old_rank} -> {m.new_rank}, alpha {m.alpha:g}")
+    resized.update(carried_bundles([args.model]))  # pivotal tuning's embeddings, unchanged
     save_network_file(resized, args.save_to, dtype=dtype, metadata=updated_metadata(metadata, report, args))
     print(summary(report, args.model))
     print(f"wrote {args.save_to}")

@@ -124,7 +124,7 @@ def main(argv=None) -> list:
     _check_args(args)
     dst = Path(args.save_to)
     check_network_output(dst, inputs)
-    from networks.files import save_network_file
+    from networks.files import carried_bundles, save_network_file
 
     merge_dtype, dtype = merge_dtypes(args)
     deltas, first_metadata = summed_deltas(inputs, ratios, merge_dtype, block_weights(args, len(inputs)))
@@ -134,7 +134,7 @@ def main(argv=None) -> list:
     metadata = network_metadata(weights, first_metadata, inputs, ratios,
                                 note=f"svd-merged to rank {args.new_rank} (conv {conv_rank})",
                                 minimal=args.no_metadata, title=dst.stem)
-    save_network_file(weights, dst, dtype=dtype, metadata=metadata)
+    save_network_file({**weights, **carried_bundles(inputs)}, dst, dtype=dtype, metadata=metadata)
     mean = sum(m.retained for m in report) / len(report)
     print(f"merged {len(inputs)} networks into {len(report)} LoRA modules at rank {args.new_rank} "
           f"(conv {conv_rank}): average retained Frobenius norm {mean:.2%}")

@@ -269,6 +269,12 @@ OPTIONS: tuple[Option, ...] = (
            nargs="*", scripts=NET),
     Option("network_weights", str, None, "start from these adapter weights", "network", scripts=NET, path=INPUT_PATH),
     Option("dim_from_weights", bool, False, "take the rank from --network_weights", "network", scripts=NET),
+    Option("train_embeddings", str, None,
+           "pivotal tuning: new token embeddings trained with the network, each TOKEN:N[:INIT WORDS] (N vectors, "
+           "initialised from the init words); bundled into the network file as AUTOMATIC1111 reads them and written "
+           "as embedding files beside it (ours)", "network", scripts=NET, nargs="+"),
+    Option("embedding_lr", float, None, "learning rate of --train_embeddings' vectors (default: --learning_rate)",
+           "network", scripts=NET, minimum=0),
     Option("network_train_unet_only", bool, False, "train only the U-Net part of the adapter", "network", scripts=NET),
     Option("network_train_text_encoder_only", bool, False, "train only the text-encoder part of the adapter", "network",
            scripts=NET),

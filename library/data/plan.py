@@ -129,8 +129,8 @@ def _check_token_padding(options: Mapping) -> None:
 
 def text_encoder_trained(options: Mapping, script: str) -> bool:
     """Whether the run trains the text encoder (then its outputs cannot be cached), per sd-scripts' rules."""
-    if script == "network":
-        return not options.get("network_train_unet_only")
+    if script == "network":  # its text-encoder adapters, or new token embeddings (--train_embeddings)
+        return not options.get("network_train_unet_only") or bool(options.get("train_embeddings"))
     if script == "db":  # train_db trains it unless stop_text_encoder_training is negative; sdxl_train.py on request
         from library.models.family import family_named
 

@@ -210,9 +210,10 @@ def diffusers_unmatched(weights: dict[str, torch.Tensor], modules: list[str], pa
 # ---------------------------------------------------------------------------------------------------------- all three
 def check_network(weights: dict[str, torch.Tensor], parts, algorithm: str) -> list[LoaderResult]:
     """What each loader would make of the file's modules on this base model (`parts`)."""
-    from networks.files import canonical_key
+    from networks.files import canonical_key, without_bundle
 
-    weights = {canonical_key(k): v for k, v in weights.items()}
+    # Bundled embeddings (bundle_emb.*) are not modules: A1111 reads them as embeddings, the others skip them.
+    weights = {canonical_key(k): v for k, v in without_bundle(weights).items()}
     modules = sorted({k.partition(".")[0] for k in weights})
     family = parts.family.name
     results = []

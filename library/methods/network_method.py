@@ -27,6 +27,8 @@ class NetworkMethod(DiffusionMethod):
             raise UserError("--network_train_unet_only and --network_train_text_encoder_only together train nothing")
         module_name = config.network_module or "networks.lora"
         _merge_base_weights(config, parts, module_name)
+        # --train_embeddings (pivotal tuning): the new tokens go in before the freeze, as a textual inversion's do.
+        self.embeddings = _pivotal_embeddings(config, parts, plan, module_name)
         freeze_models(parts, device, weight_dtype, no_half_vae=bool(config.no_half_vae))
         # Before the adapters wrap the layers: they then call the float8 layers' forward.
         store_base_in_fp8(config, parts, weight_dtype)
@@ -43,7 +45,14 @@ class NetworkMethod(DiffusionMethod):
         network_dtype = weight_dtype if (config.full_fp16 or config.full_bf16) else torch.float32
         self.network.to(device=device, dtype=network_dtype)
         self.network.prepare_grad_etc(parts.network_text_encoder, parts.unet)
-        super().__init__(config, parts, device, weight_dtype, plan, train_text_encoder=train_text_encoder)
+        if self.embeddings is not None:
+            self.embeddings.train_on(device)
+        # Captions go through the text encoders with gradients when its adapters or new embeddings train.
+        super().__init__(config, parts, device, weight_dtype, plan,
+                         train_text_encoder=train_text_encoder or self.embeddings is not None)
+        if self.embeddings is not None:
+            self.encode_prompts = self.embeddings.expand(self.encode_prompts)
+            print(f"pivotal tuning: new token embeddings {self.embeddings.describe()} train with the network")
         self._gradient_checkpointing()
         self.max_norm = _max_norm(config, self.network, module_name)
         self._norm_stats = None  # [keys scaled, mean norm, max norm] of the last step, on the device
@@ -87,22 +96,42 @@ class NetworkMethod(DiffusionMethod):
 
     def param_groups(self):
         lr = self.config.learning_rate
-        return self.network.prepare_optimizer_params(self.config.text_encoder_lr, self.config.unet_lr, lr)
+        groups, descriptions = self.network.prepare_optimizer_params(self.config.text_encoder_lr, self.config.unet_lr,
+                                                                     lr)
+        if self.embeddings is not None:
+            embedding_lr = self.config.get("embedding_lr")
+            groups = [*groups, {"params": self.embeddings.parameters(),
+                                "lr": lr if embedding_lr is None else embedding_lr}]
+            descriptions = [*descriptions, "embeddings"]
+        return groups, descriptions
 
     def trainable_params(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.network.parameters() if p.requires_grad]
+        own = [p for p in self.network.parameters() if p.requires_grad]
+        return own + (self.embeddings.parameters() if self.embeddings is not None else [])
 
     def checkpoint_objects(self) -> list:
-        return [self.network]
+        return [self.network] + (self.embeddings.checkpoint_objects() if self.embeddings is not None else [])
 
     def sampling_modules(self) -> tuple[torch.nn.Module, ...]:
         return (self.network,)
 
     def export(self, path: Path, *, dtype: torch.dtype | None, metadata: dict[str, str] | None, check: bool = True,
                **_) -> Path:
-        self.network.save_weights(str(path), dtype, metadata)
+        if self.embeddings is None:
+            self.network.save_weights(str(path), dtype, metadata)
+        else:  # pivotal tuning: A1111's bundle in the network file, and each embedding as its own file
+            from networks.files import save_network_file
+
+            save_network_file({**self.network.state_dict(), **self.embeddings.bundle(dtype)}, path, dtype=dtype,
+                              metadata=_with_embeddings(metadata, self.embeddings))
+            written = self.embeddings.write_files(Path(path), dtype=dtype, metadata=metadata)
         if check:
             self._self_test(path)
+            if self.embeddings is not None:
+                from library.formats.reader_check import embedding_readers, report
+
+                for file in written:
+                    print("\n".join(report(f"saved {file.parent.name}/{file.name}", *embedding_readers(file, self.parts))))
         return path
 
     def _self_test(self, path: Path) -> None:
@@ -111,13 +140,51 @@ class NetworkMethod(DiffusionMethod):
         from library.formats.loader_check import check_network, report_lines
         from networks.files import describe_network_file
 
-        weights = self.network.state_dict()
+        weights = self.network.state_dict()  # without the bundled embeddings, which the lines after this check
         try:
             algorithm = describe_network_file(weights, source=str(path)).algorithm
         except UserError:
             return  # a third-party module's own format: nothing to check it against
         for line in report_lines(f"saved {Path(path).name}", check_network(weights, self.parts, algorithm)):
             print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout)
+
+
+def _pivotal_embeddings(config: RunConfig, parts: Components, plan: RunPlan | None, module_name: str):
+    """--train_embeddings: the new tokens (library/methods/pivotal.py), started from the embeddings bundled in
+    --network_weights when it has them; a file's bundled embeddings are never silently dropped."""
+    from library.methods.pivotal import PivotalEmbeddings, check_captions_mention, parse_specs
+    from networks.files import bundled_embeddings, read_network_file
+
+    from networks.plugin import is_ours
+
+    specs = parse_specs(config.get("train_embeddings"))
+    start = None
+    if config.network_weights and is_ours(module_name):
+        weights, _ = read_network_file(config.network_weights)
+        start = bundled_embeddings(weights, parts.family.embedding_keys(), source=str(config.network_weights))
+        left = sorted(set(start) - {s.token for s in specs})
+        if left:
+            raise UserError(f"{config.network_weights}: holds bundled embeddings ({', '.join(left)}) that this run "
+                            "would drop from the file it saves (--network_weights); add --train_embeddings "
+                            + " ".join(f"{name}:{start[name][0].shape[0]}" for name in left)
+                            + " to keep training them")
+    if not specs:
+        return None
+    if not is_ours(module_name):
+        raise UserError(f"{FLAG_EMB}: --network_module {module_name} writes its own files, which cannot carry the "
+                        "embeddings; use one of this project's network modules (networks.lora, networks.loha, …)")
+    check_captions_mention(specs, plan)
+    return PivotalEmbeddings(specs, parts, start=start, source=str(config.network_weights))
+
+
+FLAG_EMB = "--train_embeddings"
+
+
+def _with_embeddings(metadata: dict[str, str] | None, embeddings) -> dict[str, str] | None:
+    """The network's metadata, naming the bundled embeddings (ours: ss_bundled_embeddings = token:count,…)."""
+    if metadata is None:
+        return None
+    return {**metadata, "ss_bundled_embeddings": ",".join(f"{s.token}:{s.count}" for s in embeddings.specs)}
 
 
 # Kept in the compute dtype: the text embeddings (nn.Embedding; sd-scripts keeps them too) and the projection.

@@ -55,6 +55,20 @@ def step_to_remove(options: Mapping, step: int, *, state: bool = False) -> int |
     return old if old > 0 else None
 
 
+# Folders a save writes beside its file, named after its stem (pivotal tuning's embedding files); they go with it.
+COMPANION_SUFFIXES = ("-embeddings",)
+
+
+def remove_saved(path: Path, ext: str) -> None:
+    """A rotated-out save: its file (or folder) and the companions written beside it."""
+    remove_quietly(path)
+    stem = path.name[:-len(ext)] if ext and path.name.endswith(ext) else path.name
+    for suffix in COMPANION_SUFFIXES:
+        companion = path.with_name(stem + suffix)
+        if companion.is_dir():
+            remove_quietly(companion)
+
+
 def remove_quietly(path: Path) -> None:
     if path.is_dir():
         # Renamed to a hidden temporary name first: a kill during the deletion leaves a leftover the next run

@@ -175,7 +175,7 @@ class Reporter:
         previous, self.timed_save = self.timed_save, name
         if previous is not None and previous != name and self.accelerator.is_main_process:
             target = self.output_dir / previous
-            ck.remove_quietly(target)
+            ck.remove_saved(target, self.ext)
             ck.remove_quietly(target.with_name(_stem(previous, self.ext) + "-state"))
 
     def after_epoch(self, state: ck.TrainState, epoch: int) -> None:
@@ -375,7 +375,10 @@ class Reporter:
                 name = ck.epoch_name(self.name, old, self.ext) if old else None
             if name:
                 target = self.output_dir / name
-                ck.remove_quietly(target.with_name(_stem(name, self.ext) + "-state") if with_state else target)
+                if with_state:
+                    ck.remove_quietly(target.with_name(_stem(name, self.ext) + "-state"))
+                else:
+                    ck.remove_saved(target, self.ext)
 
     # ------------------------------------------------------------------ samples
     def _should_sample(self, *, step: int, epoch: int | None) -> bool:

@@ -65,7 +65,9 @@ EXPECTED = {
     "tucker": (5, "a LoCon with Tucker decomposition (lora_mid", ".lora_mid.weight"),
     "unknown module": (2, "they adapt 1 module this model does not have", "lora_unet_no_such_block_to_q"),
     "sdxl": (None, "an SDXL network (lora_te1_/lora_te2_", "lora_te1_text_model_encoder_layers_0"),
-    "bundled embedding": (1, "textual-inversion embeddings bundled into the network", "bundle_emb.mytok"),
+    # Read now (pivotal tuning); a run that would not keep training them refuses rather than drop them.
+    "bundled embedding": (None, "holds bundled embeddings (mytok) that this run would drop",
+                          "add --train_embeddings mytok:2"),
     "loha module": (1, "it mixes loha modules into a lora network", ".hada_w1_a"),
 }
 
