@@ -77,6 +77,7 @@ class Buckets:
     no_upscale: bool
     reso_steps: int | None
     predefined: tuple[Reso, ...]
+    metadata: bool = False  # buckets read from fine-tuning metadata (train_resolution): each image's is given
     _predefined_set: frozenset = field(init=False, repr=False, compare=False)
     _predefined_ars: np.ndarray = field(init=False, repr=False, compare=False)
 
@@ -100,12 +101,12 @@ class Buckets:
         if reso not in self._predefined_set:
             # np.argmin returns the first minimum: ties go to the smaller (w, h) in sorted order.
             reso = self.predefined[int(np.abs(self._predefined_ars - aspect_ratio).argmin())]
-        # Scale so that the image covers the bucket: match the side that would otherwise fall short.
-        if aspect_ratio > reso[0] / reso[1]:
-            scale = reso[1] / height
-        else:
-            scale = reso[0] / width
-        return reso, (int(width * scale + 0.5), int(height * scale + 0.5))
+        return reso, cover_size(width, height, reso)
+
+    def fit(self, image_width: int, image_height: int, reso: Reso) -> BucketChoice:
+        """The image in a bucket decided beforehand (fine-tuning metadata's train_resolution), scaled to cover it."""
+        return BucketChoice(tuple(reso), cover_size(image_width, image_height, reso),
+                            (reso[0] / reso[1]) - image_width / image_height)
 
     def _select_no_upscale(self, width: int, height: int, aspect_ratio: float) -> tuple[Reso, Reso]:
         steps = self.reso_steps
@@ -142,6 +143,15 @@ class Buckets:
     def _round_to_steps(self, x: float) -> int:
         x = int(x + 0.5)
         return x - x % self.reso_steps
+
+
+def cover_size(width: int, height: int, reso: Reso) -> Reso:
+    """The image scaled so that it covers the bucket: the side that would otherwise fall short matches it."""
+    if width / height > reso[0] / reso[1]:
+        scale = reso[1] / height
+    else:
+        scale = reso[0] / width
+    return int(width * scale + 0.5), int(height * scale + 0.5)
 
 
 def make_buckets(resolution: Reso, *, enable_bucket: bool, min_bucket_reso: int = 256, max_bucket_reso: int = 1024,
@@ -232,14 +242,17 @@ class BucketAssignment:
         return {"buckets": buckets, "mean_img_ar_error": mean}
 
 
-def assign_buckets(buckets: Buckets, images: Iterable[tuple[Hashable, Reso, int]]) -> BucketAssignment:
-    """Assign (key, (width, height), repeats) images to buckets as sd-scripts' BaseDataset.make_buckets does."""
+def assign_buckets(buckets: Buckets, images: Iterable[tuple[Hashable, Reso, int]],
+                   fixed: dict[Hashable, Reso] | None = None) -> BucketAssignment:
+    """Assign (key, (width, height), repeats) images to buckets as sd-scripts' BaseDataset.make_buckets does; an image
+    in `fixed` goes to the bucket given there (fine-tuning metadata's train_resolution)."""
     choices: dict[Hashable, BucketChoice] = {}
     repeats: dict[Hashable, int] = {}
     for key, (width, height), num_repeats in images:
         if key in choices:
             raise ValueError(f"image key {key!r} given twice")
-        choices[key] = buckets.select_bucket(width, height)
+        choices[key] = (buckets.fit(width, height, fixed[key]) if fixed and key in fixed
+                        else buckets.select_bucket(width, height))
         repeats[key] = num_repeats
     entries: dict[Reso, list[Hashable]] = {reso: [] for reso in sorted({c.reso for c in choices.values()})}
     for key, choice in choices.items():

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Mapping
 
 from library.config.dataset_config import DatasetSupport, dataset_specs_from_dirs, load_dataset_config
-from library.data.bucketing import BucketAssignment, assign_buckets, make_buckets, rounding_notes
+from library.data.bucketing import BucketAssignment, Buckets, assign_buckets, make_buckets, rounding_notes
 from library.data.cache_rules import check_cache_options
 from library.data.images import CorruptImageError, image_size, verify_image
 from library.data.specs import DatasetSpec
@@ -166,22 +166,44 @@ def _plan_dataset(spec: DatasetSpec, problems: list[str], strict: bool, verify: 
         problems.append("regularisation images without training images in one dataset: they are not used")
     entries = train + balance_regularisation(train, reg)
     _check_epoch_size(spec, entries)
-    buckets = make_buckets(spec.resolution, enable_bucket=spec.enable_bucket, min_bucket_reso=spec.min_bucket_reso,
-                           max_bucket_reso=spec.max_bucket_reso, bucket_reso_steps=spec.bucket_reso_steps,
-                           bucket_no_upscale=spec.bucket_no_upscale)
-    for note in rounding_notes(spec.resolution, enable_bucket=spec.enable_bucket, min_bucket_reso=spec.min_bucket_reso,
-                               max_bucket_reso=spec.max_bucket_reso, bucket_reso_steps=spec.bucket_reso_steps,
-                               bucket_no_upscale=spec.bucket_no_upscale, required_step=required_step):
-        # Datasets sharing the settings would repeat the line.
-        if note not in problems:
-            problems.append(note)
-    assignment = assign_buckets(buckets, ((i, sizes[e.path], e.num_repeats) for i, e in enumerate(entries)))
+    buckets = _metadata_buckets(spec, entries + held_out, problems)
+    if buckets is None:
+        buckets = make_buckets(spec.resolution, enable_bucket=spec.enable_bucket,
+                               min_bucket_reso=spec.min_bucket_reso, max_bucket_reso=spec.max_bucket_reso,
+                               bucket_reso_steps=spec.bucket_reso_steps, bucket_no_upscale=spec.bucket_no_upscale)
+        for note in rounding_notes(spec.resolution, enable_bucket=spec.enable_bucket,
+                                   min_bucket_reso=spec.min_bucket_reso, max_bucket_reso=spec.max_bucket_reso,
+                                   bucket_reso_steps=spec.bucket_reso_steps, bucket_no_upscale=spec.bucket_no_upscale,
+                                   required_step=required_step):
+            # Datasets sharing the settings would repeat the line.
+            if note not in problems:
+                problems.append(note)
+
+    def assign(listed: list[ImageEntry], repeats=None):
+        fixed = {i: tuple(e.train_resolution) for i, e in enumerate(listed) if e.train_resolution}
+        return assign_buckets(buckets, ((i, sizes[e.path], repeats or e.num_repeats) for i, e in enumerate(listed)),
+                              fixed=fixed if buckets.metadata else None)
+
+    assignment = assign(entries)
     validation = None
     if held_out:
         held_out = [replace(e, num_repeats=1) for e in held_out]
-        validation = DatasetPlan(spec, held_out, {e.path: sizes[e.path] for e in held_out},
-                                 assign_buckets(buckets, ((i, sizes[e.path], 1) for i, e in enumerate(held_out))))
+        validation = DatasetPlan(spec, held_out, {e.path: sizes[e.path] for e in held_out}, assign(held_out, 1))
     return DatasetPlan(spec, entries, sizes, assignment), validation
+
+
+def _metadata_buckets(spec: DatasetSpec, entries: list[ImageEntry], problems: list[str]) -> Buckets | None:
+    """Fine-tuning metadata whose every image has a train_resolution (tools/prepare_buckets_latents.py, or
+    sd-scripts' own) decides the buckets, as sd-scripts' FineTuningDataset does: bucketing on, one bucket per listed
+    resolution, each image in its own; the dataset's bucket settings are not used."""
+    if not spec.is_fine_tuning or not entries or not all(e.train_resolution for e in entries):
+        return None
+    resos = tuple(sorted({tuple(e.train_resolution) for e in entries}))
+    note = (f"using the buckets in the metadata (train_resolution of every image: {len(resos)} buckets); "
+            "the dataset's bucket settings are not used")
+    if note not in problems:
+        problems.append(note)
+    return Buckets(tuple(spec.resolution), False, spec.bucket_reso_steps, resos, metadata=True)
 
 
 def split_validation(entries: list[ImageEntry], split: float, seed: int) -> tuple[list[ImageEntry], list[ImageEntry]]:

@@ -68,11 +68,6 @@ def write_json(path: Path, data: dict) -> Path:
     return path
 
 
-def metadata_key(image: Path, *, full_path: bool) -> str:
-    """An image's key in fine-tuning metadata: its stem, or (sd-scripts' --full_path) its path without extension."""
-    return str(image.with_suffix("")) if full_path else image.stem
-
-
 class PrepRun:
     """One tool run over images: which to do, a progress bar, corrupt files reported and skipped, a summary.
 
@@ -109,9 +104,10 @@ class PrepRun:
         items = self.todo if items is None else items
         return iter(tqdm(items, total=total, desc=self.what, disable=self.quiet or not self.todo))
 
-    def summary(self, extra: Iterable[str] = ()) -> str:
-        """Counts (written, already done, unreadable) and the tool's own lines."""
-        lines = [f"{self.what}: {self.written} written, {len(self.skipped_done)} already done (skipped; --overwrite "
+    def summary(self, extra: Iterable[str] = (), *, redo: str = "--overwrite") -> str:
+        """Counts (written, already done, unreadable) and the tool's own lines; `redo` names the flag that redoes
+        what was done already."""
+        lines = [f"{self.what}: {self.written} written, {len(self.skipped_done)} already done (skipped; {redo} "
                  f"redoes them), {len(self.corrupt)} unreadable, of {len(self.images)} images"]
         lines += [f"  unreadable: {path} ({reason})" for path, reason in self.corrupt[:10]]
         if len(self.corrupt) > 10:

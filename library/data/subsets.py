@@ -223,6 +223,8 @@ def _metadata_image(key: str, image_dir: str | None, file: Path) -> Path | None:
     """The image a metadata key names: absolute, or relative to image_dir; without a usable extension, searched."""
     if os.path.isabs(key):
         path = Path(key)
+    elif Path(key).is_file():  # a --full_path key relative to where the tools ran (sd-scripts tries it first)
+        path = Path(key)
     elif image_dir is None:
         raise UserError(f"{file}: image path '{key}' is relative, so the subset needs image_dir (the folder it is "
                         "relative to): set image_dir in its [[datasets.subsets]], or --train_data_dir with --in_json")

@@ -4,6 +4,8 @@ when training first needs one of its images, or all before the first step with -
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from library.data.dataset import latent_requests
@@ -13,6 +15,18 @@ from library.errors import UserError
 
 # Subset settings that change pixels per epoch; with any of them the VAE runs every step instead.
 PIXEL_AUGMENTATIONS = ("color_aug", "random_crop", "face_crop_aug_range")
+
+
+def vae_identity(source: str, dtype, vae_file: str | None = None) -> str:
+    """What cached latents depend on besides the image and its bucket: the model (its resolved path, so
+    `./model.safetensors` and `model.safetensors` share a cache), the --vae file replacing its VAE, and the dtype.
+    tools/prepare_buckets_latents.py writes its entries under the same identity, so training finds them current."""
+    def resolved(name: str) -> str:
+        path = Path(name).expanduser()
+        return str(path.resolve()) if path.exists() else str(name)
+
+    identity = f"{resolved(source)}:{dtype}"
+    return identity + f":vae={resolved(vae_file)}" if vae_file else identity
 
 
 def build_latent_cache(config, plan, parts, accelerator, *, lazy: bool | None = None) -> LatentCache | None:
@@ -25,7 +39,8 @@ def build_latent_cache(config, plan, parts, accelerator, *, lazy: bool | None = 
         return None
     vae = parts.vae
     stride = 2 ** (len(vae.config.block_out_channels) - 1)
-    cache = LatentCache(to_disk=bool(config.cache_latents_to_disk), vae_identity=f"{parts.source}:{vae.dtype}",
+    cache = LatentCache(to_disk=bool(config.cache_latents_to_disk),
+                        vae_identity=vae_identity(parts.source, vae.dtype, config.get("vae")),
                         skip_check=bool(config.skip_cache_check), latent_stride=stride,
                         npz_suffix=parts.family.latent_cache_suffix)
     requests = latent_requests(plan)

@@ -225,3 +225,15 @@ def test_loader_workers_are_dropped_only_while_latents_wait(tmp_path, tiny_parts
     assert latents_module.loader_workers(config, cache, said.append) == 0
     assert latents_module.loader_workers(config, None, said.append) == 2
     assert len(said) == 1 and "max_data_loader_n_workers 2 ignored" in said[0]
+
+
+def test_the_cache_identity_is_the_resolved_model_and_its_vae(tmp_path, monkeypatch):
+    """`./m.safetensors` and its absolute path share cached latents; a --vae file replacing the VAE does not."""
+    from library.training.latents import vae_identity
+
+    (tmp_path / "m.safetensors").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    assert vae_identity("m.safetensors", torch.float32) == vae_identity(str(tmp_path / "m.safetensors"), torch.float32)
+    assert vae_identity("m.safetensors", torch.float32, "vae.pt") != vae_identity("m.safetensors", torch.float32)
+    assert vae_identity("m.safetensors", torch.float16) != vae_identity("m.safetensors", torch.float32)
+    assert vae_identity("tiny-sd1", torch.float16) == "tiny-sd1:torch.float16"
