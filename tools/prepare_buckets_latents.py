@@ -249,11 +249,10 @@ def _print_summary(args, result: Prepared, assignment) -> None:
     if stale:
         print(f"  {len(stale)} entries of {args.in_json} have no image in {args.train_data_dir} (e.g. '{stale[0]}'): "
               "sd-scripts uses no npz file while any entry lacks train_resolution; remove them or add the images")
+    # The buckets travel in the metadata (train_resolution): training takes them from there, as sd-scripts does.
     print(f"  wrote {result.written} <key>.npz files and {args.out_json} ({len(result.metadata)} entries); train with "
-          f"--in_json {args.out_json} --train_data_dir {args.train_data_dir} --resolution {args.max_resolution} "
-          f"--enable_bucket --min_bucket_reso {args.min_bucket_reso} --max_bucket_reso {args.max_bucket_reso} "
-          f"--bucket_reso_steps {args.bucket_reso_steps}" + (" --bucket_no_upscale" if args.bucket_no_upscale else "")
-          + (" --flip_aug" if args.flip_aug else "") + " --cache_latents_to_disk")
+          f"--in_json {args.out_json} --train_data_dir {args.train_data_dir}"
+          + (" --flip_aug" if args.flip_aug else "") + " --cache_latents --cache_latents_to_disk")
 
 
 if __name__ == "__main__":

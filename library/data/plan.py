@@ -199,8 +199,8 @@ def _metadata_buckets(spec: DatasetSpec, entries: list[ImageEntry], problems: li
     if not spec.is_fine_tuning or not entries or not all(e.train_resolution for e in entries):
         return None
     resos = tuple(sorted({tuple(e.train_resolution) for e in entries}))
-    note = (f"using the buckets in the metadata (train_resolution of every image: {len(resos)} buckets); "
-            "the dataset's bucket settings are not used")
+    note = (f"using the buckets in the metadata (every image's train_resolution: {len(resos)} "
+            f"bucket{'s' if len(resos) != 1 else ''}); the dataset's bucket settings are not used")
     if note not in problems:
         problems.append(note)
     return Buckets(tuple(spec.resolution), False, spec.bucket_reso_steps, resos, metadata=True)
@@ -265,9 +265,11 @@ def print_plan(plan: RunPlan, *, verbose: bool) -> None:
         spec = dataset.spec
         train_total = sum(e.num_repeats for e in dataset.train)
         reg_total = sum(e.num_repeats for e in dataset.reg)
+        buckets = "on" if spec.enable_bucket else "off"
+        if spec.is_fine_tuning and dataset.entries and all(e.train_resolution for e in dataset.entries):
+            buckets = "from the metadata"
         print(f"dataset {index}: {'fine-tuning' if spec.is_fine_tuning else 'DreamBooth'}, resolution "
-              f"{spec.resolution[0]}x{spec.resolution[1]}, batch size {spec.batch_size}, "
-              f"buckets {'on' if spec.enable_bucket else 'off'}")
+              f"{spec.resolution[0]}x{spec.resolution[1]}, batch size {spec.batch_size}, buckets {buckets}")
         print(f"  {len(dataset.train)} training images ({train_total} with repeats), "
               f"{len(dataset.reg)} regularisation images ({reg_total} with repeats)")
         held_out = next((v for v in plan.validation if v.spec is spec), None)

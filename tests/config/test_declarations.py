@@ -149,9 +149,13 @@ def test_choices_match_sd_scripts(name, choices):
     assert set(BY_NAME[name].choices) == choices
 
 
+# List options of ours (not in sd-scripts): --train_embeddings mychar:4 "style:2:oil painting" (pivotal tuning).
+OUR_NARGS = {"train_embeddings": ("+", str)}
+
+
 def test_list_options_keep_sd_scripts_nargs_and_element_type():
     listed = {o.name: (o.nargs, o.type) for o in OPTIONS if o.nargs}
-    assert listed == SD_SCRIPTS_NARGS
+    assert listed == SD_SCRIPTS_NARGS | OUR_NARGS
 
 
 def test_int_or_float_options():

@@ -277,7 +277,7 @@ def test_train_db_in_json_trains_on_the_prepared_latents_without_encoding(prepar
     capsys.readouterr()
     result = train_db.main(_train_flags(root / "meta_lat.json", folder, tmp_path / "out", buckets=[]))
     out = capsys.readouterr().out
-    assert "using the buckets in the metadata (train_resolution of every image: 3 buckets)" in out
+    assert "using the buckets in the metadata (every image's train_resolution: 3 buckets)" in out
     assert result.global_step == 2 and result.final_file.is_file()
     assert "fine-tuning" in out and "3 training images" in out
     assert "latents: 3 images cached in disk (0 encoded now)" in out
