@@ -165,11 +165,11 @@ def test_training_lowers_the_loss_against_an_untrained_twin(data, tmp_path):
     for caption in (data / "train" / "2_mychar shape").glob("*.txt"):
         caption.write_text(caption.read_text().replace("sks shape", "mychar"))
     flags = ["--cache_latents", "--optimizer_type", "AdamW"]
-    trained = train_textual_inversion.main(_flags(data, tmp_path / "a", *flags, lr="5e-2", steps=100, resolution="128"))
-    control = train_textual_inversion.main(_flags(data, tmp_path / "b", *flags, lr="0", steps=100, resolution="128"))
-    last = slice(-25, None)
+    trained = train_textual_inversion.main(_flags(data, tmp_path / "a", *flags, lr="5e-2", steps=50, resolution="128"))
+    control = train_textual_inversion.main(_flags(data, tmp_path / "b", *flags, lr="0", steps=50, resolution="128"))
+    last = slice(-12, None)
     ratio = sum(trained.losses[last]) / sum(control.losses[last])
-    # 0.9979 after 100 steps (0.9983 after 200) with the 8x tiny VAE; exactly 1.0 if nothing is learnt
+    # 0.9982 after 50 steps (0.9979 after 100, 0.9983 after 200) with the 8x tiny VAE; exactly 1.0 if nothing is learnt
     assert ratio < 0.999, ratio
 
 
