@@ -359,3 +359,45 @@ def test_sd_scripts_command_line_unchanged(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Tag frequencies:\n" in out and "1girl: 2\n" in out and "red: 1\n" in out
     assert "Rating tags: sensitive" in out and "Character tags: hatsune miku, vocaloid, artoria" in out
+
+
+def test_a_tagger_exported_from_torch_tags_as_the_torch_model_scores(tmp_path):
+    """The issue's fixture as asked: a tiny torch model (NHWC in, sigmoid scores out, as SmilingWolf's taggers)
+    exported with torch.onnx.export; the tags written are exactly those the torch model scores at or above --thresh on
+    the tagger's preprocessing of each image."""
+    import torch
+
+    class Tagger(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 1)
+            self.head = torch.nn.Linear(3, 6)
+
+        def forward(self, x):  # (N, H, W, 3) BGR 0..255
+            features = self.conv(x.permute(0, 3, 1, 2) / 255 - 0.5).mean((2, 3))
+            return torch.sigmoid(self.head(features) * 8)
+
+    torch.manual_seed(9)  # a seed whose random tagger tags the three colours differently
+    model = Tagger().eval()
+    folder = tmp_path / "torch_tagger"
+    folder.mkdir()
+    torch.onnx.export(model, (torch.rand(1, 32, 32, 3) * 255,), str(folder / wd14.MODEL_FILE), dynamo=False,
+                      input_names=["input_1"], output_names=["predictions_sigmoid"],
+                      dynamic_axes={"input_1": {0: "batch"}, "predictions_sigmoid": {0: "batch"}})
+    names = ["general", "questionable", "solo", "long_hair", "red_theme", "hatsune_miku"]
+    categories = [9, 9, 0, 0, 0, 4]
+    rows = ["tag_id,name,category,count"] + [f"{i},{n},{c},1" for i, (n, c) in enumerate(zip(names, categories))]
+    (folder / wd14.TAGS_FILE).write_text("\n".join(rows) + "\n", encoding="utf-8")
+    images = [square(tmp_path / "data" / f"{i}.png", colour, size=(40, 24))
+              for i, colour in enumerate([RED, BLUE, (30, 200, 90)])]
+    run_tool(tmp_path / "data", folder, "--thresh", "0.5", "--batch_size", "2")
+    seen = []
+    for image in images:
+        array = wd14.preprocess(Image.open(image).convert("RGB"), 32)
+        with torch.no_grad():
+            probs = model(torch.from_numpy(array[None])).numpy()[0]
+        expected = [n for n, c, p in zip(names, categories, probs) if c != 9 and p >= 0.5]
+        written = caption(image).strip().split(", ") if caption(image).strip() else []
+        assert sorted(written) == sorted(expected), (image.name, probs)
+        seen.append(tuple(expected))
+    assert len(set(seen)) > 1 and any(seen)  # the images differ in their tags, and some are tagged
