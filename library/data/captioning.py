@@ -87,7 +87,8 @@ def model_source(value: str | None, kind: ModelKind) -> ModelSource:
         raise UserError(f"{kind.flag} {value}: {what}, not a transformers model folder; {_download_hint(kind)}")
     if path.exists():
         raise UserError(f"{kind.flag} {value}: a file, not a model folder; {_download_hint(kind)}")
-    if _HUB_ID.match(value) and not value.startswith("."):
+    # "models/blip" where a folder "models" exists here is a local path with a typo, not a hub id to download.
+    if _HUB_ID.match(value) and not value.startswith(".") and not Path(value.split("/")[0]).is_dir():
         return ModelSource(value, local=False)
     raise UserError(f"{kind.flag} {value}: no such folder; {_download_hint(kind)}")
 

@@ -319,3 +319,19 @@ def test_unreachable_hub_id_is_one_line(images, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1, err
     assert "the hub could not supply it" in err and "couldn't connect" in err
+
+
+def test_a_mistyped_local_path_is_not_taken_for_a_hub_id(images, tmp_path, monkeypatch, capsys):
+    """`models/blp` where a folder `models` exists here is a typo of a local folder: one line, no download tried."""
+    from transformers import AutoConfig
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub was asked for a mistyped local folder")
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", no_hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        _blip(images, "models/blp")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "models/blp: no such folder" in err
