@@ -258,12 +258,12 @@ class Generator:
         return self._img2img
 
     def _encoder(self, clip_skip: int | None):
-        from library.methods.ti_method import _TokenExpandingEncoder
+        from library.methods.ti_method import TokenExpandingEncoder
 
         encode = prompt_encoder(self.parts, clip_skip)  # SDXL: fixed layers, pooled output; clip_skip does not apply
         for embedding in self.embeddings:
             # A multi-vector embedding `name` is written out as `name name1 name2 …`, as it was trained.
-            encode = _TokenExpandingEncoder(encode, embedding.tokens[0], list(embedding.tokens))
+            encode = TokenExpandingEncoder(encode, embedding.tokens[0], list(embedding.tokens))
         return encode
 
     # ------------------------------------------------------------------ PNG files

@@ -152,7 +152,7 @@ class NetworkMethod(DiffusionMethod):
 def _pivotal_embeddings(config: RunConfig, parts: Components, plan: RunPlan | None, module_name: str):
     """--train_embeddings: the new tokens (library/methods/pivotal.py), started from the embeddings bundled in
     --network_weights when it has them; a file's bundled embeddings are never silently dropped."""
-    from library.methods.pivotal import PivotalEmbeddings, check_captions_mention, parse_specs
+    from library.methods.pivotal import FLAG, PivotalEmbeddings, check_captions_mention, parse_specs
     from networks.files import bundled_embeddings, read_network_file
 
     from networks.plugin import is_ours
@@ -171,13 +171,10 @@ def _pivotal_embeddings(config: RunConfig, parts: Components, plan: RunPlan | No
     if not specs:
         return None
     if not is_ours(module_name):
-        raise UserError(f"{FLAG_EMB}: --network_module {module_name} writes its own files, which cannot carry the "
+        raise UserError(f"{FLAG}: --network_module {module_name} writes its own files, which cannot carry the "
                         "embeddings; use one of this project's network modules (networks.lora, networks.loha, …)")
     check_captions_mention(specs, plan)
     return PivotalEmbeddings(specs, parts, start=start, source=str(config.network_weights))
-
-
-FLAG_EMB = "--train_embeddings"
 
 
 def _with_embeddings(metadata: dict[str, str] | None, embeddings) -> dict[str, str] | None:

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from library.errors import UserError
-from library.methods.ti_method import (NewTokenEmbedding, _initial_vectors, _TokenExpandingEncoder, _VectorsState,
-                                       add_new_tokens)
+from library.methods.ti_method import (NewTokenEmbedding, TokenExpandingEncoder, VectorsState, add_new_tokens,
+                                       initial_vectors)
 
 FLAG = "--train_embeddings"
 _TOKEN = re.compile(r"[^\s.,:<>()\[\]{}]+")
@@ -75,9 +75,9 @@ class PivotalEmbeddings:
             base = text_encoder.get_input_embeddings()
             rows = [self._start_rows(spec, index, base.weight.shape[1], start, source) for spec in specs]
             vectors = torch.cat([
-                row if row is not None else _initial_vectors(_InitOptions(spec.init_word), tokenizer,
-                                                             base.weight.detach(), spec.count, None, "its vectors",
-                                                             say=index == 0)
+                row if row is not None else initial_vectors(tokenizer, base.weight.detach(), spec.count,
+                                                            init_word=spec.init_word, flag=f"{FLAG} {spec.token}",
+                                                            say=index == 0)
                 for spec, row in zip(specs, rows)])
             first_id = add_new_tokens(tokenizer, tokens, flag=FLAG,
                                       fix="it has an embedding of its own; choose a made-up word (e.g. 'mychar')")
@@ -105,14 +105,14 @@ class PivotalEmbeddings:
     def expand(self, encode):
         """The prompt encoding with each multi-vector token written out (captions and sample prompts alike)."""
         for spec in self.specs:
-            encode = _TokenExpandingEncoder(encode, spec.token, spec.tokens)
+            encode = TokenExpandingEncoder(encode, spec.token, spec.tokens)
         return encode
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [embedding.vectors for embedding in self.embeddings]
 
     def checkpoint_objects(self) -> list:
-        return [_VectorsState(embedding) for embedding in self.embeddings]
+        return [VectorsState(embedding) for embedding in self.embeddings]
 
     def vectors(self, dtype: torch.dtype | None = None) -> dict[str, dict[str, torch.Tensor]]:
         """token -> {embedding key: (count, width) on the CPU}."""
@@ -153,14 +153,6 @@ class PivotalEmbeddings:
 
     def describe(self) -> str:
         return ", ".join(f"'{s.token}' ({s.count} vector{'s' if s.count != 1 else ''})" for s in self.specs)
-
-
-@dataclass(frozen=True)
-class _InitOptions:
-    """What ti_method's initialisation reads from the options: the init word (no --weights here)."""
-
-    init_word: str | None
-    weights: None = None
 
 
 def check_captions_mention(specs: list[EmbeddingSpec], plan) -> None:

@@ -44,7 +44,7 @@ class NewTokenEmbedding(torch.nn.Module):
         return torch.where((input_ids >= self.first_id).unsqueeze(-1), rows, out)
 
 
-class _TokenExpandingEncoder:
+class TokenExpandingEncoder:
     """Prompt encoding with the token written out as its N tokens ("tok" → "tok tok1 tok2"), as sd-scripts does for
     captions and sample prompts alike."""
 
@@ -70,7 +70,7 @@ class _TokenExpandingEncoder:
         return [self.pattern.sub(lambda _: self.expanded, caption) for caption in captions]
 
 
-class _VectorsState:
+class VectorsState:
     """What --save_state keeps of a textual inversion: the vectors only, not the frozen matrix around them (one such
     object per text encoder)."""
 
@@ -115,7 +115,8 @@ class TextualInversionMethod(DiffusionMethod):
             # Before the new tokens exist: an init word containing the token must read the base model's own rows.
             rows = start.vectors[index] if start is not None else None
             what = f"its {self.keys[index]} vectors" if len(self.keys) > 1 else "its vectors"
-            vectors = _initial_vectors(config, tokenizer, base.weight.detach(), count, rows, what, say=index == 0)
+            vectors = initial_vectors(tokenizer, base.weight.detach(), count, init_word=config.init_word, start=rows,
+                                      source=config.weights, what=what, say=index == 0)
             first_id = add_new_tokens(tokenizer, self.tokens, flag=f"--token_string {token}",
                                       fix="it has an embedding of its own; choose a made-up word (e.g. 'mychar')")
             initial.append(vectors)
@@ -128,7 +129,7 @@ class TextualInversionMethod(DiffusionMethod):
             embedding.vectors.data = vectors.detach().float().to(device)
             embedding.vectors.requires_grad_(True)
         super().__init__(config, parts, device, weight_dtype, plan, train_text_encoder=True)
-        self.encode_prompts = _TokenExpandingEncoder(self.encode_prompts, token, self.tokens)
+        self.encode_prompts = TokenExpandingEncoder(self.encode_prompts, token, self.tokens)
         self.caption_transform = template_transform(config, name=token, require_name=True)
         if self.caption_transform is None and plan is not None:
             _check_captions_mention(token, plan)
@@ -154,7 +155,7 @@ class TextualInversionMethod(DiffusionMethod):
         return [embedding.vectors for embedding in self.embeddings]
 
     def checkpoint_objects(self) -> list:
-        return [_VectorsState(embedding) for embedding in self.embeddings]
+        return [VectorsState(embedding) for embedding in self.embeddings]
 
     @property
     def embedding(self) -> NewTokenEmbedding:
@@ -264,20 +265,24 @@ def add_new_tokens(tokenizer, tokens: list[str], *, flag: str, fix: str) -> int:
     return ids[0]
 
 
-def _initial_vectors(config: RunConfig, tokenizer, weight: torch.Tensor, count: int, start: torch.Tensor | None,
-                     what: str, *, say: bool = True) -> torch.Tensor:
+def initial_vectors(tokenizer, weight: torch.Tensor, count: int, *, init_word: str | None = None,
+                    start: torch.Tensor | None = None, source: str | None = None, what: str = "its vectors",
+                    flag: str = "--init_word", say: bool = True) -> torch.Tensor:
+    """`count` starting rows for new tokens: `start` (vectors read from `source`, a --weights file), else the init
+    words' rows cycled, else rows around the mean of the embedding matrix `weight`. `flag` names the init words in
+    messages (--init_word; pivotal tuning's --train_embeddings TOKEN)."""
     if start is not None:
         if start.shape[1] != weight.shape[1]:
-            raise UserError(f"--weights {config.weights}: {what} are {start.shape[1]} wide, this text encoder's are "
+            raise UserError(f"--weights {source}: {what} are {start.shape[1]} wide, this text encoder's are "
                             f"{weight.shape[1]} (an embedding for another model family)")
         return start.float()
-    if config.init_word:
+    if init_word:
         # Ids of the words' tokens, cycled over the vectors (sd-scripts); the base tokenizer knows none of ours.
-        ids = tokenizer.encode(config.init_word, add_special_tokens=False)
+        ids = tokenizer.encode(init_word, add_special_tokens=False)
         if not ids:
-            raise UserError(f"--init_word '{config.init_word}' gives no tokens; use one or more words")
+            raise UserError(f"{flag} '{init_word}' gives no tokens; use one or more words")
         if len(ids) > count and say:  # once, not once per text encoder
-            print(f"--init_word '{config.init_word}' is {len(ids)} tokens; the first {count} initialise the vectors")
+            print(f"{flag} '{init_word}' is {len(ids)} tokens; the first {count} initialise the vectors")
         return torch.stack([weight[ids[i % len(ids)]].float() for i in range(count)])
     return _mean_resized(weight.float(), count)
 
