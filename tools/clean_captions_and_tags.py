@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as `python tools/clean_captions_and_tags.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from library.data import finetune_metadata as fm  # noqa: E402
-from library.data.prep import frequency_lines, write_json  # noqa: E402
+from library.data.prep import frequency_lines, tag_counts, write_json  # noqa: E402
 from library.errors import UserError, exit_on_user_error  # noqa: E402
 
 
@@ -57,7 +57,7 @@ def _print_summary(out_json, metadata: dict, result: fm.CleanResult) -> None:
         if keys:
             shown = ", ".join(keys[:5]) + (f" … and {len(keys) - 5} more" if len(keys) > 5 else "")
             print(f"  {len(keys)} entries with {what}: {shown}")
-    for line in frequency_lines(fm.tag_counts(entry.get("tags") for entry in metadata.values())):
+    for line in frequency_lines(tag_counts(entry.get("tags") for entry in metadata.values())):
         print(line)
 
 

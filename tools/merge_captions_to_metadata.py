@@ -39,7 +39,7 @@ def build_parser(description: str, default_extension: str, what: str) -> argpars
 def run_merge(args: argparse.Namespace, *, field_name: str, what: str, tool: str) -> dict:
     """List the images, merge their `field_name` files into the metadata, write it, print the summary."""
     from library.data import finetune_metadata as fm
-    from library.data.prep import frequency_lines, list_images, write_json
+    from library.data.prep import frequency_lines, list_images, tag_counts, write_json
     from library.errors import UserError
 
     if args.recursive and not args.full_path:
@@ -63,7 +63,7 @@ def run_merge(args: argparse.Namespace, *, field_name: str, what: str, tool: str
         print(f"  without {args.caption_extension}: " + ", ".join(str(p) for p in result.missing[:5])
               + (f" … and {len(result.missing) - 5} more" if len(result.missing) > 5 else ""))
     if field_name == "tags":
-        for line in frequency_lines(fm.tag_counts(metadata[key]["tags"] for key in result.merged)):
+        for line in frequency_lines(tag_counts(metadata[key]["tags"] for key in result.merged)):
             print(line)
     return metadata
 

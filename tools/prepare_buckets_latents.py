@@ -100,7 +100,7 @@ def main(argv=None) -> Prepared:
     if args.batch_size < 1:
         raise UserError(f"--batch_size {args.batch_size}: give 1 or more")
     alpha_mask = fm.flag_is_on(args.alpha_mask)
-    buckets = make_buckets(fm.parse_resolution(args.max_resolution), enable_bucket=True,
+    buckets = make_buckets(_max_resolution(args.max_resolution), enable_bucket=True,
                            min_bucket_reso=args.min_bucket_reso, max_bucket_reso=args.max_bucket_reso,
                            bucket_reso_steps=args.bucket_reso_steps, bucket_no_upscale=args.bucket_no_upscale)
     metadata = fm.read_metadata(args.in_json)
@@ -138,6 +138,16 @@ def main(argv=None) -> Prepared:
     write_json(Path(args.out_json), metadata)
     _print_summary(args, result, assignment)
     return result
+
+
+def _max_resolution(text: str) -> tuple[int, int]:
+    """--max_resolution "W,H" (or one number for a square), as training's --resolution reads it."""
+    from library.config.dataset_config import parse_size
+
+    size = parse_size(text)
+    if size is None or min(size) < 1:
+        raise UserError(f"--max_resolution {text!r}: give the size as WIDTH,HEIGHT (e.g. 512,512)")
+    return size[0], size[1]
 
 
 def _image_sizes(keys: dict[str, Path], run: PrepRun) -> dict[str, tuple[int, int]]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from collections import Counter
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python tools/preprocess_images.py`: make the project importable
@@ -20,7 +19,7 @@ if __package__ in (None, ""):  # run as `python tools/preprocess_images.py`: mak
 from PIL import Image, ImageOps  # noqa: E402
 
 from library.data import preprocess as pp  # noqa: E402
-from library.data.prep import PrepRun, frequency_lines, list_images, sidecar, write_text  # noqa: E402
+from library.data.prep import PrepRun, frequency_lines, list_images, sidecar, tag_counts, write_text  # noqa: E402
 from library.errors import UserError, exit_on_user_error  # noqa: E402
 
 CAPTION_ACTIONS = ("ignore", "copy", "prepend", "append")
@@ -80,18 +79,18 @@ def main(argv=None) -> PrepRun:
     if args.focal_crop and args.focal_crop_face_weight > 0 and not pp.has_face_detector():
         print("note: --focal_crop finds faces only with OpenCV installed (pip install opencv-python-headless); "
               "edges and entropy decide the crop")
-    words: Counter = Counter()
+    captions: list[str] = []
     for source in run.progress():
         image = run.load(source)
         if image is None:
             continue
         caption = _caption(source, args)
-        words.update(w.strip() for w in caption.split(",") if w.strip())
+        captions.append(caption)
         outputs = list(_outputs(image, args))
         for sub, out in enumerate(o for img in outputs for o in ([img, ImageOps.mirror(img)] if args.flip else [img])):
             _save(out, dst / f"{index[source]:05}-{sub}-{source.stem}.png", caption, args)
             run.written += 1
-    print(run.summary(frequency_lines(words, what="caption tags")))
+    print(run.summary(frequency_lines(tag_counts(captions), what="caption tags")))
     return run
 
 

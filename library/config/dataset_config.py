@@ -240,21 +240,32 @@ def _option_values(options: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
+def parse_size(text: str) -> list[int] | None:
+    """sd-scripts' size text: "512" (a square) or "512,768" (width,height) -> [width, height]; None for another form."""
+    try:
+        parts = [int(part) for part in str(text).split(",")]
+    except ValueError:
+        return None
+    if len(parts) == 1:
+        parts *= 2
+    return parts if len(parts) == 2 else None
+
+
 def _text_option(name: str, value: Any) -> Any:
     """sd-scripts' prepare_dataset_args: --resolution "512" or "512,768", --face_crop_aug_range "2.0,4.0"."""
     if not isinstance(value, str):
         return value
-    convert = int if name == "resolution" else float
+    if name == "resolution":
+        parts = parse_size(value)
+        if parts is None:
+            raise UserError(f"option --{name} must be 'size' or 'width,height' (e.g. 512 or 512,768), got '{value}'")
+        return parts
     try:
-        parts = [convert(part) for part in value.split(",")]
+        parts = [float(part) for part in value.split(",")]
     except ValueError:
         parts = []
-    if name == "resolution" and len(parts) == 1:
-        parts *= 2
-    if len(parts) != 2 or (name == "face_crop_aug_range" and parts[0] > parts[1]):
-        form = ("'size' or 'width,height' (e.g. 512 or 512,768)" if name == "resolution"
-                else "'min,max' with min <= max (e.g. 2.0,4.0)")
-        raise UserError(f"option --{name} must be {form}, got '{value}'")
+    if len(parts) != 2 or parts[0] > parts[1]:
+        raise UserError(f"option --{name} must be 'min,max' with min <= max (e.g. 2.0,4.0), got '{value}'")
     return parts
 
 

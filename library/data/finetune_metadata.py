@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,15 +98,6 @@ def merge_text_files(metadata: dict, images: Iterable[Path], *, field_name: str,
         if on_text is not None:
             on_text(key, text)
     return result
-
-
-def tag_counts(texts: Iterable[str | None]) -> Counter:
-    """How often each comma-separated tag occurs over `texts` (None skipped), for the summaries."""
-    counts: Counter = Counter()
-    for text in texts:
-        if text:
-            counts.update(tag for tag in (t.strip() for t in text.split(",")) if tag)
-    return counts
 
 
 # ---------------------------------------------------------------- cleaning (finetune/clean_captions_and_tags.py)
@@ -302,19 +292,6 @@ def write_sd_scripts_npz(path: Path, *, latents: np.ndarray, original_size, crop
     with atomic_file(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
     return path
-
-
-def parse_resolution(text: str, flag: str = "--max_resolution") -> tuple[int, int]:
-    """"W,H" (or one number for a square) as sd-scripts' scripts take it."""
-    try:
-        values = tuple(int(v) for v in str(text).split(","))
-    except ValueError:
-        values = ()
-    if len(values) == 1:
-        values = values * 2
-    if len(values) != 2 or min(values) < 1:
-        raise UserError(f"{flag} {text!r}: give the size as WIDTH,HEIGHT (e.g. 512,512)")
-    return values  # type: ignore[return-value]
 
 
 def flag_is_on(value: str | bool | None) -> bool:

@@ -116,6 +116,15 @@ class PrepRun:
         return "\n".join(lines)
 
 
+def tag_counts(texts: Iterable[str | None]) -> Counter:
+    """How often each comma-separated tag occurs over `texts` (None and empty tags skipped), for the summaries."""
+    counts: Counter = Counter()
+    for text in texts:
+        if text:
+            counts.update(tag for tag in (t.strip() for t in text.split(",")) if tag)
+    return counts
+
+
 def frequency_lines(counts: Counter, *, top: int = 20, what: str = "tags") -> list[str]:
     """The most frequent tags, `top` of them, for a summary."""
     if not counts:
