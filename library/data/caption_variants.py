@@ -132,7 +132,7 @@ class TextCachePlan:
         if self.variants is None:
             return (f"text-encoder cache: {len(self.fixed)} captions; "
                     f"{len(self.fixed) * self.per_caption / 2**20:.1f} MiB")
-        distinct = len(set(self.variants.captions()))
+        distinct = len(self.variants.captions())  # already distinct
         how = "--caption_variants" if self.option is not None else f"auto: within {BUDGET_BYTES >> 20} MiB"
         total = (distinct + len(self.fixed)) * self.per_caption
         return (f"text-encoder cache: {self.variants.count} caption variants per image ({how}) for "
