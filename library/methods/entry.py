@@ -98,6 +98,9 @@ def _start_resolved(config: RunConfig, run):
     # The base model's header first: a LoRA or a truncated download is refused in seconds, not after the scan.
     check_base_model(config)
     from library.data.plan import plan_run, print_plan
+    from library.training.memory import freeze_long_lived_objects
+
+    freeze_long_lived_objects()  # the libraries are imported now (the header check needed them), no model is built
 
     plan = plan_run(config)
     check_family_options(config, plan)

@@ -25,6 +25,23 @@ def _malloc_trim():
         return None
 
 
+_frozen = False
+
+
+def freeze_long_lived_objects() -> None:
+    """Once per process, after the libraries are imported and before any model is built: collect, then move every
+    object alive now (~530,000 from torch, diffusers, transformers and accelerate) into the permanent generation
+    (`gc.freeze`). Each later full collection (release_freed_memory's, and Python's own) then scans only what the
+    run created: 0.3 s -> milliseconds, three or more times per run. What is frozen is never garbage (modules,
+    functions, classes); the collection first makes sure of that."""
+    global _frozen
+    if _frozen:
+        return
+    gc.collect()
+    gc.freeze()
+    _frozen = True
+
+
 def release_freed_memory() -> bool:
     """Collect garbage, then hand glibc's free pages back to the OS; True when malloc_trim ran."""
     gc.collect()
