@@ -11,6 +11,8 @@ from library.config.suggest import did_you_mean
 from library.errors import UserError
 from networks.injection import BLOCK_LAYOUTS, BlockLayout
 
+# What --network_module means when it is not given (sd-scripts requires it; LoRA is what its users mean).
+DEFAULT_NETWORK_MODULE = "networks.lora"
 LR_WEIGHT_PRESETS = ("sine", "cosine", "linear", "reverse_linear", "zeros")
 
 
@@ -140,7 +142,7 @@ def split_network_args(items: Iterable[str] | None) -> dict[str, str]:
 
 
 def parse_network_args(raw: Mapping[str, Any], extra: Mapping[str, Callable[[str], Any]] | None = None,
-                       *, module: str = "networks.lora", layout: BlockLayout | None = None,
+                       *, module: str = DEFAULT_NETWORK_MODULE, layout: BlockLayout | None = None,
                        common: Iterable[str] | None = None) -> dict[str, Any]:
     """Typed values for the keys `module` accepts (`common`: which of COMMON_ARGS, None for all); an unknown key or a
     bad value is a UserError naming it. With the model's block `layout`, block-wise keys are counted and sized for it
@@ -176,7 +178,7 @@ def check_network_args(items: Iterable[str] | None, module_name: str | None, lay
     (networks.lora, .loha, .lokr) the value of every key the module declares (type and range). Unknown keys are left
     to create_network, which names them; other modules (lycoris.kohya, ...) read their own arguments."""
     raw = split_network_args(items)
-    name = module_name or "networks.lora"
+    name = module_name or DEFAULT_NETWORK_MODULE
     if not name.startswith("networks."):
         return
     import importlib

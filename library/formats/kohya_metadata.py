@@ -19,6 +19,7 @@ from library.data.captions import tag_frequency
 from library.errors import UserError
 from library.formats.modelspec import MODELSPEC_VERSION, TRAINER_VERSION
 from library.models.family import ModelFamily, family_from_flags
+from networks.args import DEFAULT_NETWORK_MODULE
 
 if TYPE_CHECKING:
     import torch
@@ -103,7 +104,8 @@ def _run_keys(config: Mapping[str, Any], plan: "RunPlan", records: list[_Dataset
         "ss_max_train_steps": plan.total_steps,
         "ss_lr_warmup_steps": config.get("lr_warmup_steps"),
         "ss_lr_scheduler": config.get("lr_scheduler"),
-        "ss_network_module": config.get("network_module"),
+        # The module that trained (networks.lora when none was named), never "None": loaders read it.
+        "ss_network_module": config.get("network_module") or DEFAULT_NETWORK_MODULE,
         "ss_network_dim": config.get("network_dim"),
         "ss_network_alpha": _as_sd_scripts_parsed(config, "network_alpha"),
         "ss_network_dropout": config.get("network_dropout"),

@@ -12,6 +12,7 @@ from library.data.plan import RunPlan
 from library.errors import UserError
 from library.methods.diffusion_method import DiffusionMethod, freeze_models
 from library.models.components import Components
+from networks.args import DEFAULT_NETWORK_MODULE
 
 
 class NetworkMethod(DiffusionMethod):
@@ -25,7 +26,7 @@ class NetworkMethod(DiffusionMethod):
         train_text_encoder = not config.network_train_unet_only
         if not (train_unet or train_text_encoder):
             raise UserError("--network_train_unet_only and --network_train_text_encoder_only together train nothing")
-        module_name = config.network_module or "networks.lora"
+        module_name = config.network_module or DEFAULT_NETWORK_MODULE
         _merge_base_weights(config, parts, module_name)
         # --train_embeddings (pivotal tuning): the new tokens go in before the freeze, as a textual inversion's do.
         self.embeddings = _pivotal_embeddings(config, parts, plan, module_name)

@@ -164,6 +164,7 @@ def test_other_option_values_follow_sd_scripts_parsing(tmp_path):
         "ss_network_alpha": "1", "ss_network_dim": "None",
         "ss_enable_bucket": "False", "ss_min_bucket_reso": "None", "ss_max_bucket_reso": "None",
         "ss_bucket_info": "null", "ss_sd_model_name": "runwayml/stable-diffusion-v1-5",
+        "ss_network_module": "networks.lora",  # the module that trained when none is named (was "None")
     }
     assert {key: metadata[key] for key in expected} == expected
     assert "ss_sd_model_hash" not in metadata and "ss_new_sd_model_hash" not in metadata  # a hub id has no file
