@@ -7,6 +7,8 @@ or a batch is loaded. The run must name it once, train the plan's exact steps wi
 
 from __future__ import annotations
 
+import multiprocessing
+
 import pytest
 from PIL import Image
 
@@ -95,6 +97,9 @@ def test_a_batch_whose_images_all_fail_trains_on_another_bucket(data, tmp_path, 
 def test_strict_stops_at_a_truncated_image_with_one_line(data, tmp_path, capfd, mode, workers):
     broken = truncate(data / "img003.png")
     _fails(data, tmp_path / "out", "--strict", *CACHE_MODES[mode], workers=workers)
+    # The loader's workers were shut down when the error left the loop, though the error (and its traceback) is
+    # still held here; they used to linger until it was collected, and a process exiting with them alive hung.
+    assert multiprocessing.active_children() == []
     err = capfd.readouterr().err
     errors = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error:")]
     assert errors == [f"error: {broken}: the image cannot be decoded (image file is truncated); --strict stops the "

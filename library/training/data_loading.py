@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from functools import partial
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -51,11 +52,40 @@ def _single(items):
     return items[0]
 
 
-def _worker_ignores_sigterm(_worker_id: int) -> None:
-    # A SIGTERM sent to the whole process group (timeout, Slurm's scancel, a terminal closing) must reach only the
-    # main process, which saves before stopping; a worker killed by it would abort that save. Workers still exit
-    # when the loader shuts down or the main process dies (torch's watchdog).
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+_exiting = None  # a byte in shared memory: 1 once this process's interpreter is exiting (see _loader_workers_exit)
+
+
+def _exiting_flag():
+    """The shared flag the workers read, created once per process with the atexit hook that sets it. Registered after
+    multiprocessing's own exit hook, so it runs first (atexit is last-in, first-out)."""
+    global _exiting
+    if _exiting is None:
+        import atexit
+        import multiprocessing
+
+        _exiting = multiprocessing.RawValue("b", 0)
+        atexit.register(_loader_workers_exit)
+    return _exiting
+
+
+def _loader_workers_exit() -> None:
+    """At exit, multiprocessing ends the daemonic loader workers still alive with SIGTERM and then waits for each:
+    they must obey it now. (Workers outlive a run that stopped with an error: the traceback keeps the loader's
+    iterator alive, so it never shut them down; waiting on a worker that ignores SIGTERM hung the process forever.)"""
+    _exiting.value = 1
+
+
+def _worker_init(exiting, _worker_id: int) -> None:
+    """In each loader worker: a SIGTERM sent to the whole process group (timeout, Slurm's scancel, a terminal closing)
+    must reach only the main process, which saves before stopping; a worker killed by it would abort that save. So
+    the worker ignores SIGTERM, until the main process's interpreter is exiting: then it exits at once, with status 0
+    (torch's SIGCHLD handler in the main process would report a worker killed by a signal as a crash). Workers also
+    exit when the loader shuts down or the main process dies (torch's watchdog)."""
+    def on_sigterm(_signum, _frame):
+        if exiting.value:
+            os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def make_loader(dataset: TrainingDataset, sampler: EpochBatchSampler, *, workers: int, persistent: bool,
@@ -64,4 +94,4 @@ def make_loader(dataset: TrainingDataset, sampler: EpochBatchSampler, *, workers
     indexed = EpochIndexedDataset(dataset, batches_per_step=batches_per_step)
     return DataLoader(indexed, batch_size=1, sampler=sampler, collate_fn=_single,
                       num_workers=workers, persistent_workers=persistent and workers > 0,
-                      worker_init_fn=_worker_ignores_sigterm if workers > 0 else None)
+                      worker_init_fn=partial(_worker_init, _exiting_flag()) if workers > 0 else None)

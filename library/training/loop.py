@@ -14,6 +14,7 @@ import random
 import signal
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -325,6 +326,16 @@ class _Loop:
         self.sync: GradientSync | FullySharded | ZeroEngine | None = None
 
     def run(self, loader, state: ck.TrainState) -> None:
+        try:
+            self._run(loader, state)
+        except BaseException as err:
+            # The traceback holds every frame it passed through, the data loader's iterator among them: clearing
+            # their locals lets the iterator shut its worker processes down now, not whenever the error is collected
+            # (for a process that goes on, a test session or a notebook; at exit see data_loading's exit hook).
+            traceback.clear_frames(err.__traceback__)
+            raise
+
+    def _run(self, loader, state: ck.TrainState) -> None:
         self.state = state
         procs = self.accelerator.num_processes
         local_per_epoch = math.ceil(self.per_epoch / procs)

@@ -90,3 +90,31 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_code_130(tmp_path):
     assert err.strip().splitlines()[-1] == ("interrupted during start-up, before training began: no model or state "
                                             "was saved")
     assert not list((tmp_path / "out").glob("*.safetensors"))
+
+
+# A loader iterator still alive when the interpreter exits: what a run stopped by an error leaves (its traceback holds
+# the iterator, so the workers were never shut down). multiprocessing's exit hook sends them SIGTERM and waits.
+_EXIT_WITH_LIVE_WORKERS = """
+import sys
+from library.training.data_loading import EpochBatchSampler, make_loader
+
+class Data:
+    epoch = 1
+    def __len__(self): return 4
+    def set_epoch(self, epoch): self.epoch = epoch
+    def set_step(self, step): pass
+    def __getitem__(self, index): return index
+
+kept = iter(make_loader(Data(), EpochBatchSampler(4, start_epoch=1, epochs=1), workers=2, persistent=False))
+print(next(kept), flush=True)
+sys.exit(2)
+"""
+
+
+def test_the_process_exits_while_loader_workers_that_ignore_sigterm_are_alive():
+    # Before: the workers ignored that SIGTERM too and the process waited for them forever (--strict on a broken
+    # image with --max_data_loader_n_workers 2 never returned to the shell).
+    run = subprocess.run([sys.executable, "-c", _EXIT_WITH_LIVE_WORKERS], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert run.returncode == 2 and run.stdout.split() == ["(1,", "0,", "0)"], run.stdout + run.stderr
+    assert "Traceback" not in run.stderr and "killed by signal" not in run.stderr, run.stderr
