@@ -18,8 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Under pytest-xdist each worker gets one core's worth of threads: two workers with two OpenMP threads each on
 # a 2-core machine spin against each other and run 10-30x slower.
+# The processes the tests start (scripts, tools, DDP ranks) inherit one thread too.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
 GOLDEN = Path(__file__).resolve().parent / "golden"
 
 
