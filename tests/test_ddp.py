@@ -50,10 +50,11 @@ SGD = ("--optimizer_type", "SGDNesterov", "--learning_rate", "0.01", "--max_trai
 
 
 def _two_processes_and_one(tmp_path, script: str, argv, *, accumulation: int = 1, extra=(), two_only=(),
-                           atol: float = ATOL):
+                           atol: float = ATOL, reference_here: bool = True):
     """Train with 2 processes (`accumulation` micro-batches each; unseeded unless `extra` sets --seed; `two_only`
     options for this run alone), then with 1 process accumulating twice as many under the same seed; the weights
-    agree within `atol`. Returns (ddp folder, rank 0's weights, one process's)."""
+    agree within `atol`. Returns (ddp folder, rank 0's weights, one process's). The one-process run trains in this
+    process (a process of its own only repeated the imports, ~7 s a test) unless `reference_here` is False."""
     data = tmp_path / "data"
     make_demo_dataset(data, count=4, size=32)  # 4 images × 10 repeats = 40 batches of 1: even, no padding
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
@@ -70,18 +71,39 @@ def _two_processes_and_one(tmp_path, script: str, argv, *, accumulation: int = 1
     # Unseeded: the ranks must share the main process's drawn seed, and the saved options must hold it.
     name = next(ddp_out.glob("*.config.toml"))
     seed = toml.load(name)["training"]["seed"]
-    single = subprocess.run([sys.executable, WORKER, script, str(single_out),
-                             *argv(data, single_out, "--gradient_accumulation_steps", str(2 * accumulation), *extra,
-                                   "--seed", str(seed))],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert single.returncode == 0, single.stderr[-3000:]
+    single_argv = argv(data, single_out, "--gradient_accumulation_steps", str(2 * accumulation), *extra,
+                       "--seed", str(seed))
+    if reference_here:
+        reference = _one_process_here(script, single_argv)
+    else:
+        single = subprocess.run([sys.executable, WORKER, script, str(single_out), *single_argv],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+        assert single.returncode == 0, single.stderr[-3000:]
+        reference = load_file(str(single_out / "rank0.safetensors"))
     rank0, rank1 = load_file(str(ddp_out / "rank0.safetensors")), load_file(str(ddp_out / "rank1.safetensors"))
-    reference = load_file(str(single_out / "rank0.safetensors"))
     assert rank0.keys() == rank1.keys() == reference.keys()
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key  # averaged gradients: the ranks never drift apart
         torch.testing.assert_close(rank0[key], reference[key], atol=atol, rtol=0)
     return ddp_out, rank0, reference
+
+
+def _one_process_here(script: str, argv) -> dict:
+    """What ddp_worker.py saves for one process, trained in this process with the workers' settings (CPU, one
+    thread)."""
+    import importlib
+
+    from tests.ddp_worker import trained_state
+
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ACCELERATE_USE_CPU", "1")
+        torch.set_num_threads(1)
+        try:
+            result = importlib.import_module(script).main(argv)
+        finally:
+            torch.set_num_threads(threads)
+    return {k: v.detach().clone().contiguous() for k, v in trained_state(result.method).items()}
 
 
 def assert_trained_and_saved_in_full(out, rank0: dict, base) -> None:

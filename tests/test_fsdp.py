@@ -4,17 +4,12 @@ cover (adapters, --use_ema, ...) is one line."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from PIL import Image
 
-from library.data.demo import make_demo_dataset
-from tests.conftest import ROOT
-from tests.test_ddp import assert_trained_and_saved_in_full, SGD, WORKER, _argv, _db_argv, _two_processes_and_one
+from tests.test_ddp import assert_trained_and_saved_in_full, SGD, _argv, _db_argv, _two_processes_and_one
+from tests.test_deepspeed import _refused_in_process
 
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true",
             "FSDP_OFFLOAD_PARAMS": "false"}  # what `accelerate launch --use_fsdp --fsdp_version 2` exports
@@ -32,32 +27,28 @@ def test_train_db_under_fsdp_matches_one_process_and_saves_the_full_model(tmp_pa
     out, rank0, _ = _two_processes_and_one(tmp_path, "train_db", _db_argv, accumulation=2,
                                            extra=(*SGD, "--stop_text_encoder_training", "1", "--clip_skip", "2"),
                                            two_only=("--sample_prompts", str(tmp_path / "prompts.txt"),
-                                                     "--sample_every_n_steps", "1"))
+                                                     "--sample_every_n_steps", "1"),
+                                           reference_here=False)  # under accelerate's FSDP environment
     assert_trained_and_saved_in_full(out, rank0, tiny_parts["tiny-sd1"])
     samples = sorted((out / "sample").glob("db_*.png"))
     assert [p.name[:9] for p in samples] == ["db_000001", "db_000002"]
     assert len({Image.open(p).tobytes() for p in samples}) == 2  # the second step's weights draw another image
 
 
-def _refused(tmp_path, script, argv, *extra):
-    data = tmp_path / "data"
-    make_demo_dataset(data, count=2, size=32)
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **FSDP_ENV)
-    run = subprocess.run([sys.executable, WORKER, script, str(tmp_path), *argv(data, tmp_path, "--max_train_steps",
-                                                                               "1", *extra)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
-    lines = [line for line in run.stderr.splitlines() if "--use_fsdp" in line]
-    return run.returncode, lines
+def _refused(tmp_path, capsys, monkeypatch, script, argv, *extra) -> list[str]:
+    for name, value in FSDP_ENV.items():
+        monkeypatch.setenv(name, value)
+    return [line for line in _refused_in_process(tmp_path, capsys, script, argv, *extra) if "--use_fsdp" in line]
 
 
-def test_an_adapter_under_fsdp_is_refused_in_one_line(tmp_path):
-    code, lines = _refused(tmp_path, "train_network", _argv)
-    assert code == 2 and len(lines) == 1 and "adapter" in lines[0], lines
+def test_an_adapter_under_fsdp_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    lines = _refused(tmp_path, capsys, monkeypatch, "train_network", _argv)
+    assert len(lines) == 1 and "adapter" in lines[0], lines
 
 
-def test_ema_under_fsdp_is_refused_in_one_line(tmp_path):
-    code, lines = _refused(tmp_path, "train_db", _db_argv, "--use_ema")
-    assert code == 2 and len(lines) == 1 and "--use_ema" in lines[0], lines
+def test_ema_under_fsdp_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    lines = _refused(tmp_path, capsys, monkeypatch, "train_db", _db_argv, "--use_ema")
+    assert len(lines) == 1 and "--use_ema" in lines[0], lines
 
 
 @pytest.mark.parametrize("environ, expected", [
