@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import safetensors.torch
 
+from library.config.options import NETWORK
 from library.data.bucketing import adjust_bucket_reso_range
 from library.data.captions import tag_frequency
 from library.errors import UserError
@@ -104,8 +105,9 @@ def _run_keys(config: Mapping[str, Any], plan: "RunPlan", records: list[_Dataset
         "ss_max_train_steps": plan.total_steps,
         "ss_lr_warmup_steps": config.get("lr_warmup_steps"),
         "ss_lr_scheduler": config.get("lr_scheduler"),
-        # The module that trained (networks.lora when none was named), never "None": loaders read it.
-        "ss_network_module": config.get("network_module") or DEFAULT_NETWORK_MODULE,
+        # An adapter's module (networks.lora when none was named: loaders read it); "None" for other trainers.
+        "ss_network_module": config.get("network_module") or (DEFAULT_NETWORK_MODULE if config.script == NETWORK
+                                                              else None),
         "ss_network_dim": config.get("network_dim"),
         "ss_network_alpha": _as_sd_scripts_parsed(config, "network_alpha"),
         "ss_network_dropout": config.get("network_dropout"),

@@ -173,6 +173,15 @@ def test_other_option_values_follow_sd_scripts_parsing(tmp_path):
     assert metadata["ss_face_crop_aug_range"] == "(2.0, 4.0)"
 
 
+def test_only_an_adapter_run_names_the_default_network_module(tmp_path):
+    train, _ = _folders(tmp_path)
+    argv = ["--train_data_dir", str(train), "--caption_extension", ".txt", "--resolution", "64"]
+    for script, expected in (("network", "networks.lora"), ("db", "None")):  # a checkpoint trained no adapter
+        config = resolve(argv, script, OPTIONS)
+        metadata = training_metadata(config, plan_run(config), session_id=1, training_started_at=TS, optimizer="x.Y")
+        assert metadata["ss_network_module"] == expected, script
+
+
 @pytest.mark.parametrize("argv, network_args", [
     (["--network_args", "conv_dim=4", "conv_alpha=1"], '{"conv_dim": "4", "conv_alpha": "1", "dropout": null}'),
     (["--network_args", "conv_dim=4", "--network_dropout", "0.1"], '{"conv_dim": "4", "dropout": 0.1}'),
