@@ -227,10 +227,12 @@ class DiffusionMethod:
 
     def _latents(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         if batch.latents is not None:
-            return batch.latents.to(self.device, self.weight_dtype)
+            # non_blocking: the host must not wait on the copy (a pageable source is staged first, so the batch
+            # may be freed at once); a plain .to() makes the host wait for the device every step
+            return batch.latents.to(self.device, self.weight_dtype, non_blocking=True)
         vae = self.parts.vae
         with torch.no_grad():
-            images = batch.images.to(self.device, vae.dtype)
+            images = batch.images.to(self.device, vae.dtype, non_blocking=True)
             return vae.encode(images).latent_dist.sample(generator=generator).to(self.weight_dtype)
 
 

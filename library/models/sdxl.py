@@ -283,8 +283,9 @@ class SdxlPromptEncoder:
         else:
             ids1, ids2 = self.tokenize(captions)
         b, n = ids1.shape[:2]
-        out1 = te1(ids1.reshape(-1, MODEL_MAX_LENGTH).to(te1.device), output_hidden_states=True)
-        out2 = te2(ids2.reshape(-1, MODEL_MAX_LENGTH).to(te2.device), output_hidden_states=True)
+        # non_blocking: the host does not wait for the device to take the ids (see text_encoding.encode)
+        out1 = te1(ids1.reshape(-1, MODEL_MAX_LENGTH).to(te1.device, non_blocking=True), output_hidden_states=True)
+        out2 = te2(ids2.reshape(-1, MODEL_MAX_LENGTH).to(te2.device, non_blocking=True), output_hidden_states=True)
         hidden1 = join_windows(out1.hidden_states[TE1_LAYER].reshape(b, n, MODEL_MAX_LENGTH, -1))
         hidden2 = join_windows(out2.hidden_states[-2].reshape(b, n, MODEL_MAX_LENGTH, -1))
         if weighted:
@@ -310,7 +311,7 @@ class SdxlPromptEncoder:
 def _pool(te2, last_hidden: torch.Tensor, ids: torch.Tensor, eos: int) -> torch.Tensor:
     """sd-scripts' _pool_workaround: the final-normed state at the first EOS (position 0 if none), projected
     (not transformers' argmax pooling, which added textual-inversion tokens with ids above EOS would break)."""
-    ids = ids.to(last_hidden.device)
+    ids = ids.to(last_hidden.device, non_blocking=True)
     is_eos = ids == eos
     first = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), torch.zeros_like(ids[:, 0]))
     state = last_hidden[torch.arange(len(ids), device=ids.device), first]
@@ -323,7 +324,8 @@ def time_ids(images: Sequence[ImageConditioning], device, dtype) -> torch.Tensor
     if not images:
         raise ValueError("SDXL needs each image's size conditioning (Batch.conditioning is empty)")
     rows = [[int(v) for v in (*c.original_size, *c.crop_top_left, *c.target_size)] for c in images]
-    return torch.tensor(rows, device=device, dtype=dtype)
+    # built on the host, then copied without making the host wait (torch.tensor(..., device=) would wait)
+    return torch.tensor(rows, dtype=dtype).to(device, non_blocking=True)
 
 
 # ---------------------------------------------------------------- conversions and configs

@@ -140,7 +140,7 @@ def _snr(timesteps: torch.Tensor, scheduler: DDPMScheduler) -> torch.Tensor:
 
 
 def _resized_mask(mask: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-    mask = mask.to(device=loss.device, dtype=loss.dtype)
+    mask = mask.to(device=loss.device, dtype=loss.dtype, non_blocking=True)
     if mask.dim() == loss.dim() - 1:
         mask = mask.unsqueeze(1)
     return F.interpolate(mask, size=loss.shape[2:], mode="area")

@@ -158,7 +158,8 @@ class PromptEncoder:
         sd-scripts, whose shortcut for such ids skipped the layer choice, --clip_skip applies."""
         ids = self.tokenizer(list(captions), padding=True, truncation=True, max_length=MODEL_MAX_LENGTH,
                              return_tensors="pt").input_ids
-        return TextConditioning(_hidden_states(self.text_encoder, ids.to(self.text_encoder.device), self.clip_skip))
+        ids = ids.to(self.text_encoder.device, non_blocking=True)
+        return TextConditioning(_hidden_states(self.text_encoder, ids, self.clip_skip))
 
     def encoder_identity(self) -> str:
         """Everything the outputs depend on besides the caption, for the text-encoder-output cache key."""
