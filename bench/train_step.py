@@ -33,6 +33,7 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -47,7 +48,8 @@ def full_size_checkpoint() -> Path:
         code = ("import torch; from safetensors.torch import save_file; "
                 "from tests.models.test_full_size_layout import _build, SD15_UNET, SD15_TEXT; "
                 "from library.models.saving import to_ldm_state_dict; torch.manual_seed(0); "
-                "p = _build(SD15_UNET, SD15_TEXT, v2=False, device='cpu'); "
+                "p = _build(SD15_UNET, SD15_TEXT, v2=False, device='cuda' if torch.cuda.is_available() else 'cpu'); "
+                "[m.to('cpu') for m in p.modules()]; "
                 f"save_file(to_ldm_state_dict(p, torch.float16), {str(path)!r})")
         CACHE.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
@@ -68,15 +70,19 @@ def _write_sdxl_checkpoint(path: Path) -> None:
 
     torch.manual_seed(0)
     torch.set_default_dtype(torch.float16)
-    unet = UNet2DConditionModel(**unet_config(block_out_channels=[320, 640, 1280], transformer_layers=[1, 2, 10],
-                                              cross_attention_dim=2048, pooled_dim=1280))
-    te1 = CLIPTextModel(CLIPTextConfig(**_clip_config(vocab=49408, width=768, layers=12, mlp=3072, act="quick_gelu",
-                                                      projection=768)))
-    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**_clip_config(vocab=49408, width=1280, layers=32, mlp=5120,
-                                                                    act="gelu", projection=1280)))
-    vae = AutoencoderKL(**make_vae_config(in_channels=3, out_channels=3, block_out_channels=[128, 256, 512, 512],
-                                          layers_per_block=2, latent_channels=4, scaling_factor=SDXL.latent_scale))
+    # random init of 3.5 billion weights takes minutes on a CPU: on the GPU where there is one, then back to the CPU
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        unet = UNet2DConditionModel(**unet_config(block_out_channels=[320, 640, 1280], transformer_layers=[1, 2, 10],
+                                                  cross_attention_dim=2048, pooled_dim=1280))
+        te1 = CLIPTextModel(CLIPTextConfig(**_clip_config(vocab=49408, width=768, layers=12, mlp=3072,
+                                                          act="quick_gelu", projection=768)))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**_clip_config(vocab=49408, width=1280, layers=32, mlp=5120,
+                                                                        act="gelu", projection=1280)))
+        vae = AutoencoderKL(**make_vae_config(in_channels=3, out_channels=3, block_out_channels=[128, 256, 512, 512],
+                                              layers_per_block=2, latent_channels=4,
+                                              scaling_factor=SDXL.latent_scale))
     torch.set_default_dtype(torch.float32)
+    unet, vae, te1, te2 = (module.to("cpu") for module in (unet, vae, te1, te2))
     parts = Components(unet=unet, vae=vae, text_encoders=(te1, te2), tokenizers=(None, None), family=SDXL,
                        v_parameterization=False, source="bench", source_dtype=torch.float16)
     tmp = path.with_name(path.stem + ".partial.safetensors")
@@ -101,16 +107,27 @@ def dataset(resolution: int) -> Path:
     return root
 
 
-def run_child(cmd: list[str], skip: int = 1) -> dict:
+def run_child(cmd: list[str], skip: int = 1, timeout: float | None = None) -> dict:
     """Run a command, timing it from launch to its 'training starts' line (imports, loading and latent caching
     done; sd-scripts' own split of its 45 s is 23 s loading + 21 s caching, so that is where it stops the clock);
-    its own peak RSS via GNU time's %M."""
+    its own peak RSS via GNU time's %M (where there is no GNU time, as on the GPU machine: the rusage that wait4
+    returns for this child); its peak VRAM where it prints one ("peak VRAM X GiB"). Past `timeout` seconds the
+    child is killed (a short device lease must not hang on one run)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(["/usr/bin/time", "-f", "MAXRSS_KIB %M", *cmd], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    gnu_time = Path("/usr/bin/time").exists()
+    prefix = ["/usr/bin/time", "-f", "MAXRSS_KIB %M"] if gnu_time else []
+    proc = subprocess.Popen([*prefix, *cmd], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     first, first_step, pace, rss_gib, threads, steps, lines = None, None, None, None, None, [], []
+    vram_gib = None
+    killer = threading.Timer(timeout, proc.kill) if timeout else None
+    if killer:
+        killer.start()
+    echo = bool(os.environ.get("BENCH_PROFILE"))  # a profiled run: its op tables are the figures
     for line in proc.stdout:
         lines.append(line)
+        if echo:
+            print(line, end="", flush=True)
         # search, not match: a progress bar's last redraw (no newline of its own) may lead the line
         if (m := re.search(r"\bstep (\d+) took ([0-9.]+) s", line)):
             steps.append(float(m.group(2)))
@@ -124,23 +141,44 @@ def run_child(cmd: list[str], skip: int = 1) -> dict:
             pace = float(m.group(1))
         if (m := re.search(r"MAXRSS_KIB (\d+)", line)):
             rss_gib = int(m.group(1)) / 2**20
-    proc.wait()
+        if (m := re.search(r"peak VRAM ([0-9.]+) GiB", line)):
+            vram_gib = float(m.group(1))
+    if gnu_time:
+        proc.wait()
+    else:
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode, rss_gib = os.waitstatus_to_exitcode(status), usage.ru_maxrss / 2**20
+    if killer:
+        killer.cancel()
     if proc.returncode:
         raise SystemExit("".join(lines[-30:]))
     skip = max(1, skip)
     return {"s_per_step": pace, "s_per_step_median": statistics.median(steps[skip:]) if len(steps) > skip else None,
-            "time_to_first_step_s": first, "first_step_s": first_step, "peak_rss_gib": rss_gib, "threads": threads}
+            "time_to_first_step_s": first, "first_step_s": first_step, "peak_rss_gib": rss_gib, "threads": threads,
+            **({"peak_vram_gib": vram_gib} if vram_gib is not None else {})}
 
 
 # Runs our trainer script as `python script args`, with one line per step ("step N took X s": from the step loop's
 # start, then from the previous step's end, as the floor prints them) and the thread count, so the benchmark can take
-# medians; the steps themselves run unchanged.
+# medians; the steps themselves run unchanged. On CUDA each step's time is taken after torch.cuda.synchronize() (as
+# the floor's), and the peak of torch.cuda.max_memory_allocated is printed at exit ("peak VRAM X GiB").
+# BENCH_PROFILE=N (ours and the floor): steps N+1 to N+3 run under torch.profiler, whose op table is printed.
 OURS_CHILD = """
-import runpy, sys, time
+import atexit, os, runpy, sys, time
 import torch
 from library.training import reporting
+sys.path.insert(0, "bench")
+from profiling import StepProfiler
 after_step = reporting.Reporter.after_step
+profiler = StepProfiler()
+def vram():
+    if torch.cuda.is_initialized():
+        print(f"peak VRAM {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", flush=True)
+atexit.register(vram)
 def timed(self, state, loss, lr_scheduler):
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    profiler.after(state.global_step)
     now = time.time()
     last = self.loop_started if self.first_step_at is None else self._bench_last
     print(f"step {state.global_step} took {now - last:.4f} s", flush=True)
@@ -155,7 +193,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def ours(model: str, resolution: int, batch: int, steps: int, rank: int, sdxl: bool = False, *, te: bool = False,
-         gc: bool = True, bf16: bool = False, warm: int = 0) -> dict:
+         gc: bool = True, bf16: bool = False, warm: int = 0, timeout: float | None = None) -> dict:
     """`warm` more steps run first and are left out of the median (the table: until every latent is encoded)."""
     out = CACHE / "out"
     script = "sdxl_train_network.py" if sdxl else "train_network.py"
@@ -170,17 +208,20 @@ def ours(model: str, resolution: int, batch: int, steps: int, rank: int, sdxl: b
     cmd += ["--mixed_precision", "bf16"] if bf16 else []
     if sdxl:
         cmd.append("--cache_text_encoder_outputs")
-    return run_child(cmd, skip=warm or 1)
+    return run_child(cmd, skip=warm or 1, timeout=timeout)
 
 
 def floor(model: str, resolution: int, batch: int, steps: int, rank: int, *, te: bool = False, gc: bool = True,
-          bf16: bool = False, warm: int = 0) -> dict:
+          bf16: bool = False, warm: int = 0, full: bool = False, device: str = "cpu",
+          timeout: float | None = None) -> dict:
     cmd = [sys.executable, str(Path(__file__).with_name("diffusers_floor.py")), model, str(dataset(resolution)),
            str(resolution), str(batch), str(steps + warm), str(rank)]
     cmd += ["--te-lora"] if te else []
     cmd += [] if gc else ["--no-gc"]
     cmd += ["--bf16"] if bf16 else []
-    return run_child(cmd, skip=warm or 1)
+    cmd += ["--full"] if full else []
+    cmd += [] if device == "cpu" else ["--device", device]
+    return run_child(cmd, skip=warm or 1, timeout=timeout)
 
 
 def median_of(runs: list[dict]) -> dict:
@@ -244,13 +285,19 @@ def matmul_peak(threads: int, size: int = 2048, best_of: int = 10, budget_s: flo
     return peak
 
 
-def count_flops(model: str, resolution: int, batch: int, rank: int) -> dict:
+def count_flops(model: str, resolution: int, batch: int, rank: int, device: str = "cpu",
+                modes: tuple[str, ...] = ("no_gc", "gc", "gc_te")) -> dict:
     """FLOPs of one training step (forward + loss, then backward) of the UNet as train_network.py runs it: the same
     loader, networks.lora on the same layers, only the adapters trainable, diffusers'/transformers' checkpointing as
     ours enables it. FlopCounterMode counts what executes, so with checkpointing the backward includes the forward it
     recomputes. Counted: no GC, GC, and GC with the text encoder's LoRA (its forward with grad, checkpointed too).
     CPU attention runs as aten._scaled_dot_product_flash_attention_for_cpu, which the counter does not know: it is
-    counted with the counter's own SDPA formulas."""
+    counted with the counter's own SDPA formulas.
+
+    `device` cuda counts there (the same count, in seconds instead of minutes); `modes` choose what to count: no_gc,
+    gc, gc_te (SD 1.x/2.x), full_no_gc and full_gc (every UNet weight trained: the Dreambooth step, no adapters).
+    SDXL (two text encoders): the context and the pooled embedding are random tensors of the cached outputs' shapes,
+    with the six size values, as sdxl_train_network.py feeds them with --cache_text_encoder_outputs."""
     import torch
     from torch.utils import flop_counter
 
@@ -268,38 +315,65 @@ def count_flops(model: str, resolution: int, batch: int, rank: int) -> dict:
     mapping = {aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa,
                aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_sdpa_backward}
     parts = load_components(model)
-    if len(parts.text_encoders) != 1:
-        raise SystemExit("--count-flops: SD 1.x/2.x only")
-    unet, text_encoder = parts.unet, parts.text_encoders[0]
-    network = create_network("networks.lora", 1.0, rank, rank, parts.vae, parts.network_text_encoder, unet)
-    network.apply_to(parts.network_text_encoder, unet, True, True)
+    sdxl = len(parts.text_encoders) != 1
+    if sdxl and "gc_te" in modes:
+        raise SystemExit("--count-flops: gc_te is SD 1.x/2.x only")
+    full = {mode.startswith("full") for mode in modes}
+    if len(full) != 1:
+        raise SystemExit("--count-flops: count the full modes (no adapters) apart from the adapter modes")
+    full = full.pop()
+    device = torch.device(device)
+    unet, text_encoder = parts.unet.to(device), parts.text_encoders[0].to(device)
     for module in parts.modules():
         module.requires_grad_(False)
-    network.requires_grad_(True)
+    network = torch.nn.Module()  # nothing to train (the full modes train the UNet itself)
+    if not full:
+        network = create_network("networks.lora", 1.0, rank, rank, parts.vae, parts.network_text_encoder, unet)
+        network.apply_to(parts.network_text_encoder, unet, not sdxl, True)
+        network.to(device)
+        network.requires_grad_(True)
+    else:
+        unet.requires_grad_(True)
     unet.train()
     text_encoder.train()
-    ids = parts.tokenizer(["sks shape"] * batch, padding="max_length", max_length=77, return_tensors="pt").input_ids
-    with torch.no_grad():
-        fixed = text_encoder(ids)[0]
     torch.manual_seed(0)
-    latents = torch.randn(batch, 4, resolution // 8, resolution // 8)
-    timesteps = torch.randint(0, 1000, (batch,))
+    added = None
+    if sdxl:
+        config = unet.config  # the pooled width: what the added embedding takes besides the six size values
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        fixed = torch.randn(batch, 77, config.cross_attention_dim, device=device)
+        added = {"text_embeds": torch.randn(batch, pooled, device=device),
+                 "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch,
+                                          dtype=torch.float32, device=device)}
+    else:
+        ids = parts.tokenizer(["sks shape"] * batch, padding="max_length", max_length=77,
+                              return_tensors="pt").input_ids.to(device)
+        with torch.no_grad():
+            fixed = text_encoder(ids)[0]
+    latents = torch.randn(batch, 4, resolution // 8, resolution // 8, device=device)
+    timesteps = torch.randint(0, 1000, (batch,), device=device)
 
     def step(with_text_encoder: bool) -> dict:
         with flop_counter.FlopCounterMode(display=False, custom_mapping=mapping) as forward:
             context = text_encoder(ids)[0] if with_text_encoder else fixed
-            loss = torch.nn.functional.mse_loss(unet(latents, timesteps, context).sample, latents)
+            pred = unet(latents, timesteps, context, added_cond_kwargs=added).sample
+            loss = torch.nn.functional.mse_loss(pred, latents)
         with flop_counter.FlopCounterMode(display=False, custom_mapping=mapping) as backward:
             loss.backward()
         network.zero_grad(set_to_none=True)
+        unet.zero_grad(set_to_none=True)
         return {"forward": forward.get_total_flops(), "backward": backward.get_total_flops(),
                 "step": forward.get_total_flops() + backward.get_total_flops()}
 
-    counts = {"no_gc": step(False)}
-    unet.enable_gradient_checkpointing()
-    counts["gc"] = step(False)
-    text_encoder.gradient_checkpointing_enable()
-    counts["gc_te"] = step(True)
+    counts = {}
+    for mode in ("no_gc", "full_no_gc", "gc", "full_gc", "gc_te"):  # checkpointing, once on, stays on
+        if mode not in modes:
+            continue
+        if mode.endswith("gc") and not mode.endswith("no_gc"):
+            unet.enable_gradient_checkpointing()
+        if mode == "gc_te":
+            text_encoder.gradient_checkpointing_enable()
+        counts[mode] = step(mode == "gc_te")
     return counts
 
 
@@ -476,12 +550,15 @@ def main() -> None:
     parser.add_argument("--write-sdxl-checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--count-flops", nargs=4, metavar=("MODEL", "RESOLUTION", "BATCH", "RANK"),
                         help=argparse.SUPPRESS)
+    parser.add_argument("--count-device", default="cpu", help=argparse.SUPPRESS)
+    parser.add_argument("--count-modes", default="no_gc,gc,gc_te", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.write_sdxl_checkpoint:
         return _write_sdxl_checkpoint(Path(args.write_sdxl_checkpoint))
     if args.count_flops:
         model, resolution, batch, rank = args.count_flops
-        return print(json.dumps(count_flops(model, int(resolution), int(batch), int(rank))), flush=True)
+        return print(json.dumps(count_flops(model, int(resolution), int(batch), int(rank), args.count_device,
+                                            tuple(args.count_modes.split(",")))), flush=True)
     if args.load_memory:
         return load_memory()
     sdxl = args.model == "sdxl"

@@ -1,0 +1,40 @@
+"""A step profiler shared by the floor (bench/diffusers_floor.py) and ours (bench/train_step.py's OURS_CHILD); it
+imports nothing heavy, so loading it costs our child's time to first step nothing."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+
+class StepProfiler:
+    """BENCH_PROFILE=N: steps N+1 to N+3 under torch.profiler (CPU and, where there is one, CUDA), then the op table
+    by device time and the host's and device's totals are printed. Shared with ours (train_step.OURS_CHILD)."""
+
+    def __init__(self) -> None:
+        self.start = int(os.environ.get("BENCH_PROFILE", "-1"))
+        self.profile = None
+
+    def after(self, step: int) -> None:
+        """Called after step `step` (1-based) has finished (and, on CUDA, synchronized)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        if step == self.start:
+            cuda = torch.cuda.is_initialized()
+            self.profile = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+            self.profile.__enter__()
+            self.began = time.time()
+        elif self.profile is not None and step == self.start + 3:
+            wall = time.time() - self.began
+            self.profile.__exit__(None, None, None)
+            events = self.profile.key_averages()
+            key = "device_time_total" if torch.cuda.is_initialized() else "cpu_time_total"
+            print(events.table(sort_by=key.replace("device", "cuda") if not hasattr(events[0], key) else key,
+                               row_limit=30, max_name_column_width=70), flush=True)
+            device_us = sum(getattr(e, "self_device_time_total", 0) for e in events)
+            print(f"profiled 3 steps: wall {wall:.3f} s, device busy {device_us / 1e6:.3f} s, "
+                  f"{sum(e.count for e in events if e.key.startswith('cuda') and 'Launch' in e.key)} kernel launches",
+                  flush=True)
+            self.profile = None
