@@ -124,6 +124,7 @@ def main(model, data, resolution, batch, steps, rank, *, gc_on=True, bf16=False,
     print(f"training starts {time.time() - START:.1f} s after launch", flush=True)
     loop_started = last = time.time()
     profiler = StepProfiler()
+    profiler.after(0)
     for step in range(steps):
         x0 = latents[torch.randint(0, len(latents), (batch,), device=device)] * scale
         noise = torch.randn_like(x0)

@@ -4,6 +4,7 @@
     python bench/gpu.py                          # every section below
     python bench/gpu.py --sections lora,db --steps 20 --budget 400
     python bench/gpu.py --sections db --steps 8 --profile   # torch.profiler op tables of ours and the floor
+    python bench/gpu.py --sections lora --steps 4 --profile-first   # the first 3 steps, by host time
 
 Sections (bf16 mixed precision, cached latents, AdamW, 8 images, sd-scripts' defaults otherwise):
 
@@ -124,9 +125,10 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU: a check of this script")
     parser.add_argument("--profile", action="store_true", help="the sections' runs print a torch.profiler op table "
                         "of 3 steps after the warm-up (their step times then include the profiler's cost)")
+    parser.add_argument("--profile-first", action="store_true", help="as --profile, of the first 3 steps, by host time")
     args = parser.parse_args()
-    if args.profile:
-        os.environ["BENCH_PROFILE"] = str(WARM + 2)
+    if args.profile or args.profile_first:
+        os.environ["BENCH_PROFILE"] = "0" if args.profile_first else str(WARM + 2)
     names = args.sections.split(",")
     if set(names) - set(SECTIONS):
         parser.error(f"--sections: choose from {', '.join(SECTIONS)}")

@@ -11,7 +11,9 @@ import torch
 
 class StepProfiler:
     """BENCH_PROFILE=N: steps N+1 to N+3 under torch.profiler (CPU and, where there is one, CUDA), then the op table
-    by device time and the host's and device's totals are printed. Shared with ours (train_step.OURS_CHILD)."""
+    and the host's and device's totals are printed: by device time, or with N = 0 (the first steps, whose set-up
+    costs are the host's: cuDNN and cuBLAS plans, lazily encoded latents) by host time. Shared with ours
+    (train_step.OURS_CHILD, which calls after(0) when the loop begins)."""
 
     def __init__(self) -> None:
         self.start = int(os.environ.get("BENCH_PROFILE", "-1"))
@@ -30,7 +32,7 @@ class StepProfiler:
             wall = time.time() - self.began
             self.profile.__exit__(None, None, None)
             events = self.profile.key_averages()
-            key = "device_time_total" if torch.cuda.is_initialized() else "cpu_time_total"
+            key = "device_time_total" if torch.cuda.is_initialized() and self.start else "cpu_time_total"
             print(events.table(sort_by=key.replace("device", "cuda") if not hasattr(events[0], key) else key,
                                row_limit=30, max_name_column_width=70), flush=True)
             device_us = sum(getattr(e, "self_device_time_total", 0) for e in events)

@@ -187,6 +187,11 @@ def timed(self, state, loss, lr_scheduler):
     after_step(self, state, loss, lr_scheduler)
     self._bench_last = now
 reporting.Reporter.after_step = timed
+begin = reporting.Reporter.begin
+def begun(self, step):
+    begin(self, step)
+    profiler.after(0)
+reporting.Reporter.begin = begun
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
