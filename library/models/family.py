@@ -253,13 +253,16 @@ def register(*families: ModelFamily) -> None:
 
 
 def families() -> list[ModelFamily]:
-    """Every registered family, in detection order."""
+    """Every registered family, in detection order: FAMILY_MODULES' order (then registration order within a module,
+    and families of unlisted modules last), whichever module was imported first. Registration order alone made the
+    default family SDXL in a process that had imported library.models.sdxl before anything asked for the families."""
     global _LOADED
     if not _LOADED:
         for module in FAMILY_MODULES:
             importlib.import_module(module)
         _LOADED = True
-    return list(_FAMILIES.values())
+    rank = {module: index for index, module in enumerate(FAMILY_MODULES)}
+    return sorted(_FAMILIES.values(), key=lambda family: rank.get(type(family).__module__, len(rank)))
 
 
 def family_named(name: str) -> ModelFamily:

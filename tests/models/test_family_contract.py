@@ -185,6 +185,21 @@ def test_a_registered_family_is_found_by_the_loader_and_the_checks(monkeypatch):
     assert parts.family is fake and "family: Fake 1.x" in parts.describe()
 
 
+def test_detection_order_and_the_default_family_do_not_depend_on_which_module_was_imported_first(monkeypatch):
+    """A process that imported library.models.sdxl first (a test, a tool) registered SDXL before SD 1.x: the default
+    family of a run without a model (a dry run's cache size) became SDXL's."""
+    from library.models import family as registry
+    from library.models.family import FAMILY_MODULES, family_from_flags
+
+    real = families()
+    assert [type(f).__module__ for f in real] == sorted((type(f).__module__ for f in real), key=FAMILY_MODULES.index)
+    last = [f for f in real if type(f).__module__ == FAMILY_MODULES[-1]]
+    # registered as if the last family module had been imported first
+    monkeypatch.setattr(registry, "_FAMILIES", {f.name: f for f in last + [f for f in real if f not in last]})
+    assert families() == real
+    assert family_from_flags(object()) is family_named("sd1")
+
+
 def test_only_family_modules_read_a_version_flag_or_the_latent_constant():
     """The seam's rule (#16): `grep -rn '\\.v2\\b\\|LATENT_SCALE\\|0\\.18215' library networks tools` finds family
     modules only; everything else asks `parts.family`."""
