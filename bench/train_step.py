@@ -60,24 +60,20 @@ def _write_sdxl_checkpoint(path: Path) -> None:
     """SDXL base shapes (UNet 320/640/1280 with 1/2/10 transformer layers, CLIP-L + bigG, the SD VAE), random, built
     directly in fp16 one module after another (fp32 would need ~14 GB before the save), saved by save_model."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import AutoencoderKL
 
     from library.models.components import Components
     from library.models.ldm_configs import make_vae_config
     from library.models.saving import save_model
-    from library.models.sdxl import SDXL, _clip_config, unet_config
+    from library.models.sdxl import SDXL
+    from tests.models.test_sdxl import _full_size_sdxl
 
     torch.manual_seed(0)
     torch.set_default_dtype(torch.float16)
     # random init of 3.5 billion weights takes minutes on a CPU: on the GPU where there is one, then back to the CPU
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        unet = UNet2DConditionModel(**unet_config(block_out_channels=[320, 640, 1280], transformer_layers=[1, 2, 10],
-                                                  cross_attention_dim=2048, pooled_dim=1280))
-        te1 = CLIPTextModel(CLIPTextConfig(**_clip_config(vocab=49408, width=768, layers=12, mlp=3072,
-                                                          act="quick_gelu", projection=768)))
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**_clip_config(vocab=49408, width=1280, layers=32, mlp=5120,
-                                                                        act="gelu", projection=1280)))
+    build = "cuda" if torch.cuda.is_available() else "cpu"
+    unet, te1, te2 = _full_size_sdxl(build)
+    with torch.device(build):
         vae = AutoencoderKL(**make_vae_config(in_channels=3, out_channels=3, block_out_channels=[128, 256, 512, 512],
                                               layers_per_block=2, latent_channels=4,
                                               scaling_factor=SDXL.latent_scale))

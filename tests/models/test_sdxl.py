@@ -45,11 +45,13 @@ def test_text_projection_is_stored_as_sgm_uses_it(tiny_parts, tmp_path):
     assert "model.diffusion_model.label_emb.0.0.weight" in keys
 
 
-def _full_size_sdxl():
+def _full_size_sdxl(device: str = "meta"):
+    """SDXL base's UNet and two text encoders, unloaded (on `device`; bench/train_step.py builds its random file
+    with this too)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    with torch.device("meta"):
+    with torch.device(device):
         unet = UNet2DConditionModel(**unet_config(block_out_channels=[320, 640, 1280], transformer_layers=[1, 2, 10],
                                                   cross_attention_dim=2048, pooled_dim=1280))
         te1 = CLIPTextModel(CLIPTextConfig(**_clip_config(vocab=49408, width=768, layers=12, mlp=3072,
