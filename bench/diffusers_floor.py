@@ -5,7 +5,7 @@ our trainer prints ("training starts", "first step took", "s/step") so the bench
 "step N took X s" for every step (the benchmark takes the median).
 
     python bench/diffusers_floor.py MODEL DATA RESOLUTION BATCH STEPS RANK [--no-gc] [--bf16] [--te-lora]
-                                    [--full] [--device cuda]
+                                    [--full] [--device cuda] [--max-grad-norm 1.0]
 
 --no-gc: no gradient checkpointing. --bf16: the frozen weights stored in bfloat16 and torch.autocast(bfloat16) around
 the forward passes and the loss, the LoRA weights in float32 (diffusers' LoRA scripts: weight_dtype, then
@@ -22,7 +22,9 @@ before, so its figures stay comparable).
 --full: the Dreambooth floor (diffusers' train_dreambooth.py): no adapters, the whole UNet trains in float32 with
 AdamW; --bf16 is then autocast alone (the frozen encoders are not used in the loop). --device cuda: everything on the
 GPU; each step's time is taken after torch.cuda.synchronize(), and the peak of torch.cuda.max_memory_allocated is
-printed at the end ("peak VRAM X GiB")."""
+printed at the end ("peak VRAM X GiB"). --max-grad-norm N: the gradients clipped to norm N before each step, as
+sd-scripts does by default (1.0; bench/gpu.py passes it); the CPU table's floor does not clip (its targets were set
+against that floor)."""
 
 from __future__ import annotations
 
@@ -61,7 +63,7 @@ def encode_text(parts, batch: int, device: torch.device):
 
 
 def main(model, data, resolution, batch, steps, rank, *, gc_on=True, bf16=False, te_lora=False, full=False,
-         device="cpu") -> None:
+         device="cpu", max_grad_norm=0.0) -> None:
     device = torch.device(device)
     cuda = device.type == "cuda"
     parts = load_components(model)  # the same loader, so the floor measures the loop, not file parsing
@@ -134,6 +136,8 @@ def main(model, data, resolution, batch, steps, rank, *, gc_on=True, bf16=False,
             pred = unet(scheduler.add_noise(x0, noise, t), t, context, added_cond_kwargs=added).sample
             loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
         loss.backward()
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync()
@@ -160,6 +164,7 @@ if __name__ == "__main__":
     parser.add_argument("--te-lora", action="store_true", help="LoRA on the text encoder too, its output with grad")
     parser.add_argument("--full", action="store_true", help="the whole UNet trains (Dreambooth), no adapters")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--max-grad-norm", type=float, default=0.0, help="clip the gradients to this norm (0: off)")
     args = parser.parse_args()
     main(args.model, args.data, args.resolution, args.batch, args.steps, args.rank, gc_on=not args.no_gc,
-         bf16=args.bf16, te_lora=args.te_lora, full=args.full, device=args.device)
+         bf16=args.bf16, te_lora=args.te_lora, full=args.full, device=args.device, max_grad_norm=args.max_grad_norm)

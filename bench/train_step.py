@@ -213,7 +213,7 @@ def ours(model: str, resolution: int, batch: int, steps: int, rank: int, sdxl: b
 
 
 def floor(model: str, resolution: int, batch: int, steps: int, rank: int, *, te: bool = False, gc: bool = True,
-          bf16: bool = False, warm: int = 0, full: bool = False, device: str = "cpu",
+          bf16: bool = False, warm: int = 0, full: bool = False, device: str = "cpu", max_grad_norm: float = 0.0,
           timeout: float | None = None) -> dict:
     cmd = [sys.executable, str(Path(__file__).with_name("diffusers_floor.py")), model, str(dataset(resolution)),
            str(resolution), str(batch), str(steps + warm), str(rank)]
@@ -222,6 +222,7 @@ def floor(model: str, resolution: int, batch: int, steps: int, rank: int, *, te:
     cmd += ["--bf16"] if bf16 else []
     cmd += ["--full"] if full else []
     cmd += [] if device == "cpu" else ["--device", device]
+    cmd += ["--max-grad-norm", str(max_grad_norm)] if max_grad_norm else []
     return run_child(cmd, skip=warm or 1, timeout=timeout)
 
 
