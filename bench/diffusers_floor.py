@@ -44,7 +44,7 @@ from PIL import Image  # noqa: E402
 
 from library.models.loading import load_components  # noqa: E402
 from library.training.noise import make_noise_scheduler  # noqa: E402
-from profiling import StepProfiler  # noqa: E402
+from profiling import StepProfiler, print_peak_vram  # noqa: E402
 
 
 def encode_text(parts, batch: int, device: torch.device):
@@ -149,8 +149,7 @@ def main(model, data, resolution, batch, steps, rank, *, gc_on=True, bf16=False,
             first = now
             print(f"first step took {first - loop_started:.1f} s", flush=True)
     print(f"trained {steps} steps: {(time.time() - first) / (steps - 1):.3f} s/step after the first step", flush=True)
-    if cuda:
-        print(f"peak VRAM {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", flush=True)
+    print_peak_vram()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""A step profiler shared by the floor (bench/diffusers_floor.py) and ours (bench/train_step.py's OURS_CHILD); it
-imports nothing heavy, so loading it costs our child's time to first step nothing."""
+"""What the floor (bench/diffusers_floor.py) and ours (bench/train_step.py's OURS_CHILD) both print for the bench: the
+step profiler and the peak-VRAM line that run_child reads. It imports nothing heavy, so loading it costs our child's
+time to first step nothing."""
 
 from __future__ import annotations
 
@@ -7,6 +8,12 @@ import os
 import time
 
 import torch
+
+
+def print_peak_vram() -> None:
+    """"peak VRAM X GiB" (torch.cuda.max_memory_allocated), where CUDA was used; run_child parses the line."""
+    if torch.cuda.is_initialized():
+        print(f"peak VRAM {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", flush=True)
 
 
 class StepProfiler:

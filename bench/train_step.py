@@ -164,13 +164,10 @@ import atexit, os, runpy, sys, time
 import torch
 from library.training import reporting
 sys.path.insert(0, "bench")
-from profiling import StepProfiler
+from profiling import StepProfiler, print_peak_vram
 after_step = reporting.Reporter.after_step
 profiler = StepProfiler()
-def vram():
-    if torch.cuda.is_initialized():
-        print(f"peak VRAM {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", flush=True)
-atexit.register(vram)
+atexit.register(print_peak_vram)
 def timed(self, state, loss, lr_scheduler):
     if torch.cuda.is_initialized():
         torch.cuda.synchronize()
@@ -371,7 +368,7 @@ def count_flops(model: str, resolution: int, batch: int, rank: int, device: str 
     for mode in ("no_gc", "full_no_gc", "gc", "full_gc", "gc_te"):  # checkpointing, once on, stays on
         if mode not in modes:
             continue
-        if mode.endswith("gc") and not mode.endswith("no_gc"):
+        if "no_gc" not in mode:
             unet.enable_gradient_checkpointing()
         if mode == "gc_te":
             text_encoder.gradient_checkpointing_enable()
