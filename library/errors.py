@@ -25,6 +25,14 @@ class Interrupted(Exception):
         self.exit_code = exit_code
 
 
+def say(line: str) -> None:
+    """One line to stderr in one write: print() writes the text and the newline apart, so the lines of processes
+    sharing the stream (ranks under accelerate launch) could run together ("...'?)error: ..."); one write of a short
+    line to a pipe is atomic."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def exit_on_user_error(main: F) -> F:
     """Wrap an entry point so a UserError prints one line to stderr and exits with code 2, and an interruption
     prints one line and exits with code 130."""
@@ -34,13 +42,13 @@ def exit_on_user_error(main: F) -> F:
         try:
             return main(*args, **kwargs)
         except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
+            say(f"error: {err}")
             raise SystemExit(USER_ERROR_EXIT_CODE) from None
         except Interrupted as err:
-            print(err, file=sys.stderr)
+            say(str(err))
             raise SystemExit(err.exit_code) from None
         except KeyboardInterrupt:
-            print("interrupted (Ctrl+C); files saved before are intact", file=sys.stderr)
+            say("interrupted (Ctrl+C); files saved before are intact")
             raise SystemExit(INTERRUPTED_EXIT_CODE) from None
 
     return wrapper  # type: ignore[return-value]

@@ -8,7 +8,7 @@ import pytest
 import train_network
 from library.config.options import NETWORK
 from library.data.demo import make_demo_dataset
-from library.errors import exit_on_user_error
+from library.errors import UserError, exit_on_user_error
 from library.methods.entry import start
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -61,3 +61,31 @@ def test_a_token_string_that_cannot_name_the_output_file_is_refused_before_the_r
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and not ran and len(err.strip().splitlines()) == 1
     assert err.startswith("error: --token_string my/char (used as --output_name): is a file name, not a path")
+
+
+@pytest.mark.parametrize("raised,line,code", [
+    (lambda: UserError("no such file: a.safetensors"), "error: no such file: a.safetensors\n", 2),
+    (lambda: KeyboardInterrupt(), "interrupted (Ctrl+C); files saved before are intact\n", 130),
+])
+def test_the_one_line_reaches_stderr_in_one_write(monkeypatch, raised, line, code):
+    # Ranks under accelerate launch share stderr: a line written as text, then newline (print's two writes), ran into
+    # the other rank's ("...'?)error: ...") in a CI run of test_launch. One write of a short line to a pipe is atomic.
+    writes = []
+
+    class Recorder:
+        def write(self, text):
+            writes.append(text)
+            return len(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr("sys.stderr", Recorder())
+
+    def main():
+        raise raised()
+
+    with pytest.raises(SystemExit) as exit_info:
+        exit_on_user_error(main)()
+    assert exit_info.value.code == code
+    assert writes == [line]
