@@ -4,10 +4,21 @@ caption folders."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+# Before anything else imports a library that might reach for the network: the suite's network guard, in this process
+# and (its folder first on PYTHONPATH, as `sitecustomize`) in every Python process a test starts.
+from tests.netguard import sitecustomize as netguard
+
+NETLOG = Path(tempfile.mkstemp(prefix="sd-trainer-netlog-", suffix=".txt")[1])
+os.environ[netguard.LOG_ENV] = str(NETLOG)
+NETGUARD_PATH = str(Path(netguard.__file__).parent)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (NETGUARD_PATH, os.environ.get("PYTHONPATH")) if p)
+netguard.install()
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from library.models.family import tiny_model_names
 from library.models.saving import save_diffusers, to_ldm_state_dict
@@ -15,6 +26,11 @@ from library.models.tiny import build_tiny
 from tests.helpers import make_image_folder
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def python_path(*first) -> str:
+    """A PYTHONPATH for a child process: `first`, then the inherited one (which starts with the network guard)."""
+    return os.pathsep.join([*map(str, first), os.environ["PYTHONPATH"]])
 
 # Under pytest-xdist each worker gets one core's worth of threads: two workers with two OpenMP threads each on
 # a 2-core machine spin against each other and run 10-30x slower.
@@ -95,3 +111,26 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+_netlog_checked = 0  # how much of NETLOG earlier tests have answered for
+
+
+@pytest.fixture(autouse=True)
+def offline():
+    """Fails the test during which this process or any process it started reached beyond this machine (see
+    tests/netguard/sitecustomize.py); the attempt itself was refused as an offline machine refuses it. An attempt made
+    while the test modules were imported fails the first test to run in the process."""
+    global _netlog_checked
+    yield
+    with open(NETLOG, encoding="utf-8") as log:
+        log.seek(_netlog_checked)
+        attempts = log.read()
+        _netlog_checked = log.tell()
+    if attempts:
+        pytest.fail("reached for the network (ground rule 2: offline at run time), during this test or, for the first "
+                    "test in a process, while modules were imported:\n" + attempts, pytrace=False)
+
+
+def pytest_unconfigure(config):
+    NETLOG.unlink(missing_ok=True)

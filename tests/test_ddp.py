@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from library.data.demo import make_demo_dataset
 from library.training.distributed import BucketedReducer, plan_buckets
-from tests.conftest import ROOT
+from tests.conftest import ROOT, python_path
 
 # float32: the same gradients summed in a different order; a few AdamW steps keep the gap near 1e-7.
 ATOL = 1e-5
@@ -57,7 +57,7 @@ def _two_processes_and_one(tmp_path, script: str, argv, *, accumulation: int = 1
     process (a process of its own only repeated the imports, ~7 s a test) unless `reference_here` is False."""
     data = tmp_path / "data"
     make_demo_dataset(data, count=4, size=32)  # 4 images × 10 repeats = 40 batches of 1: even, no padding
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=python_path(ROOT))
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
     ddp_out.mkdir()
     single_out.mkdir()

@@ -18,7 +18,7 @@ from library.config.run_config import RunConfig
 from library.data.demo import make_demo_dataset
 from library.errors import UserError
 from library.training.zero import deepspeed_requested, engine_config
-from tests.conftest import ROOT
+from tests.conftest import ROOT, python_path
 from tests.test_ddp import (SGD, WORKER, _argv, _db_argv, _free_port, _two_processes_and_one,
                             assert_trained_and_saved_in_full)
 
@@ -44,7 +44,7 @@ def test_train_db_under_zero_matches_one_process_and_saves_the_full_model(tmp_pa
 def _one_process(tmp_path, script, argv, *extra, env=None):
     data = tmp_path / "data"
     make_demo_dataset(data, count=2, size=32)
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env or {}))
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=python_path(ROOT), **(env or {}))
     out = tmp_path / "out"
     return subprocess.run([sys.executable, WORKER, script, str(tmp_path), *argv(data, out, "--max_train_steps", "2",
                                                                                *extra)],

@@ -7,35 +7,39 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT, python_path
+from tests.netguard import sitecustomize as netguard
 
-# Records every name lookup and connection, then imports as a trainer does; prints what it saw as JSON.
+# Imports as a trainer does, then prints `result` as JSON; the suite's network guard (tests/netguard) refuses and logs
+# every name lookup and connection the child makes.
 PROBE = """
-import json, socket, sys
-seen = []
-real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect
-socket.getaddrinfo = lambda host, *a, **k: seen.append(str(host)) or real_getaddrinfo(host, *a, **k)
-socket.socket.connect = lambda self, address: seen.append(str(address)) or real_connect(self, address)
+import json, sys
 {before}
 import library
 from library.models import loading  # imports diffusers' models, which import bitsandbytes
 import bitsandbytes, bitsandbytes.optim
 {after}
-print("PROBE " + json.dumps({{"network": seen, "result": result}}))
+print("PROBE " + json.dumps({{"result": result}}))
 """
 
 
 def probe(before: str = "", after: str = "result = None", path: Path | None = None) -> tuple[dict, str]:
-    env_path = [str(path)] if path else []
+    """The child's result, with "network": what the guard refused it, and its stderr."""
+    env_path = [path] if path else []
     code = PROBE.format(before=before, after=after)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(env_path + [str(ROOT)])))
+    with tempfile.TemporaryDirectory() as folder:
+        log = Path(folder) / "network.txt"
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, PYTHONPATH=python_path(*env_path, ROOT),
+                                       **{netguard.LOG_ENV: str(log)}))
+        network = log.read_text().splitlines() if log.exists() else []
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(line for line in proc.stdout.splitlines() if line.startswith("PROBE "))
-    return json.loads(line[len("PROBE "):]), proc.stderr
+    return dict(json.loads(line[len("PROBE "):]), network=network), proc.stderr
 
 
 def test_a_bitsandbytes_that_asks_the_hub_for_kernels_cannot_while_it_is_imported(tmp_path):

@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from library.data.demo import make_demo_dataset
-from tests.conftest import ROOT
+from tests.conftest import ROOT, python_path
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -115,6 +115,6 @@ def test_the_process_exits_while_loader_workers_that_ignore_sigterm_are_alive():
     # Before: the workers ignored that SIGTERM too and the process waited for them forever (--strict on a broken
     # image with --max_data_loader_n_workers 2 never returned to the shell).
     run = subprocess.run([sys.executable, "-c", _EXIT_WITH_LIVE_WORKERS], cwd=ROOT, capture_output=True, text=True,
-                         timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                         timeout=60, env=dict(os.environ, PYTHONPATH=python_path(ROOT)))
     assert run.returncode == 2 and run.stdout.split() == ["(1,", "0,", "0)"], run.stdout + run.stderr
     assert "Traceback" not in run.stderr and "killed by signal" not in run.stderr, run.stderr
