@@ -25,6 +25,17 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*torchvision.*")
 
 
+def whole_lines() -> None:
+    """Every line this process prints reaches the console in one write. Under `accelerate launch` the ranks share the
+    console, and print() hands the text and its newline to the stream apart: with PYTHONUNBUFFERED (set in many
+    containers) those are two writes, and another rank's line could land between them. Line buffering joins them;
+    progress bars ("\r", flushed by tqdm) are written as before."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)  # a stream someone replaced may not have it
+        if reconfigure is not None:
+            reconfigure(line_buffering=True, write_through=False)
+
+
 # ---------------------------------------------------------------------------------------------------- console log
 # --console_log_level / --console_log_file (sd-scripts' setup_logging). Our messages are plain lines on stdout and
 # stderr, so the console itself is the log: each line gets a level from its start ("error: ..." is ERROR,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import sys
 
 import pytest
@@ -73,3 +74,38 @@ def test_a_training_run_writes_its_log_file(tmp_path, capsys):
                         "--max_train_steps", "1", "--network_dim", "4", "--max_data_loader_n_workers", "0",
                         "--console_log_file", str(log), "--console_log_level", "INFO"])
     assert "training images" in log.read_text() and "training images" not in capsys.readouterr().out
+
+
+class _Raw(io.RawIOBase):
+    """A console as the OS sees it: each write it receives (what a pipe shared by the ranks would get)."""
+
+    def __init__(self):
+        self.writes = []
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        self.writes.append(bytes(data).decode())
+        return len(data)
+
+
+def test_a_trainer_writes_each_line_whole_even_unbuffered(tmp_path, monkeypatch):
+    # Ranks under accelerate launch share the console. With PYTHONUNBUFFERED, Python's stderr is a write-through text
+    # layer over the file itself, and print() hands it the text, then the newline: two writes another rank's line
+    # could fall between. Every rank warns here (a TOML key another script uses), so every rank's line must be whole.
+    import train_network
+
+    out, err = _Raw(), _Raw()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(out, encoding="utf-8", write_through=True))
+    monkeypatch.setattr(sys, "stderr", io.TextIOWrapper(err, encoding="utf-8", write_through=True))
+    make_demo_dataset(tmp_path / "data", count=2, size=32, folder="1_sks shape")
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text("stop_text_encoder_training = 100\n")
+    train_network.main(["--config_file", str(cfg), "--pretrained_model_name_or_path", "tiny-sd1", "--train_data_dir",
+                        str(tmp_path / "data"), "--caption_extension", ".txt", "--resolution", "32", "--dry_run"])
+    sys.stdout.flush(), sys.stderr.flush()
+    assert any("train_network.py ignores it" in line for line in err.writes)
+    assert len(out.writes) > 3  # the dry run's plan
+    for writes in (out.writes, err.writes):
+        assert all(text.endswith("\n") for text in writes), writes

@@ -11,7 +11,7 @@ from library.config.checks import check_value
 from library.config.declarations import OPTIONS
 from library.config.resolve import check_supported, options_for, resolve, write_resolved_config
 from library.config.run_config import RunConfig
-from library.console import console_log, quiet_libraries
+from library.console import console_log, quiet_libraries, whole_lines
 from library.errors import Interrupted, UserError
 
 
@@ -70,6 +70,7 @@ def start(argv: Sequence[str] | None, script: str, description: str, run: Callab
     once the models are loaded) and returns its result. `families`: the model families the script trains (as in
     sd-scripts: SD 1.x/2.x, or SDXL for sdxl_train_network.py); other models are refused, and a single family's
     rules are checked on the options before the data is scanned."""
+    whole_lines()  # before the options are resolved: every rank may warn about them
     try:
         return _start(argv, script, description, run, tuple(families))
     except KeyboardInterrupt:
