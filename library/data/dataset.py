@@ -55,12 +55,12 @@ class _Item:
 def fixed_captions(plan: RunPlan, *, max_train_steps: int | None = 0,
                    caption_transform: Callable[[str, ImageEntry, random.Random], str] | None = None,
                    ) -> list[tuple[str, str]]:
-    """(image path, final caption) of every image, once, as the first epoch's batches would caption them: what a
-    text-encoder cache encodes before the first step. Only meaningful when captions never change (no shuffling,
-    dropout, warm-up or wildcards)."""
+    """(image path, final caption) of every image, once, as the first epoch's batches would caption them, held-out
+    (validation) images after the training ones: what a text-encoder cache encodes before the first step. Only
+    meaningful when captions never change (no shuffling, dropout, warm-up or wildcards)."""
     pairs = [(str(entry.path), fixed_caption(entry, max_train_steps=max_train_steps,
                                              caption_transform=caption_transform))
-             for dataset in plan.datasets for entry in dataset.entries]
+             for dataset in [*plan.datasets, *plan.validation] for entry in dataset.entries]
     return list(dict.fromkeys(pairs))
 
 

@@ -95,3 +95,14 @@ def test_the_text_encoders_stay_when_the_run_samples(image_folder, tmp_path):
     result = sdxl_train_network.main(argv)
     assert not any(p.is_meta for te in result.method.parts.text_encoders for p in te.parameters())
     assert list((tmp_path / "a" / "sample").glob("*.png"))
+
+
+def test_the_flag_with_held_out_images_validates_with_the_encoder_gone(image_folder, tmp_path):
+    # Validation batches ran the released (meta) text encoder on their captions: a traceback at the first validation.
+    import train_network
+
+    argv = tiny_lora_flags(image_folder(count=3).parent, tmp_path / "a", "--network_train_unet_only",
+                           "--cache_text_encoder_outputs", "--validation_split", "0.34", "--validate_every_n_steps",
+                           "1", steps=2, seed=3)
+    result = train_network.main(argv)
+    assert result.validation_losses and all(loss == loss for _, _, loss in result.validation_losses)
