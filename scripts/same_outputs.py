@@ -79,6 +79,12 @@ RUNS = [
     _net("loha_cached", "tiny-sd1", 3, "--network_module", "networks.loha", "--network_args", "conv_dim=2",
          "--network_train_unet_only", "--cache_latents", "--cache_text_encoder_outputs", "--noise_offset", "0.05",
          "--min_snr_gamma", "5"),
+    # U-Net only without the cache flags, held-out images validated: the text encoder is frozen and the captions
+    # fixed, so every caption is encoded before the first step and the encoder released (as the flag would do)
+    _net("lora_unet_only", "tiny-sd1", 3, "--network_module", "networks.lora", "--network_train_unet_only",
+         "--cache_latents", "--validation_split", "0.25", "--validate_every_n_steps", "1"),
+    _net("sdxl_unet_only", "tiny-sdxl", 2, "--network_module", "networks.lora", "--network_train_unet_only",
+         script="sdxl_train_network.py"),
     # LoKr with a warmup + cosine schedule and fp16 saving
     _net("lokr", "tiny-sd1", 3, "--network_module", "networks.lokr", "--network_args", "factor=4",
          "--lr_scheduler", "cosine", "--lr_warmup_steps", "1", "--save_precision", "fp16"),
