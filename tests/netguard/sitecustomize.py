@@ -47,16 +47,17 @@ def install() -> None:
     real_getaddrinfo, real_gethostbyname = socket.getaddrinfo, socket.gethostbyname
     real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
 
-    def getaddrinfo(host, *args, **kwargs):
+    def check_lookup(host) -> None:
         if not is_local(host):
             _record(f"name lookup of {host!r}")
             raise socket.gaierror(socket.EAI_NONAME, f"{host}: refused by the test suite's network guard")
+
+    def getaddrinfo(host, *args, **kwargs):
+        check_lookup(host)
         return real_getaddrinfo(host, *args, **kwargs)
 
     def gethostbyname(host):
-        if not is_local(host):
-            _record(f"name lookup of {host!r}")
-            raise socket.gaierror(socket.EAI_NONAME, f"{host}: refused by the test suite's network guard")
+        check_lookup(host)
         return real_gethostbyname(host)
 
     def refused(sock, address) -> bool:
